@@ -1,0 +1,14 @@
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A small synthetic dataset in the ds003020 layout, made once per test session."""
+    import data
+    return data.make_demo(str(tmp_path_factory.mktemp("demo") / "ds"), n_subjects=2, n_stories=5, n_voxels=90,
+                          seconds=60.0)

@@ -1,0 +1,165 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy.io import wavfile
+
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_row_times_worked_example():
+    # row 0 is scanner TR 10, centred at 10 * 2.0045 - 10 + 2.0045 / 2 = 11.04725 s after audio onset
+    np.testing.assert_allclose(data.row_times(3), [11.04725, 13.05175, 15.05625])
+    np.testing.assert_allclose(data.row_times(1, tr=2.0, trim_start=5, sound_start=4.0), [7.0])
+
+
+def write_story(root, name, seconds, n_rows, n_vox=4, sr=data.SR, click=None, subj="UTS01"):
+    os.makedirs(os.path.join(root, "stimuli"), exist_ok=True)
+    d = os.path.join(root, "derivative", "preprocessed_data", subj)
+    os.makedirs(d, exist_ok=True)
+    audio = np.zeros(int(seconds * sr), np.float32)
+    if click is not None:
+        audio[int(round(click * sr))] = 1.0
+    wavfile.write(os.path.join(root, "stimuli", name + ".wav"), sr, audio)
+    with h5py.File(os.path.join(d, name + ".hf5"), "w") as f:
+        f["data"] = np.random.default_rng(0).standard_normal((n_rows, n_vox)).astype(np.float32)
+
+
+def test_click_lands_in_the_predicted_bin(tmp_path):
+    H, click = 6, 20.3
+    write_story(tmp_path, "story", 40.0, 12, click=click)
+    waves = data.load_audio(tmp_path, ["story"])
+    resp, _ = data.load_responses(tmp_path, "UTS01", ["story"])
+    win = data.Windows(waves, resp, ["story"], history=H)
+    t = data.row_times(12)
+    hits = 0
+    for i in range(len(win)):
+        wave, _, s, r = win[i]
+        assert wave.shape == (win.n_samples,)
+        bins = data.pool_frames(wave.abs()[None, :, None], H)[0, :, 0]  # (H,) bin k = delay k
+        if t[r] - H * data.TR <= click < t[r]:
+            k = int((t[r] - click) // data.TR)
+            assert bins[k] > 0 and (bins > 0).sum() == 1, (r, k, bins)
+            hits += 1
+        else:
+            assert bins.sum() == 0
+    assert hits == H
+
+
+def test_stereo_44k_int16_becomes_16k_mono(tmp_path):
+    sr, n = 44100, 44100 * 3
+    t = np.arange(n) / sr
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), -np.sin(2 * np.pi * 440 * t) * 0.5], 1)
+    wavfile.write(tmp_path / "a.wav", sr, (stereo * 20000).astype(np.int16))
+    x = data.read_wav(str(tmp_path / "a.wav"))
+    assert x.dtype == torch.float32 and x.shape == (3 * data.SR,)
+    # the mix-down of +1 and -0.5 is a 440 Hz tone at amplitude 0.25 * 20000 / 32768
+    assert abs(x[1000:-1000].abs().max().item() - 0.25 * 20000 / 32768) < 0.01
+
+
+def test_pool_frames_bins_are_delays():
+    frames = torch.arange(12.0).reshape(1, 12, 1)  # time runs forward
+    out = data.pool_frames(frames, 3)[0, :, 0]
+    assert out.tolist() == [9.5, 5.5, 1.5]  # bin 0 is the most recent audio
+
+
+def test_synthetic_dataset_reads_back_with_its_ground_truth(demo):
+    subj = data.find_subject(demo, "S01")
+    assert subj == "UTS01"
+    train, val, test = data.splits(demo, subj)
+    assert test == [data.TEST_STORY] and len(val) == 1 and len(train) == 4
+    resp, good = data.load_responses(demo, subj, train + val + test)
+    assert good.all()
+    truth = np.load(os.path.join(demo, "derivative", "ground_truth", "UTS01.npz"))
+    kind, snr = truth["kind"], truth["snr"]
+    X, clean = truth[f"features_{train[0]}"], truth[f"clean_{train[0]}"]
+    W, *_ = np.linalg.lstsq(X, clean, rcond=None)
+    r = [np.corrcoef(X @ W[:, v], clean[:, v])[0, 1] for v in np.flatnonzero(kind < 2)]
+    assert min(r) > 0.99
+    # the noisy responses correlate with the clean ones as the known SNR implies
+    sig = kind < 2
+    measured = np.array([np.corrcoef(resp[s][:, sig].ravel(), truth[f"clean_{s}"][:, sig].ravel())[0, 1]
+                         for s in train]).mean()
+    implied = np.mean(np.sqrt(snr[sig] / (1 + snr[sig])))
+    assert abs(measured - implied) < 0.05
+    rois = data.roi_sets(demo, subj, len(good))
+    assert set(rois) == {"AC", "semantic"} and np.array_equal(rois["AC"], np.flatnonzero(kind == 0))
+
+
+def test_synthetic_noise_ceiling_matches_known_noise(demo):
+    from train import noise_ceiling
+    truth = np.load(os.path.join(demo, "derivative", "ground_truth", "UTS01.npz"))
+    reps = data.read_hf5(os.path.join(demo, "derivative", "preprocessed_data", "UTS01", data.TEST_STORY + ".hf5"),
+                         "individual_repeats")
+    N, sig = len(reps), truth["kind"] < 2
+    implied = 1 / np.sqrt(1 + truth["noise_sd"][sig] ** 2 / N)
+    cc = noise_ceiling(reps)[sig]
+    ok = np.isfinite(cc)
+    assert ok.mean() > 0.9
+    # measured on this 90-voxel, 24-TR test story: median |error| 0.009
+    assert np.median(np.abs(cc[ok] - implied[ok])) < 0.03
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, demo):
+    with pytest.raises(ValueError, match=r"unknown subject 'S09'.*UTS01, UTS02"):
+        data.find_subject(demo, "S09")
+    root = tmp_path / "ds"
+    shutil.copytree(demo, root)
+    os.remove(root / "stimuli" / "souls.wav")
+    with pytest.raises(ValueError, match="souls.*no audio"):
+        data.splits(str(root), "UTS01")
+    with pytest.raises(ValueError, match="no responses"):
+        data.splits(demo, "UTS01", val_stories=["nosuchstory"])
+    bad = root / "derivative" / "preprocessed_data" / "UTS01" / "avatar.hf5"
+    bad.write_bytes(b"not hdf5 at all")
+    with pytest.raises(ValueError, match="avatar.hf5: cannot read as HDF5"):
+        data.load_responses(str(root), "UTS01", ["avatar"])
+    with pytest.raises(ValueError, match="unknown ROI 'V1'.*AC, semantic"):
+        data.load_roi(demo, "UTS01", "V1", 90)
+    np.save(tmp_path / "roi.npy", np.array([3, 200]))
+    with pytest.raises(ValueError, match="outside 0..89"):
+        data.load_roi(demo, "UTS01", str(tmp_path / "roi.npy"), 90)
+    np.save(tmp_path / "empty.npy", np.zeros(90, bool))
+    with pytest.raises(ValueError, match="non-empty"):
+        data.load_roi(demo, "UTS01", str(tmp_path / "empty.npy"), 90)
+
+
+def test_short_audio_is_an_error_and_a_small_shortfall_is_silence(tmp_path):
+    n_rows = 12  # the last frame needs audio up to row_times(12)[-1] = 33.1 s
+    write_story(tmp_path / "a", "story", 32.5, n_rows)
+    waves = data.load_audio(tmp_path / "a", ["story"])
+    resp, _ = data.load_responses(tmp_path / "a", "UTS01", ["story"])
+    assert data.Windows(waves, resp, ["story"])[n_rows - 1][0].shape[0] == round(6 * data.TR * data.SR)
+    write_story(tmp_path / "b", "story", 25.0, n_rows)
+    waves = data.load_audio(tmp_path / "b", ["story"])
+    with pytest.raises(ValueError, match=r"story 'story': audio is 25.0 s long .* 33.1 s"):
+        data.Windows(waves, resp, ["story"])
+
+
+def test_nan_and_constant_voxels_are_excluded_with_one_warning(tmp_path):
+    write_story(tmp_path, "a", 40.0, 12, n_vox=5)
+    write_story(tmp_path, "b", 40.0, 12, n_vox=5)
+    p = tmp_path / "derivative" / "preprocessed_data" / "UTS01"
+    with h5py.File(p / "a.hf5", "r+") as f:
+        x = f["data"][:]
+        x[3, 1], x[:, 4] = np.nan, 2.0
+        f["data"][:] = x
+    with pytest.warns(UserWarning, match="2 of 5 voxels"):
+        resp, good = data.load_responses(tmp_path, "UTS01", ["a", "b"])
+    assert good.tolist() == [True, False, True, True, False]
+    assert all(np.isfinite(r).all() for r in resp.values())
+
+
+def test_command_line_errors_exit_nonzero_without_traceback(tmp_path, demo):
+    out = subprocess.run([sys.executable, "data.py", "demo", demo], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "already exists" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "train.py", "--data", demo, "--subject", "S07", "--epochs", "0",
+                          "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "unknown subject 'S07'" in out.stderr and "Traceback" not in out.stderr
