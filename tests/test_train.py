@@ -1,0 +1,103 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ridge_np(X, Y, lam):
+    return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y)
+
+
+def test_fit_ridge_one_lambda_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((120, 30)), rng.standard_normal((120, 7))
+    W, best = train.fit_ridge(torch.tensor(X), torch.tensor(Y), [3.0], np.repeat(np.arange(4), 30))
+    np.testing.assert_allclose(W.numpy(), ridge_np(X, Y, 3.0), rtol=1e-4, atol=1e-8)
+    assert best.tolist() == [3.0] * 7
+
+
+def test_fit_ridge_picks_each_voxels_lambda_by_whole_group_folds():
+    rng = np.random.default_rng(1)
+    n, p = 160, 100
+    X = rng.standard_normal((n, p))
+    W_true = rng.standard_normal((p, 6))
+    noise = np.array([0.01, 0.01, 10.0, 10.0, 100.0, 100.0])  # clean voxels want small lambdas, noisy ones large
+    Y = X @ W_true + noise * rng.standard_normal((n, 6))
+    groups = np.repeat([3, 0, 2, 1], 40)
+    alphas = np.logspace(-2, 4, 7)
+    W, best = train.fit_ridge(torch.tensor(X), torch.tensor(Y), alphas, groups)
+    # the oracle: numpy, each group held out in turn
+    score = np.zeros((len(alphas), 6))
+    for g in np.unique(groups):
+        tr, te = groups != g, groups == g
+        for a, lam in enumerate(alphas):
+            pred = X[te] @ ridge_np(X[tr], Y[tr], lam)
+            score[a] += [np.corrcoef(pred[:, v], Y[te, v])[0, 1] for v in range(6)]
+    want = alphas[score.argmax(0)]
+    np.testing.assert_allclose(best.numpy(), want)
+    assert want[0] < want[-1]  # the data really asks for different lambdas
+    for v in range(6):
+        np.testing.assert_allclose(W[:, v].numpy(), ridge_np(X, Y[:, [v]], want[v])[:, 0], rtol=1e-4, atol=1e-8)
+
+
+def test_pearson_equals_corrcoef():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((50, 5)), rng.standard_normal((50, 5))
+    b[:, 0] += 2 * a[:, 0]
+    r = train.pearson(torch.tensor(a), torch.tensor(b)).numpy()
+    np.testing.assert_allclose(r, [np.corrcoef(a[:, v], b[:, v])[0, 1] for v in range(5)], rtol=1e-10)
+    assert train.pearson(torch.ones(10, 1), torch.randn(10, 1)).item() == 0.0
+
+
+def test_noise_ceiling_hand_worked():
+    # two repeats of one voxel over 3 TRs: [1, 2, 3] and [1, 2, 5]; var is the unbiased variance
+    reps = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]])[:, :, None]
+    var_sum = np.var([2.0, 4.0, 8.0], ddof=0)  # numpy's var, as in the code
+    sum_var = np.var([1, 2, 3]) + np.var([1, 2, 5])
+    SP = (var_sum - sum_var) / 2
+    TP = sum_var / 2
+    want = 1 / np.sqrt(1 + 0.5 * (TP / SP - 1))
+    np.testing.assert_allclose(train.noise_ceiling(reps), [want])
+    assert np.isnan(train.noise_ceiling(np.array([[1.0, 2.0], [2.0, 1.0]])[:, :, None]))[0]  # SP <= 0
+
+
+def test_stage1_on_synthetic_tiny(demo, tmp_path):
+    run = train.main(["--data", demo, "--model", "tiny", "--subject", "S01", "--epochs", "0", "--out", str(tmp_path / "r")])
+    res = json.load(open(os.path.join(run, "results.json")))
+    t = res["test"]
+    assert res["subject"] == "UTS01" and res["model"] == "tiny"
+    assert set(t) == {"all", "AC", "semantic", "top9"}
+    # measured with seed 0 on this small dataset: AC 0.19, semantic 0.07, unresponsive voxels (chance) near 0
+    kind = np.load(os.path.join(demo, "derivative", "ground_truth", "UTS01.npz"))["kind"]
+    chance = np.load(os.path.join(run, "voxel_r.npz"))["baseline_r"][kind == 2].mean()
+    assert abs(chance) < 0.05
+    assert t["AC"]["baseline_r"] > 0.12
+    assert t["semantic"]["baseline_r"] < t["AC"]["baseline_r"] - 0.07
+    assert "baseline_r_norm" in t["AC"] and "tuned_r" not in t["AC"]
+    assert np.load(os.path.join(run, "voxel_r.npz"))["baseline_r"].shape == (90,)
+
+
+def test_weights_flag_loads_and_reports_bad_files(tmp_path):
+    model, _ = train.load_backbone("tiny", seed=3)
+    path = str(tmp_path / "w.pt")
+    torch.save(model.state_dict(), path)
+    loaded, _ = train.load_backbone("tiny", weights=path, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="nope.pt: no such file"):
+        train.load_backbone("tiny", weights=str(tmp_path / "nope.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="bad.pt: not a readable PyTorch checkpoint"):
+        train.load_backbone("tiny", weights=str(tmp_path / "bad.pt"))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: the weights do not fit the tiny architecture"):
+        train.load_backbone("tiny", weights=str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="unknown model 'gpt2'"):
+        train.load_backbone("gpt2")
