@@ -13,6 +13,7 @@ Each fMRI frame (TR) becomes one example: the H TRs of audio heard before it, an
 """
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -168,6 +169,37 @@ def load_roi(root, subj, roi, n_voxels):
         raise ValueError(f"unknown ROI {roi!r} for {subj}; available: all, topN, a .npy path"
                          f"{', ' + ', '.join(rois) if rois else ''}")
     return rois[roi]
+
+
+def read_textgrid(path):
+    """Praat TextGrid, long or short text format -> {tier name: [(start, end, label)]}, in file order.
+    Both formats hold the same values in the same order; the long one adds `key =` labels and
+    `[i]` indices, which the tokenizer skips. Point tiers give (time, time, mark)."""
+    try:
+        text = open(path, encoding="utf-8-sig").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+    tokens = [s.replace('""', '"') if n == "" else float(n) for s, n in
+              re.findall(r'"((?:[^"]|"")*)"|(?<![\[\w.])(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?![\]\w])', text)]
+    try:
+        assert tokens[:2] == ["ooTextFile", "TextGrid"]
+        pos, tiers = 5, {}
+        for _ in range(int(tokens[4])):
+            kind, name, n = tokens[pos], tokens[pos + 1], int(tokens[pos + 4])
+            pos += 5
+            step = 3 if kind == "IntervalTier" else 2
+            items = [tokens[i:i + step] for i in range(pos, pos + step * n, step)]
+            tiers[name] = [(a, b, lab) for a, b, lab in items] if step == 3 else [(t, t, m) for t, m in items]
+            pos += step * n
+    except (AssertionError, IndexError, TypeError, ValueError):
+        raise ValueError(f"{path}: not a TextGrid in Praat's long or short text format") from None
+    return tiers
+
+
+def words_and_phones(path, skip=("sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", "")):
+    """(phones, words) of a ds003020 TextGrid (tier 0 phones, tier 1 words), pauses and noises dropped."""
+    tiers = list(read_textgrid(path).values())
+    return [[(a, b, lab) for a, b, lab in t if lab.strip().lower() not in skip] for t in tiers[:2]]
 
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ BUNDLES = {"wav2vec2_base": "WAV2VEC2_BASE", "wav2vec2_large": "WAV2VEC2_LARGE",
            "hubert_large": "HUBERT_LARGE", "wavlm_base": "WAVLM_BASE", "wavlm_base_plus": "WAVLM_BASE_PLUS",
            "wavlm_large": "WAVLM_LARGE"}
 TINY = dict(  # a small WavLM: the real classes, but 40 ms frames (stride 640, not 320) for a fast laptop demo
-    extractor_mode="group_norm", extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 3,
+    extractor_mode="group_norm", extractor_conv_layer_config=[(32, 40, 20), (32, 4, 4), (32, 2, 2), (32, 2, 2), (32, 2, 2)],
     extractor_conv_bias=False, encoder_embed_dim=64, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=16,
     encoder_pos_conv_groups=4, encoder_num_layers=4, encoder_num_heads=4, encoder_num_buckets=32,
     encoder_max_distance=128, encoder_attention_dropout=0.0, encoder_ff_interm_features=128,
@@ -90,17 +90,21 @@ def load_backbone(name, weights=None, seed=0):
     return model.eval(), normalize
 
 
-def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
-    """(batch, samples) -> (batch, history * dim): one layer's frames (or the softmax-weighted sum of
-    all layers, Li et al.) averaged in TR bins, bin k = audio heard k..k+1 TRs before the frame."""
+def hidden(backbone, wave, layer, layer_weights=None, normalize=False):
+    """(batch, samples) -> (batch, frames, dim): transformer layer `layer` (1-based; layers above it
+    are not computed), or the softmax-weighted sum of all layers (Li et al.)."""
     if normalize:
         wave = F.layer_norm(wave, wave.shape[-1:])
     if layer_weights is None:
-        hidden = backbone.extract_features(wave, num_layers=layer)[0][-1]  # (batch, frames, dim)
-    else:
-        layers = torch.stack(backbone.extract_features(wave)[0])  # (layers, batch, frames, dim)
-        hidden = torch.einsum("l,lbfd->bfd", layer_weights.softmax(0), layers)
-    return data.pool_frames(hidden, history).flatten(1)
+        return backbone.extract_features(wave, num_layers=layer)[0][-1]
+    layers = torch.stack(backbone.extract_features(wave)[0])  # (layers, batch, frames, dim)
+    return torch.einsum("l,lbfd->bfd", layer_weights.softmax(0), layers)
+
+
+def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
+    """(batch, samples) -> (batch, history * dim): frames averaged in TR bins, bin k = the audio
+    heard k..k+1 TRs before the fMRI frame."""
+    return data.pool_frames(hidden(backbone, wave, layer, layer_weights, normalize), history).flatten(1)
 
 
 class BrainModel(nn.Module):
@@ -481,7 +485,10 @@ def main(argv=None):
     if not 1 <= layer <= n_layers:
         raise ValueError(f"--layer {layer}: {args.model} has layers 1..{n_layers}")
     backbone.to(device)
-    run = run_folder(args) if RANK == 0 else None
+    run = [run_folder(args) if RANK == 0 else None]
+    if WORLD > 1:
+        torch.distributed.broadcast_object_list(run)  # every process needs the folder's name
+    run = run[0]
     log(f"{d['subject']}: model {args.model}, layer {args.layer if weighted else layer}, {len(d['train'])} training "
         f"windows of {args.history} TRs from {len(d['stories']['train'])} stories; run folder {run}")
     if RANK == 0 and not args.resume:
@@ -489,7 +496,7 @@ def main(argv=None):
                    numpy=np.__version__)
         save_atomic(json.dumps(cfg, indent=1), os.path.join(run, "config.json"))
     lw = torch.zeros(n_layers, device=device) if weighted else None
-    stage1_path = os.path.join(run or "", "stage1.pt")
+    stage1_path = os.path.join(run, "stage1.pt")
     if args.resume and os.path.exists(stage1_path):
         mu, sd, W, cv, base_r = load_checkpoint(stage1_path)
     else:

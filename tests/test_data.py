@@ -163,3 +163,79 @@ def test_command_line_errors_exit_nonzero_without_traceback(tmp_path, demo):
     out = subprocess.run([sys.executable, "train.py", "--data", demo, "--subject", "S07", "--epochs", "0",
                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "unknown subject 'S07'" in out.stderr and "Traceback" not in out.stderr
+
+
+SHORT = '''File type = "ooTextFile"
+Object class = "TextGrid"
+
+0
+2.5
+<exists>
+2
+"IntervalTier"
+"phone"
+0
+2.5
+3
+0
+1
+"HH"
+1
+2
+"AH"
+2
+2.5
+"sp"
+"IntervalTier"
+"word"
+0
+2.5
+2
+0
+2
+"hello ""you"""
+2
+2.5
+"sp"
+'''
+
+
+def long_format(short):
+    v = short.splitlines()
+    out = [v[0], v[1], "", f"xmin = {v[3]}", f"xmax = {v[4]}", "tiers? <exists> ", f"size = {v[6]}", "item []:"]
+    pos = 7
+    for t in range(int(v[6])):
+        n = int(v[pos + 4])
+        out += [f"    item [{t + 1}]:", f"        class = {v[pos]}", f"        name = {v[pos + 1]}",
+                f"        xmin = {v[pos + 2]}", f"        xmax = {v[pos + 3]}", f"        intervals: size = {n}"]
+        for i in range(n):
+            a, b, lab = v[pos + 5 + 3 * i: pos + 8 + 3 * i]
+            out += [f"        intervals [{i + 1}]:", f"            xmin = {a}", f"            xmax = {b}",
+                    f"            text = {lab}"]
+        pos += 5 + 3 * n
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("fmt", ["short", "long"])
+def test_textgrid_reader_reads_both_formats(tmp_path, fmt):
+    path = tmp_path / "a.TextGrid"
+    path.write_text(SHORT if fmt == "short" else long_format(SHORT))
+    tiers = data.read_textgrid(str(path))
+    assert list(tiers) == ["phone", "word"]
+    assert tiers["phone"] == [(0, 1, "HH"), (1, 2, "AH"), (2, 2.5, "sp")]
+    assert tiers["word"][0] == (0, 2, 'hello "you"')
+    phones, words = data.words_and_phones(str(path))
+    assert [p[2] for p in phones] == ["HH", "AH"] and len(words) == 1
+    (tmp_path / "bad.TextGrid").write_text("hello")
+    with pytest.raises(ValueError, match="bad.TextGrid: not a TextGrid"):
+        data.read_textgrid(str(tmp_path / "bad.TextGrid"))
+
+
+def test_synthetic_textgrids_match_the_audio(demo):
+    phones, words = data.words_and_phones(os.path.join(demo, "derivative", "TextGrids", "souls.TextGrid"))
+    vocab = {line.split()[0] for line in open(os.path.join(demo, "derivative", "embeddings.txt"))}
+    assert words and all(w[2] in vocab for w in words)
+    audio = data.read_wav(os.path.join(demo, "stimuli", "souls.wav")).numpy()
+    energy = lambda a, b: np.mean(audio[int(a * data.SR):int(b * data.SR)] ** 2)
+    gaps = [(w[1], n[0]) for w, n in zip(words, words[1:]) if n[0] - w[1] > 0.1]
+    assert np.mean([energy(a + 0.02, b - 0.02) for a, b in gaps]) < 1e-3 * np.mean([energy(*w[:2]) for w in words])

@@ -101,3 +101,76 @@ def test_weights_flag_loads_and_reports_bad_files(tmp_path):
         train.load_backbone("tiny", weights=str(tmp_path / "other.pt"))
     with pytest.raises(ValueError, match="unknown model 'gpt2'"):
         train.load_backbone("gpt2")
+
+
+def quick(demo, out, *extra):
+    return ["--data", demo, "--model", "tiny", "--out", str(out), "--batch-size", "8", "--lr", "1e-3", *extra]
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(demo, tmp_path, monkeypatch):
+    full = train.main(quick(demo, tmp_path / "full", "--epochs", "2"))
+    real_save = train.save_atomic
+
+    def crash_after_epoch_1(obj, path):
+        real_save(obj, path)
+        if path.endswith("metrics.jsonl"):
+            raise KeyboardInterrupt  # killed right after epoch 1 was saved
+    monkeypatch.setattr(train, "save_atomic", crash_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(quick(demo, tmp_path / "cut", "--epochs", "2"))
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    assert len(open(tmp_path / "cut" / "metrics.jsonl").readlines()) == 1
+    resumed = train.main(["--resume", str(tmp_path / "cut")])
+    a, b = np.load(os.path.join(full, "voxel_r.npz")), np.load(os.path.join(resumed, "voxel_r.npz"))
+    for k in ("baseline_r", "tuned_r", "refit_r"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert open(os.path.join(full, "metrics.jsonl")).read().count("\n") == 2
+    m_full = [json.loads(x)["val_r"] for x in open(os.path.join(full, "metrics.jsonl"))]
+    m_res = [json.loads(x)["val_r"] for x in open(os.path.join(resumed, "metrics.jsonl"))]
+    np.testing.assert_allclose(m_full, m_res, rtol=1e-5)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(demo, tmp_path, monkeypatch):
+    real = torch.save
+    calls = {"n": 0}
+
+    def dies_midway(obj, f, *a, **k):
+        if str(f).endswith("checkpoint.pt.tmp"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second epoch's checkpoint: half a file, then the process dies
+                open(f, "wb").write(b"half a checkpoint")
+                raise SystemExit("killed")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(SystemExit):
+        train.main(quick(demo, tmp_path / "r", "--epochs", "2"))
+    ckpt = train.load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))
+    assert ckpt["state"]["epoch"] == 1
+
+
+def test_nan_loss_stops_cleanly(demo, tmp_path, monkeypatch):
+    real = train.loss_fn
+    monkeypatch.setattr(train, "loss_fn", lambda p, y, k: real(p, y, k) * float("nan"))
+    with pytest.raises(ValueError, match="loss became nan at epoch 1"):
+        train.main(quick(demo, tmp_path / "r", "--epochs", "1"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "nosuch"], "unknown model 'nosuch'"),
+    (["--roi", "V7"], "unknown ROI 'V7'"),
+    (["--lora-targets", "qxz"], "--lora-targets: invalid value"),
+    (["--layer", "9"], "--layer 9: tiny has layers 1..4"),
+])
+def test_bad_flags_exit_with_one_clear_line(demo, tmp_path, flags, message):
+    args = quick(demo, tmp_path / "r", "--epochs", "0")
+    args[args.index("--model") + 1:args.index("--model") + 2] = ["tiny"]
+    out = subprocess.run([sys.executable, "train.py", *args, *flags], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_existing_run_folder_is_never_overwritten(demo, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="already exists; use --resume"):
+        train.main(quick(demo, tmp_path / "r", "--epochs", "0"))
+    assert (tmp_path / "r" / "mine.txt").read_text() == "keep"

@@ -1,0 +1,345 @@
+"""
+The papers' analyses of a finished run: each a flag, each a small table, each merged into
+RUN/analyses.json (other keys are kept).
+
+    python eval.py RUN                      # the results table again, with noise-normalised r
+    python eval.py RUN --subject S02        # cross-subject transfer (BrainWavLM)
+    python eval.py RUN --probe semantic     # word meaning from features (BrainWavLM)
+    python eval.py RUN --probe phones       # phone identity from features (Moussa et al.)
+    python eval.py RUN --lowlevel           # reliance on low-level features (Moussa et al.)
+    python eval.py RUN --seeds RUN2 RUN3 [--vs RUN4 RUN5]   # stability across runs
+    python eval.py RUN --plot               # figures in RUN
+    python eval.py RUN --export tuned.pt    # merged plain torchaudio state dict
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import data
+import lora
+import train
+
+
+def load_run(run):
+    """(args, layer, pretrained backbone, tuned backbone, tuned layer weights) of a run folder."""
+    if not os.path.isdir(run):
+        raise ValueError(f"{run}: no such run folder")
+    for f in ("config.json", "results.json", "stage1.pt"):
+        if not os.path.isfile(os.path.join(run, f)):
+            raise ValueError(f"{run} is incomplete: {f} is missing (did the run finish?)")
+    with open(os.path.join(run, "config.json")) as f:
+        args = argparse.Namespace(**json.load(f)["args"])
+    pre, normalize = train.load_backbone(args.model, args.weights, args.seed)
+    n_layers = len(pre.encoder.transformer.layers)
+    layer = n_layers if args.layer == "weighted" else int(args.layer or round(0.75 * n_layers))
+    tuned, lw = None, None
+    if os.path.isfile(os.path.join(run, "adapter.pt")):
+        state = train.load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
+        tuned, _ = train.load_backbone(args.model, args.weights, args.seed)
+        lora.add_lora(tuned, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
+        mine = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        missing = set(mine) - set(tuned.state_dict())
+        if missing:
+            raise ValueError(f"{run}/adapter.pt does not fit the {args.model} model of its config "
+                             f"(e.g. {sorted(missing)[0]})")
+        tuned.load_state_dict(mine, strict=False)
+        tuned.eval()
+        lw = state.get("layer_weights")
+    args.normalize = normalize
+    return args, layer, pre, tuned, lw
+
+
+def features_fn(args, layer, backbone, lw=None):
+    weights = lw if args.layer == "weighted" else None
+    if args.layer == "weighted" and weights is None:
+        weights = torch.zeros(len(backbone.encoder.transformer.layers))
+    return lambda w: train.pooled(backbone, w, layer, args.history, weights, args.normalize)
+
+
+def merge_analyses(run, key, value):
+    path = os.path.join(run, "analyses.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    old[key] = value
+    train.save_atomic(json.dumps(old, indent=1), path)
+
+
+def show(run):
+    res = json.load(open(os.path.join(run, "results.json")))
+    lines = [f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} {'refit r':>8} {'base r/cc':>9} "
+             f"{'refit r/cc':>10}"]
+    fmt = lambda x, w=8: f"{x:{w}.4f}" if x is not None else f"{'-':>{w}}"
+    for name, row in res["test"].items():
+        lines.append(f"{name:>12} {row['n_voxels']:7d} {fmt(row.get('baseline_r'), 11)} {fmt(row.get('tuned_r'))} "
+                     f"{fmt(row.get('refit_r'))} {fmt(row.get('baseline_r_norm'), 9)} {fmt(row.get('refit_r_norm'), 10)}")
+    return "\n".join(lines)
+
+
+def cross_subject(run, subject):
+    """The backbone tuned on the run's subject, ridge refit on another subject: test r against the
+    pretrained backbone on that subject (BrainWavLM's transfer test)."""
+    args, layer, pre, tuned, lw = load_run(run)
+    if tuned is None:
+        raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
+    device = torch.device("cpu")
+    d = train.prepare(args, subject)
+    base = train.stage1(args, features_fn(args, layer, pre), d, device)
+    new = train.stage1(args, features_fn(args, layer, tuned, lw), d, device)
+    res = {"baseline_r": base[4].numpy(), "refit_r": new[4].numpy()}
+    sets_ = train.sets(argparse.Namespace(roi="all"), d, base[3], None)
+    out, table = train.results_table(res, sets_, d["ceiling"])
+    merge_analyses(run, f"transfer_{d['subject']}", out)
+    return table
+
+
+def load_embeddings(path):
+    """GloVe text format: `word v1 v2 ...` per line -> {word: (dim,) array}."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such embeddings file")
+    out = {}
+    for line in open(path, encoding="utf-8"):
+        w, *v = line.rstrip().split(" ")
+        out[w.lower()] = np.asarray(v, dtype=np.float32)
+    return out
+
+
+@torch.inference_mode()
+def segment_features(args, layer, backbone, lw, wave, segments, context=4.0, batch=32):
+    """Mean frame features over each (start, end) segment, heard with `context` s of audio before
+    its end (BrainWavLM's 4 s windows): (segments, dim)."""
+    n = round(context * data.SR)
+    out = []
+    for i in range(0, len(segments), batch):
+        waves = []
+        for start, end in segments[i:i + batch]:
+            e = round(end * data.SR)
+            w = wave[max(e - n, 0):min(e, len(wave))]
+            waves.append(torch.nn.functional.pad(w, (n - len(w), 0)))
+        weights = lw if args.layer == "weighted" else None
+        if args.layer == "weighted" and weights is None:
+            weights = torch.zeros(len(backbone.encoder.transformer.layers))
+        h = train.hidden(backbone, torch.stack(waves), layer, weights, args.normalize)  # (batch, frames, dim)
+        per_s = h.shape[1] / context
+        for j, (start, end) in enumerate(segments[i:i + batch]):
+            a = min(int((context - (end - start)) * per_s), h.shape[1] - 1)
+            out.append(h[j, a:].mean(0))
+    return torch.stack(out)
+
+
+def probe(run, kind, embeddings=None):
+    """semantic: word vectors from features at each word (ridge, folds by story), mean r over the
+    vector's dimensions on the test story. phones: phone identity, a linear (ridge) classifier on
+    one-hot targets, accuracy on the test story. Pretrained against tuned backbone."""
+    args, layer, pre, tuned, lw = load_run(run)
+    subj = data.find_subject(args.data, args.subject)
+    train_s, val_s, test_s = data.splits(args.data, subj, args.test_stories, args.val_stories)
+    emb = load_embeddings(embeddings or os.path.join(args.data, "derivative", "embeddings.txt")) \
+        if kind == "semantic" else None
+    items = {}  # story -> (segments, labels)
+    for s in train_s + val_s + test_s:
+        phones, words = data.words_and_phones(os.path.join(args.data, "derivative", "TextGrids", s + ".TextGrid"))
+        segs = [w for w in words if w[2].lower() in emb] if kind == "semantic" else phones
+        items[s] = ([(a, b) for a, b, _ in segs], [lab.lower() for _, _, lab in segs])
+    labels = sorted({lab for _, labs in items.values() for lab in labs})
+    if kind == "semantic":
+        target = {s: torch.as_tensor(np.stack([emb[w] for w in labs])) for s, (_, labs) in items.items()}
+    else:
+        target = {s: torch.nn.functional.one_hot(torch.tensor([labels.index(l) for l in labs]), len(labels)).float()
+                  for s, (_, labs) in items.items()}
+    fit_s = train_s + val_s
+    audio = data.load_audio(args.data, list(items))
+    out = {}
+    for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
+        if bb is None:
+            continue
+        X = {s: segment_features(args, layer, bb, w, audio[s], items[s][0]) for s in items}
+        Xtr = torch.cat([X[s] for s in fit_s])
+        mu, sd = Xtr.mean(0), Xtr.std(0).clamp_min(1e-6)
+        groups = np.concatenate([np.full(len(X[s]), i % args.cv_folds) for i, s in enumerate(fit_s)])
+        Wp, _ = train.fit_ridge((Xtr - mu) / sd, torch.cat([target[s] for s in fit_s]), args.alphas, groups)
+        pred = torch.cat([(X[s] - mu) / sd @ Wp for s in test_s])
+        truth = torch.cat([target[s] for s in test_s])
+        if kind == "semantic":
+            out[name] = float(train.pearson(pred, truth).mean())
+        else:
+            out[name] = float((pred.argmax(1) == truth.argmax(1)).float().mean())
+    merge_analyses(run, f"probe_{kind}", out)
+    metric = "mean r" if kind == "semantic" else "accuracy"
+    return out, "\n".join(f"{kind} probe {metric}: {k} {v:.4f}" for k, v in out.items())
+
+
+def mel_features(windows, history, n_mels=32):
+    """Low-level features per fMRI frame: log mel band energies of its window, pooled in TR bins
+    like the backbone's frames: (rows, history * n_mels)."""
+    fb = torchaudio_fbanks(n_mels)
+    out = []
+    for wave, *_ in torch.utils.data.DataLoader(windows, batch_size=64):
+        spec = torch.stft(wave, 400, 320, window=torch.hann_window(400), return_complex=True).abs() ** 2
+        mel = torch.log(1e-6 + (spec.transpose(1, 2) @ fb))  # (batch, frames, n_mels)
+        out.append(data.pool_frames(mel, history).flatten(1))
+    return torch.cat(out)
+
+
+def torchaudio_fbanks(n_mels):
+    import torchaudio.functional as AF
+    return AF.melscale_fbanks(201, 20.0, data.SR / 2, n_mels, data.SR)
+
+
+def lowlevel(run):
+    """Moussa et al.'s test of reliance on low-level features: encoding r refit on the backbone's
+    features after removing what mel band energies predict, per voxel set, pretrained vs tuned."""
+    args, layer, pre, tuned, lw = load_run(run)
+    d = train.prepare(args, args.subject)
+    L = {s: mel_features(d[s], args.history) for s in ("train", "test")}
+    mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)
+    L = {s: (v - mu) / sd for s, v in L.items()}
+    groups = np.concatenate([np.full(len(e), i % args.cv_folds) for i, e in enumerate(d["train"].ends)])
+    good = torch.as_tensor(d["good"])
+    res, table = {}, []
+    for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
+        if bb is None:
+            continue
+        fn = features_fn(args, layer, bb, w)
+        X = {s: train.extract(fn, d[s], args.batch_size, torch.device("cpu")) for s in ("train", "test")}
+        m, s_ = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
+        X = {k: (v - m) / s_ for k, v in X.items()}
+        B, _ = train.fit_ridge(L["train"], X["train"], args.alphas, groups)  # what the mel bands predict
+        R = {k: X[k] - L[k] @ B for k in X}
+        r = {}
+        for label, F_ in (("full", X), ("residual", R)):
+            W, _ = train.fit_ridge(F_["train"], d["Ytrain"][:, good], args.alphas, groups)
+            rr = torch.full((len(good),), float("nan"))
+            rr[good] = train.pearson(F_["test"] @ W, d["Ytest"][:, good])
+            r[label] = rr.numpy()
+        sets_ = train.sets(argparse.Namespace(roi="all"), d, torch.as_tensor(r["full"]), None)
+        res[name] = {k: {"full_r": float(np.nanmean(r["full"][v])), "residual_r": float(np.nanmean(r["residual"][v]))}
+                     for k, v in sets_.items()}
+        res[name + "_voxel_r"] = {k: v.tolist() for k, v in r.items()}
+        for k, v in res[name].items():
+            table.append(f"{name:>10} {k:>10} full r {v['full_r']:.4f}  without low-level {v['residual_r']:.4f}  "
+                         f"loss {v['full_r'] - v['residual_r']:+.4f}")
+    merge_analyses(run, "lowlevel", {k: v for k, v in res.items() if not k.endswith("voxel_r")})
+    return res, "\n".join(table)
+
+
+def stability(runs, vs=None):
+    """Mean and standard deviation across runs of each set's change in r (refit minus baseline)."""
+    def changes(group):
+        rows = [json.load(open(os.path.join(r, "results.json")))["test"] for r in group]
+        return {k: [row[k]["refit_r"] - row[k]["baseline_r"] for row in rows if row[k].get("refit_r") is not None]
+                for k in rows[0]}
+    out, lines = {}, [f"{'group':>6} {'set':>12} {'runs':>4} {'mean change':>12} {'std':>8}"]
+    for gname, group in (("A", runs), ("B", vs or [])):
+        if not group:
+            continue
+        for k, v in changes(group).items():
+            out.setdefault(gname, {})[k] = {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": len(v)}
+            lines.append(f"{gname:>6} {k:>12} {len(v):4d} {np.mean(v):+12.4f} {np.std(v):8.4f}")
+    return out, "\n".join(lines)
+
+
+def plot(run):
+    """PNG figures in the run folder; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    args, layer, pre, tuned, lw = load_run(run)
+    r = np.load(os.path.join(run, "voxel_r.npz"))
+    if "refit_r" not in r:
+        raise ValueError(f"{run} is a stage-1 run (--epochs 0): there is no tuned model to plot")
+    rois = data.roi_sets(args.data, data.find_subject(args.data, args.subject), len(r["baseline_r"]))
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(run, name), dpi=100)
+        plt.close(fig)
+        paths.append(os.path.join(run, name))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(r["baseline_r"], r["refit_r"], s=4, c="lightgray", label="other")
+    for name, idx in rois.items():
+        ax.scatter(r["baseline_r"][idx], r["refit_r"][idx], s=4, label=name)
+    lim = [np.nanmin([r["baseline_r"], r["refit_r"]]), np.nanmax([r["baseline_r"], r["refit_r"]])]
+    ax.plot(lim, lim, "k--", lw=1)
+    ax.set(xlabel="baseline r (pretrained)", ylabel="tuned r (ridge refit)", title="test-story r per voxel")
+    ax.legend(markerscale=3)
+    save(fig, "scatter.png")
+
+    metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a1.plot([m["epoch"] for m in metrics], [m["train_loss"] for m in metrics], "o-")
+    a1.set(xlabel="epoch", ylabel="training loss", title="training")
+    a2.plot([m["epoch"] for m in metrics], [m["val_r"] for m in metrics], "o-")
+    a2.set(xlabel="epoch", ylabel="validation r (trained voxels)", title="validation")
+    save(fig, "curves.png")
+
+    if args.lora_rank > 0:
+        norms = lora.delta_norms(tuned)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for p in "qkvo":
+            pts = [(int(k.split(".")[3]) + 1, v) for k, v in norms.items() if k.endswith("." + p)]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=p)
+        ax.set(xlabel="transformer layer", ylabel="||scaling B A|| / ||W||", title="relative weight change")
+        ax.legend()
+        save(fig, "weight_change.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    change = (r["refit_r"] - r["baseline_r"])[np.isfinite(r["refit_r"])]
+    ax.hist(change, bins=40)
+    ax.axvline(0, color="k", lw=1)
+    ax.set(xlabel="tuned r - baseline r", ylabel="voxels", title="per-voxel change")
+    save(fig, "change_hist.png")
+    return paths
+
+
+def export(run, path):
+    """The tuned backbone merged into a plain torchaudio state dict."""
+    if os.path.exists(path):
+        raise ValueError(f"{path} already exists; choose a new file (nothing was written)")
+    args, layer, pre, tuned, lw = load_run(run)
+    if tuned is None:
+        raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
+    train.save_atomic(lora.merge_lora(tuned).state_dict(), path)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Analyses of a finished braintune run.")
+    p.add_argument("run", help="run folder written by train.py")
+    p.add_argument("--subject", help="cross-subject transfer: refit on this subject (e.g. S02)")
+    p.add_argument("--probe", choices=["semantic", "phones"], help="linear probe, pretrained vs tuned")
+    p.add_argument("--embeddings", help="word vectors, GloVe text format (default: the dataset's own)")
+    p.add_argument("--lowlevel", action="store_true", help="reliance on low-level (mel band) features")
+    p.add_argument("--seeds", nargs="+", help="more runs: mean and std of the change in r across runs")
+    p.add_argument("--vs", nargs="+", help="a second group of runs to compare with --seeds")
+    p.add_argument("--plot", action="store_true", help="write PNG figures into the run folder")
+    p.add_argument("--export", help="write the merged tuned backbone as a torchaudio state dict here")
+    a = p.parse_args(argv)
+    load_run(a.run)  # a clear error for a missing or incomplete run, before any work
+    print(show(a.run))
+    if a.subject:
+        print(f"\ncross-subject transfer to {a.subject}:\n" + cross_subject(a.run, a.subject))
+    if a.probe:
+        print("\n" + probe(a.run, a.probe, a.embeddings)[1])
+    if a.lowlevel:
+        print("\n" + lowlevel(a.run)[1])
+    if a.seeds:
+        out, table = stability([a.run] + a.seeds, a.vs)
+        merge_analyses(a.run, "stability", out)
+        print("\n" + table)
+    if a.plot:
+        print("\nwrote " + ", ".join(plot(a.run)))
+    if a.export:
+        print(f"\nwrote {export(a.run, a.export)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
