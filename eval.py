@@ -188,6 +188,20 @@ def torchaudio_fbanks(n_mels):
     return AF.melscale_fbanks(201, 20.0, data.SR / 2, n_mels, data.SR)
 
 
+def lowlevel_r(X, L, Ytrain, Ytest, groups, alphas):
+    """Test r of encoding models on features X and on X with the part that the low-level features L
+    predict removed (least squares from L to X, fit on training rows). X, L: {"train", "test"} z-scored."""
+    # least squares, not cross-validated ridge: a shrunken fit would leave part of what L explains
+    # in X; a tiny ridge (1e-6 of L's scale) only keeps the solve stable
+    G = L["train"].T @ L["train"]
+    B = torch.linalg.solve(G + 1e-6 * G.diagonal().mean() * torch.eye(len(G)), L["train"].T @ X["train"])
+    out = []
+    for F_ in (X, {k: X[k] - L[k] @ B for k in X}):
+        W, _ = train.fit_ridge(F_["train"], Ytrain, alphas, groups)
+        out.append(train.pearson(F_["test"] @ W, Ytest))
+    return out
+
+
 def lowlevel(run):
     """Moussa et al.'s test of reliance on low-level features: encoding r refit on the backbone's
     features after removing what mel band energies predict, per voxel set, pretrained vs tuned."""
@@ -206,14 +220,9 @@ def lowlevel(run):
         X = {s: train.extract(fn, d[s], args.batch_size, torch.device("cpu")) for s in ("train", "test")}
         m, s_ = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
         X = {k: (v - m) / s_ for k, v in X.items()}
-        B, _ = train.fit_ridge(L["train"], X["train"], args.alphas, groups)  # what the mel bands predict
-        R = {k: X[k] - L[k] @ B for k in X}
-        r = {}
-        for label, F_ in (("full", X), ("residual", R)):
-            W, _ = train.fit_ridge(F_["train"], d["Ytrain"][:, good], args.alphas, groups)
-            rr = torch.full((len(good),), float("nan"))
-            rr[good] = train.pearson(F_["test"] @ W, d["Ytest"][:, good])
-            r[label] = rr.numpy()
+        r = {k: np.full(len(good), np.nan) for k in ("full", "residual")}
+        full, res_ = lowlevel_r(X, L, d["Ytrain"][:, good], d["Ytest"][:, good], groups, args.alphas)
+        r["full"][good], r["residual"][good] = full.numpy(), res_.numpy()
         sets_ = train.sets(argparse.Namespace(roi="all"), d, torch.as_tensor(r["full"]), None)
         res[name] = {k: {"full_r": float(np.nanmean(r["full"][v])), "residual_r": float(np.nanmean(r["residual"][v]))}
                      for k, v in sets_.items()}

@@ -39,6 +39,9 @@ TINY = dict(  # a small WavLM: the real classes, but 40 ms frames (stride 640, n
     encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0,
     aux_num_out=None)
 RECIPES = {  # REFERENCE section 1; every value can still be overridden on the command line
+    # the laptop demo (the default with the tiny model): a small random model needs larger steps
+    "demo": dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="qkvo", lr=1e-2, head_lr=1e-4,
+                 epochs=8, patience=8),
     "li2024": dict(model="wav2vec2_base", layer="weighted", history=6, lora_rank=0, loss="mse", l2=1e-4,
                    lr=1e-5, head_lr=1e-4),
     "moussa2025": dict(model="hubert_base", layer="12", history=5, lora_rank=0, loss="mse", l2=0.0, lr=5e-5,
@@ -435,8 +438,10 @@ def parse(argv=None):
             args = argparse.Namespace(**json.load(f)["args"])
         args.resume, args.force = first.resume, False
         return args
+    if first.recipe is None and (first.model == "tiny" or (first.model is None and first.data is None)):
+        first.recipe = "demo"
     if first.recipe:
-        p.set_defaults(**RECIPES[first.recipe])
+        p.set_defaults(**RECIPES[first.recipe], recipe=first.recipe)
     args = p.parse_args(argv)
     args.synthetic = args.data is None
     if args.synthetic:
@@ -489,7 +494,7 @@ def main(argv=None):
     if WORLD > 1:
         torch.distributed.broadcast_object_list(run)  # every process needs the folder's name
     run = run[0]
-    log(f"{d['subject']}: model {args.model}, layer {args.layer if weighted else layer}, {len(d['train'])} training "
+    log(f"{d['subject']}: model {args.model} (recipe {args.recipe or 'none'}), layer {args.layer if weighted else layer}, {len(d['train'])} training "
         f"windows of {args.history} TRs from {len(d['stories']['train'])} stories; run folder {run}")
     if RANK == 0 and not args.resume:
         cfg = dict(args=vars(args), stories=d["stories"], torch=torch.__version__, torchaudio=torchaudio.__version__,

@@ -75,12 +75,12 @@ def test_stage1_on_synthetic_tiny(demo, tmp_path):
     t = res["test"]
     assert res["subject"] == "UTS01" and res["model"] == "tiny"
     assert set(t) == {"all", "AC", "semantic", "top9"}
-    # measured with seed 0 on this small dataset: AC 0.19, semantic 0.07, unresponsive voxels (chance) near 0
+    # measured with seed 0 on this small dataset (a 24-TR test story): AC 0.37, semantic 0.03, chance 0.06
     kind = np.load(os.path.join(demo, "derivative", "ground_truth", "UTS01.npz"))["kind"]
     chance = np.load(os.path.join(run, "voxel_r.npz"))["baseline_r"][kind == 2].mean()
-    assert abs(chance) < 0.05
-    assert t["AC"]["baseline_r"] > 0.12
-    assert t["semantic"]["baseline_r"] < t["AC"]["baseline_r"] - 0.07
+    assert abs(chance) < 0.12
+    assert t["AC"]["baseline_r"] > chance + 0.2
+    assert t["semantic"]["baseline_r"] < t["AC"]["baseline_r"] - 0.2
     assert "baseline_r_norm" in t["AC"] and "tuned_r" not in t["AC"]
     assert np.load(os.path.join(run, "voxel_r.npz"))["baseline_r"].shape == (90,)
 
@@ -174,3 +174,25 @@ def test_existing_run_folder_is_never_overwritten(demo, tmp_path):
     with pytest.raises(ValueError, match="already exists; use --resume"):
         train.main(quick(demo, tmp_path / "r", "--epochs", "0"))
     assert (tmp_path / "r" / "mine.txt").read_text() == "keep"
+
+
+def test_main_job_tuned_beats_baseline(demo, tmp_path):
+    run = train.main(quick(demo, tmp_path / "r", "--epochs", "3", "--lr", "1e-2"))
+    t = json.load(open(os.path.join(run, "results.json")))["test"]
+    # measured (seed 0, this 4-story dataset): baseline 0.154, tuned with its head 0.159, refit 0.154
+    assert t["all"]["tuned_r"] > t["all"]["baseline_r"] + 0.002
+    assert t["AC"]["refit_r"] > t["AC"]["baseline_r"]  # measured 0.380 against 0.375
+
+
+def test_torchrun_two_processes_match_one(demo, tmp_path):
+    flags = quick(demo, tmp_path / "one", "--epochs", "1", "--lora-dropout", "0")
+    one = train.main(flags)
+    two = str(tmp_path / "two")
+    flags[flags.index("--out") + 1] = two
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "train.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = np.load(os.path.join(one, "voxel_r.npz")), np.load(os.path.join(two, "voxel_r.npz"))
+    np.testing.assert_allclose(a["baseline_r"], b["baseline_r"], atol=1e-5)
+    np.testing.assert_allclose(a["tuned_r"], b["tuned_r"], atol=1e-3)

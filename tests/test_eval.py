@@ -1,0 +1,118 @@
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import eval as ev
+import train
+
+
+@pytest.fixture(scope="module")
+def run(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    return train.main(["--data", demo, "--model", "tiny", "--out", str(out), "--batch-size", "8", "--epochs", "2",
+                       "--lr", "1e-2", "--lora-dropout", "0"])
+
+
+def test_show_repeats_the_results_with_normalised_r(run):
+    table = ev.show(run)
+    res = json.load(open(os.path.join(run, "results.json")))
+    assert "r/cc" in table and f"{res['test']['AC']['refit_r']:.4f}" in table
+    assert res["test"]["AC"]["refit_r_norm"] > res["test"]["AC"]["refit_r"]  # cc_max < 1
+
+
+def test_export_loads_strictly_and_reproduces_the_tuned_features(run, tmp_path):
+    path = ev.export(run, str(tmp_path / "tuned.pt"))
+    args, layer, pre, tuned, lw = ev.load_run(run)
+    fresh, _ = train.load_backbone("tiny", seed=123)
+    fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = torch.randn(2, 40000)
+    with torch.no_grad():
+        want = tuned.extract_features(x, num_layers=layer)[0][-1]
+        got = fresh.extract_features(x, num_layers=layer)[0][-1]
+        base = pre.extract_features(x, num_layers=layer)[0][-1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (want - base).abs().max() > 1e-4  # the tuning really changed the backbone
+    with pytest.raises(ValueError, match="already exists"):
+        ev.export(run, path)
+
+
+def test_plots_are_pngs_with_labelled_axes(run, monkeypatch):
+    import matplotlib.figure
+    labels = []
+    real = matplotlib.figure.Figure.savefig
+
+    def record(fig, *a, **k):
+        labels.extend((ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes)
+        return real(fig, *a, **k)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    paths = ev.plot(run)
+    assert {os.path.basename(p) for p in paths} == {"scatter.png", "curves.png", "weight_change.png",
+                                                    "change_hist.png"}
+    for p in paths:
+        head = open(p, "rb").read(24)
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        w, h = struct.unpack(">II", head[16:24])
+        assert 300 <= w <= 2000 and 250 <= h <= 2000
+    assert labels and all(x and y for x, y in labels)
+
+
+def test_stability_equals_numpy(tmp_path):
+    runs = []
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        test = {s: {"n_voxels": 5, "baseline_r": float(rng.random()), "refit_r": float(rng.random())}
+                for s in ("all", "AC")}
+        json.dump({"test": test}, open(d / "results.json", "w"))
+        runs.append(str(d))
+    out, table = ev.stability(runs[:2], vs=runs[2:])
+    rows = [json.load(open(os.path.join(r, "results.json")))["test"]["AC"] for r in runs[:2]]
+    change = [r["refit_r"] - r["baseline_r"] for r in rows]
+    assert out["A"]["AC"]["mean"] == pytest.approx(np.mean(change))
+    assert out["A"]["AC"]["std"] == pytest.approx(np.std(change))
+    assert out["B"]["all"]["runs"] == 1 and out["B"]["all"]["std"] == 0
+
+
+def test_lowlevel_removes_what_band_energies_explain(run):
+    args, layer, pre, tuned, lw = ev.load_run(run)
+    d = train.prepare(args, args.subject)
+    z = lambda v, ref: (v - ref.mean(0)) / ref.std(0).clamp_min(1e-6)
+    L = {s: ev.mel_features(d[s], args.history, n_mels=8) for s in ("train", "test")}
+    L = {s: z(v, L["train"]) for s, v in L.items()}
+    X = {s: train.extract(ev.features_fn(args, layer, pre), d[s], 8, torch.device("cpu")) for s in ("train", "test")}
+    X = {s: z(v, X["train"]) for s, v in X.items()}
+    # 20 voxels built to depend only on the low-level features, plus noise
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(L["train"].shape[1], 20, generator=g)
+    Y = {s: z(L[s] @ w, L["train"] @ w) + torch.randn(len(L[s]), 20, generator=g) for s in L}
+    groups = np.concatenate([np.full(len(e), i % args.cv_folds) for i, e in enumerate(d["train"].ends)])
+    full, resid = ev.lowlevel_r(X, L, Y["train"], Y["test"], groups, args.alphas)
+    # measured: full r 0.57, without the low-level part -0.03 (a 24-TR test story: r is noisy)
+    assert full.mean() > 0.25
+    assert resid.mean().abs() < 0.08
+    res, table = ev.lowlevel(run)  # the whole analysis on the run's own voxels
+    assert res["pretrained"]["AC"]["residual_r"] < res["pretrained"]["AC"]["full_r"]
+    assert "lowlevel" in json.load(open(os.path.join(run, "analyses.json")))
+
+
+def test_bad_run_folders_are_clear_errors(run, tmp_path):
+    with pytest.raises(ValueError, match="no such run folder"):
+        ev.load_run(str(tmp_path / "nope"))
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    os.remove(broken / "stage1.pt")
+    with pytest.raises(ValueError, match="incomplete: stage1.pt is missing"):
+        ev.load_run(str(broken))
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    state = torch.load(other / "adapter.pt", weights_only=True)
+    state["trainable"]["backbone.encoder.transformer.layers.9.attention.q_proj.lora_A"] = torch.zeros(1)
+    torch.save(state, other / "adapter.pt")
+    with pytest.raises(ValueError, match="does not fit the tiny model"):
+        ev.load_run(str(other))
