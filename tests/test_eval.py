@@ -116,3 +116,15 @@ def test_bad_run_folders_are_clear_errors(run, tmp_path):
     torch.save(state, other / "adapter.pt")
     with pytest.raises(ValueError, match="does not fit the tiny model"):
         ev.load_run(str(other))
+
+
+def test_probes_and_cross_subject_run_and_are_saved(run):
+    out, table = ev.probe(run, "phones")
+    # 13 phone classes, the commonest 13% of phones; measured on this small dataset: 0.27 (tuned 0.25)
+    assert out["pretrained"] > 0.2 and 0 <= out["tuned"] <= 1
+    out, table = ev.probe(run, "semantic")
+    assert -1 <= out["pretrained"] <= 1 and "semantic probe" in table
+    table = ev.cross_subject(run, "S02")
+    saved = json.load(open(os.path.join(run, "analyses.json")))
+    assert {"probe_phones", "probe_semantic", "transfer_UTS02"} <= set(saved)
+    assert saved["transfer_UTS02"]["AC"]["baseline_r"] > 0.2 and saved["transfer_UTS02"]["AC"]["refit_r"] > 0.2

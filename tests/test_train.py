@@ -196,3 +196,27 @@ def test_torchrun_two_processes_match_one(demo, tmp_path):
     a, b = np.load(os.path.join(one, "voxel_r.npz")), np.load(os.path.join(two, "voxel_r.npz"))
     np.testing.assert_allclose(a["baseline_r"], b["baseline_r"], atol=1e-5)
     np.testing.assert_allclose(a["tuned_r"], b["tuned_r"], atol=1e-3)
+
+
+def test_bottleneck_head_is_the_best_rank_k_approximation():
+    W = torch.randn(40, 30, dtype=torch.float64)
+    head = train.make_head(W.float(), bottleneck=5)
+    got = (head[1].weight @ head[0].weight).T.double().detach()  # (p, v), as W
+    U, s, Vh = np.linalg.svd(W.numpy(), full_matrices=False)
+    want = (U[:, :5] * s[:5]) @ Vh[:5]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+    full = train.make_head(W.float())
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(full(x).detach(), x @ W.float())
+
+
+def test_top_n_roi_weighted_layers_and_bottleneck_run(demo, tmp_path):
+    run = train.main(quick(demo, tmp_path / "r", "--epochs", "1", "--roi", "top20", "--layer", "weighted",
+                           "--bottleneck", "8"))
+    res = json.load(open(os.path.join(run, "results.json")))
+    assert res["n_voxels"] == 20 and "top20" in res["test"]
+    r = np.load(os.path.join(run, "voxel_r.npz"))
+    assert np.isfinite(r["tuned_r"]).sum() == 20 and np.isfinite(r["refit_r"]).all()
+    trainable = torch.load(os.path.join(run, "adapter.pt"), weights_only=True)["trainable"]
+    assert trainable["layer_weights"].shape == (4,) and trainable["layer_weights"].abs().sum() > 0  # learned
+    assert trainable["head.0.weight"].shape[0] == 8

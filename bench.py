@@ -1,0 +1,269 @@
+"""
+braintune's speed and memory on synthetic tensors of realistic sizes (no data or weights needed).
+Prints a table and writes bench.json. Every time is the median of several repetitions after a
+warm-up; every target is a ratio measured in the same run.
+
+    python bench.py            # the full sizes (about 30 minutes on 2 CPU cores)
+    python bench.py --quick    # scaled down, under a minute
+"""
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
+import numpy as np
+import torch
+import torch.nn as nn
+import torchaudio
+
+import data
+import lora
+import train
+
+
+def timeit(fn, reps=3, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _status(key):  # kB, from the kernel's accounting of this process
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+
+
+def peak_mb(fn):
+    """Peak memory that fn adds, in MB: on CUDA from the allocator; on CPU the resident set's
+    high-water mark (reset through /proc/self/clear_refs) above the resident set before fn."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    libc = ctypes.CDLL("libc.so.6")
+    # while measuring, blocks over 1 MB are mapped and unmapped one by one (M_MMAP_THRESHOLD), so the
+    # high-water mark counts live memory, not what glibc's heap keeps; it slows allocation, so timings
+    # run with a 32 MB threshold instead
+    libc.mallopt(-3, 1 << 20)
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS:")
+    fn()
+    peak = (_status("VmHWM:") - before) / 1024
+    libc.mallopt(-3, 32 << 20)
+    return peak
+
+
+def ridge_problem(n, p, v, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g)
+    Y = X @ (0.05 * torch.randn(p, v, generator=g)) + torch.randn(n, v, generator=g) * torch.logspace(-1, 1.5, v)
+    return X, Y, np.logspace(0, 5, 10), np.repeat(np.arange(5), -(-n // 5))[:n]
+
+
+def ridge_flops(n, p, v, n_alphas=10, folds=5):
+    """Multiply-adds x 2 of fit_ridge: SVDs (~ 4 n p^2 each, p <= n), U^T Y, predictions, refit."""
+    k, n_tr = min(n, p), n * (folds - 1) / folds
+    svd = folds * 4 * n_tr * p * k + 4 * n * p * k
+    products = folds * (2 * n_tr * k * v + 2 * (n - n_tr) * p * k + n_alphas * 2 * (n - n_tr) * k * v)
+    return svd + products + 2 * n * k * v + 2 * p * k * v
+
+
+def bench_ridge(n, p, v, reps, peer=True):
+    X, Y, alphas, groups = ridge_problem(n, p, v)
+    out = {"n": n, "p": p, "v": v, "seconds": timeit(lambda: train.fit_ridge(X, Y, alphas, groups), reps)}
+    out["peak_mb"] = peak_mb(lambda: train.fit_ridge(X, Y, alphas, groups))
+    out["gflops"] = ridge_flops(n, p, v) / out["seconds"] / 1e9
+    with torch.profiler.profile() as prof:
+        W, best = train.fit_ridge(X, Y, alphas, groups)
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(ops.values())
+    dec = sum(t for k, t in ops.items() if "svd" in k or "gesdd" in k)
+    prod = sum(t for k, t in ops.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
+    out["share"] = {"decompositions": dec / total, "products": prod / total, "scoring and rest": 1 - (dec + prod) / total}
+    if not peer:
+        return out
+    try:
+        from himalaya.backend import set_backend
+        from himalaya.ridge import solve_ridge_cv_svd
+        from himalaya.scoring import correlation_score
+        set_backend("torch", on_error="raise")
+        cv = [(np.flatnonzero(groups != k), np.flatnonzero(groups == k)) for k in np.unique(groups)]
+        run = lambda: solve_ridge_cv_svd(X, Y, alphas=alphas, cv=cv, score_func=correlation_score,
+                                         n_alphas_batch=len(alphas), n_targets_batch=v, n_targets_batch_refit=v)
+        last = []
+        out["himalaya_seconds"] = timeit(lambda: last.append(run()), max(1, reps - 1), warmup=0)
+        ba, coef, _ = last[-1]
+        ba, coef = torch.as_tensor(ba).float(), torch.as_tensor(coef).float()
+        same = torch.isclose(ba, best.float())
+        out["same_lambda"] = same.float().mean().item()
+        out["max_rel_W_diff"] = ((W[:, same] - coef[:, same]).abs().max() / coef[:, same].abs().max()).item()
+        out["ratio_to_himalaya"] = out["seconds"] / out["himalaya_seconds"]
+    except ImportError:
+        out["himalaya"] = "not installed (pip install himalaya)"
+    return out
+
+
+def matmul_gflops(size, reps):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / timeit(lambda: a @ b, reps) / 1e9
+
+
+def backbone(name):
+    if name == "tiny":
+        return train.load_backbone("tiny")[0]
+    bundle = getattr(torchaudio.pipelines, train.BUNDLES[name])
+    torch.manual_seed(0)
+    build = torchaudio.models.wavlm_model if bundle._model_type == "WavLM" else torchaudio.models.wav2vec2_model
+    return build(**dict(bundle._params, encoder_layer_drop=0.0))  # random weights: no download
+
+
+def forward_flops(model, wave):
+    """FLOPs of one forward, counted by torch's FLOP counter (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.extract_features(wave)
+    return fc.get_total_flops()
+
+
+def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False):
+    """One stage-2 training step (forward, backward, AdamW) over one no-grad forward."""
+    model = backbone(name)
+    L = len(model.encoder.transformer.layers)
+    wave = torch.randn(batch, round(history * data.TR * data.SR))
+    lora.add_lora(model, rank, 2.0 * max(rank, 1), 0.0, "qkvo")
+    dim = model.encoder.transformer.layers[0].attention.attention.embed_dim if hasattr(
+        model.encoder.transformer.layers[0].attention, "attention") else model.encoder.transformer.layers[0].attention.embed_dim
+    net = train.BrainModel(model, nn.Linear(history * dim, n_vox), torch.zeros(history * dim),
+                           torch.ones(history * dim), L, history)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    y = torch.randn(batch, n_vox)
+
+    def step():
+        net.train()
+        loss = nn.functional.mse_loss(net(wave), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def forward():
+        net.eval()
+        with torch.inference_mode():
+            net(wave)
+    if step_only:
+        return {"model": name, "batch": batch, "step_s": timeit(step, reps)}
+    t_fwd, t_step = timeit(forward, reps), timeit(step, reps)
+    return {"model": name, "batch": batch, "rank": rank, "forward_s": t_fwd, "step_s": t_step,
+            "step_over_forward": t_step / t_fwd, "peak_mb": peak_mb(step),
+            "forward_gflops": forward_flops(model, wave) / t_fwd / 1e9}
+
+
+def bench_extract(name, n_windows, history, batch, reps):
+    """Stage-1 feature extraction (slicing, pooling, z-scoring) against the bare forward."""
+    model = backbone(name).eval()
+    L = round(0.75 * len(model.encoder.transformer.layers))
+    seconds = n_windows * data.TR + history * data.TR
+    wave = torch.randn(round(seconds * data.SR))
+    rows = n_windows
+    win = data.Windows({"s": wave}, {"s": np.zeros((rows, 1), np.float32)}, ["s"], history=history,
+                       trim_start=0, sound_start=-history * data.TR)
+    fn = lambda w: train.pooled(model, w, L, history)
+    waves = torch.stack([win[i][0] for i in range(len(win))])
+
+    def bare():
+        with torch.inference_mode():
+            for i in range(0, len(waves), batch):
+                model.extract_features(waves[i:i + batch], num_layers=L)
+    t_full = timeit(lambda: train.extract(fn, win, batch, torch.device("cpu")), reps)
+    t_bare = timeit(bare, reps)
+    return {"model": name, "windows": n_windows, "audio_s_per_s": n_windows * history * data.TR / t_full,
+            "overhead": t_full / t_bare - 1}
+
+
+def bench_head(n_vox, p, bottleneck, batch=8):
+    """Peak memory of a training step (forward, backward, AdamW) of the head alone, whole cortex."""
+    head = train.make_head(torch.randn(p, n_vox) * 0.01, bottleneck)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
+    x, y = torch.randn(batch, p), torch.randn(batch, n_vox)
+
+    def step():
+        nn.functional.mse_loss(head(x), y).backward()
+        opt.step()
+    params = sum(q.numel() for q in head.parameters()) * 4 / 2 ** 20
+    return {"voxels": n_vox, "p": p, "bottleneck": bottleneck, "params_mb": params, "peak_mb": peak_mb(step)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description="braintune speed and memory benchmark")
+    ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
+    ap.add_argument("--out", default="bench.json", help="where to write the numbers")
+    ap.add_argument("--only", default="", help="comma-separated parts to run (default all): matmul, ridge, "
+                                               "step, extract, head, scaling")
+    a = ap.parse_args()
+    want = lambda part: not a.only or part in a.only.split(",")
+    q = a.quick
+    reps = 2 if q else 3
+    res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "cuda": torch.cuda.is_available(), "quick": q}}
+    res["matmul_gflops"] = matmul_gflops(1024 if q else 4096, reps)
+    model = "tiny" if q else "wavlm_base"
+    if want("ridge"):
+        res["ridge"] = bench_ridge(*((800, 400, 2000) if q else (4000, 2000, 10000)), reps)
+    if want("step"):
+        res["step_lora"] = bench_step(model, 2 if q else 8, 6, 8, reps)
+        res["step_full"] = bench_step(model, 2 if q else 8, 6, 0, reps)
+    if want("extract"):
+        res["extract"] = bench_extract(model, 16 if q else 32, 6, 8, reps)
+    if want("head"):
+        res["head"] = [bench_head(2000 if q else 81126, 384 if q else 4608, k) for k in (0, 256)]
+    if want("scaling"):
+        res["scaling_ridge_v"] = [bench_ridge(1000, 500, v, 1, peer=False) for v in ((2000, 4000) if q else (10000, 20000, 40000, 80000))]
+        res["scaling_ridge_n"] = [bench_ridge(n, 500, 2000 if q else 10000, 1, peer=False) for n in ((500, 1000) if q else (2000, 4000, 8000))]
+        res["scaling_step"] = [bench_step(model, b, 6, 8, 1, step_only=True) for b in ((1, 2) if q else (1, 2, 4, 8))]
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(report(res))
+
+
+def report(res):
+    mm = res["matmul_gflops"]
+    lines = [f"machine: {res['machine']}", f"fp32 matmul: {mm:.0f} GFLOP/s"]
+    if "ridge" in res:
+        r = res["ridge"]
+        lines.append(f"ridge n={r['n']} p={r['p']} v={r['v']}: {r['seconds']:.2f} s, {r['peak_mb']:.0f} MB, "
+                     f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / mm:.0f}% of matmul); time in "
+                     + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["share"].items()))
+        if "himalaya_seconds" in r:
+            lines.append(f"  himalaya {r['himalaya_seconds']:.2f} s: ratio {r['ratio_to_himalaya']:.2f} (target <= 0.5), "
+                         f"same lambda {100 * r['same_lambda']:.2f}% (>= 99.9%), max rel W diff {r['max_rel_W_diff']:.1e}")
+    for k in ("step_lora", "step_full"):
+        if k in res:
+            s = res[k]
+            lines.append(f"{k} {s['model']} batch {s['batch']}: step {s['step_s']:.2f} s / forward {s['forward_s']:.2f} s"
+                         f" = {s['step_over_forward']:.2f} (target <= 2.2), peak {s['peak_mb']:.0f} MB; forward "
+                         f"{s['forward_gflops']:.0f} GFLOP/s ({100 * s['forward_gflops'] / mm:.0f}% of matmul, target >= 60%)")
+    if "extract" in res:
+        e = res["extract"]
+        lines.append(f"extraction {e['model']}: {e['audio_s_per_s']:.1f} s of audio per s, overhead "
+                     f"{100 * e['overhead']:+.1f}% (target <= 5%)")
+    for h in res.get("head", []):
+        lines.append(f"head step, {h['voxels']} voxels, p {h['p']}, bottleneck {h['bottleneck']}: peak {h['peak_mb']:.0f} MB "
+                     f"(parameters {h['params_mb']:.0f} MB)")
+    for key in ("scaling_ridge_v", "scaling_ridge_n"):
+        lines += [f"{key}: n={x['n']} p={x['p']} v={x['v']}: {x['seconds']:.2f} s, peak {x['peak_mb']:.0f} MB "
+                  f"(W alone: {4 * x['p'] * x['v'] / 2 ** 20:.0f} MB)" for x in res.get(key, [])]
+    lines += [f"scaling_step batch {x['batch']}: {x['step_s']:.3f} s" for x in res.get("scaling_step", [])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

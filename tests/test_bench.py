@@ -1,0 +1,23 @@
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_benchmark_writes_its_table(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["machine"]["quick"] is True and res["matmul_gflops"] > 0
+    r = res["ridge"]
+    assert r["seconds"] > 0 and abs(sum(r["share"].values()) - 1) < 1e-6
+    if "himalaya_seconds" in r:  # the peer, when installed: same answer
+        assert r["same_lambda"] >= 0.999 and r["max_rel_W_diff"] < 1e-4
+    for k in ("step_lora", "step_full"):
+        assert res[k]["step_over_forward"] > 1  # a step does strictly more than a forward
+    assert [x["v"] for x in res["scaling_ridge_v"]] == [2000, 4000]
+    assert "fp32 matmul" in p.stdout and "ridge n=800" in p.stdout
