@@ -105,7 +105,8 @@ def splits(root, subj, test_stories=None, val_stories=None):
     val = val_stories or (["stagefright"] if "stagefright" in rest else rest[-1:])
     for s in test + val:
         if s not in resp:
-            raise ValueError(f"story {s!r} has {'audio' if s in audio else 'no audio'} but no responses for {subj}")
+            raise ValueError(f"story {s!r} has no responses for {subj}{'' if s in audio else ' and no audio'}; "
+                             f"its stories are: {', '.join(resp)}")
     train = [s for s in rest if s not in val]
     if not train:
         raise ValueError(f"{subj} has no training stories left after test {test} and validation {val}")
