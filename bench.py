@@ -170,7 +170,7 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False):
 def bench_extract(name, n_windows, history, batch, reps):
     """Stage-1 feature extraction (slicing, pooling, z-scoring) against the bare forward."""
     model = backbone(name).eval()
-    L = round(0.75 * len(model.encoder.transformer.layers))
+    L = train.layer_of(argparse.Namespace(layer=None), len(model.encoder.transformer.layers))
     seconds = n_windows * data.TR + history * data.TR
     wave = torch.randn(round(seconds * data.SR))
     rows = n_windows

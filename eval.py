@@ -35,7 +35,7 @@ def load_run(run):
         args = argparse.Namespace(**json.load(f)["args"])
     pre, normalize = train.load_backbone(args.model, args.weights, args.seed)
     n_layers = len(pre.encoder.transformer.layers)
-    layer = n_layers if args.layer == "weighted" else int(args.layer or round(0.75 * n_layers))
+    layer = train.layer_of(args, n_layers)
     tuned, lw = None, None
     if os.path.isfile(os.path.join(run, "adapter.pt")):
         state = train.load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
@@ -53,10 +53,15 @@ def load_run(run):
     return args, layer, pre, tuned, lw
 
 
+def layer_weights(args, backbone, lw=None):
+    """The learned layer weights of a weighted-layer run (uniform for the pretrained backbone)."""
+    if args.layer != "weighted":
+        return None
+    return lw if lw is not None else torch.zeros(len(backbone.encoder.transformer.layers))
+
+
 def features_fn(args, layer, backbone, lw=None):
-    weights = lw if args.layer == "weighted" else None
-    if args.layer == "weighted" and weights is None:
-        weights = torch.zeros(len(backbone.encoder.transformer.layers))
+    weights = layer_weights(args, backbone, lw)
     return lambda w: train.pooled(backbone, w, layer, args.history, weights, args.normalize)
 
 
@@ -89,7 +94,7 @@ def cross_subject(run, subject):
     base = train.stage1(args, features_fn(args, layer, pre), d, device)
     new = train.stage1(args, features_fn(args, layer, tuned, lw), d, device)
     res = {"baseline_r": base[4].numpy(), "refit_r": new[4].numpy()}
-    sets_ = train.sets(argparse.Namespace(roi="all"), d, base[3], None)
+    sets_ = train.sets(argparse.Namespace(roi="all"), d, base[3])
     out, table = train.results_table(res, sets_, d["ceiling"])
     merge_analyses(run, f"transfer_{d['subject']}", out)
     return table
@@ -118,10 +123,7 @@ def segment_features(args, layer, backbone, lw, wave, segments, context=4.0, bat
             e = round(end * data.SR)
             w = wave[max(e - n, 0):min(e, len(wave))]
             waves.append(torch.nn.functional.pad(w, (n - len(w), 0)))
-        weights = lw if args.layer == "weighted" else None
-        if args.layer == "weighted" and weights is None:
-            weights = torch.zeros(len(backbone.encoder.transformer.layers))
-        h = train.hidden(backbone, torch.stack(waves), layer, weights, args.normalize)  # (batch, frames, dim)
+        h = train.hidden(backbone, torch.stack(waves), layer, layer_weights(args, backbone, lw), args.normalize)  # (batch, frames, dim)
         per_s = h.shape[1] / context
         for j, (start, end) in enumerate(segments[i:i + batch]):
             a = min(int((context - (end - start)) * per_s), h.shape[1] - 1)
@@ -158,7 +160,7 @@ def probe(run, kind, embeddings=None):
         X = {s: segment_features(args, layer, bb, w, audio[s], items[s][0]) for s in items}
         Xtr = torch.cat([X[s] for s in fit_s])
         mu, sd = Xtr.mean(0), Xtr.std(0).clamp_min(1e-6)
-        groups = np.concatenate([np.full(len(X[s]), i % args.cv_folds) for i, s in enumerate(fit_s)])
+        groups = train.story_folds([len(X[s]) for s in fit_s], args.cv_folds)
         Wp, _ = train.fit_ridge((Xtr - mu) / sd, torch.cat([target[s] for s in fit_s]), args.alphas, groups)
         pred = torch.cat([(X[s] - mu) / sd @ Wp for s in test_s])
         truth = torch.cat([target[s] for s in test_s])
@@ -210,7 +212,7 @@ def lowlevel(run):
     L = {s: mel_features(d[s], args.history) for s in ("train", "test")}
     mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)
     L = {s: (v - mu) / sd for s, v in L.items()}
-    groups = np.concatenate([np.full(len(e), i % args.cv_folds) for i, e in enumerate(d["train"].ends)])
+    groups = train.story_folds([len(e) for e in d["train"].ends], args.cv_folds)
     good = torch.as_tensor(d["good"])
     res, table = {}, []
     for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
@@ -223,7 +225,7 @@ def lowlevel(run):
         r = {k: np.full(len(good), np.nan) for k in ("full", "residual")}
         full, res_ = lowlevel_r(X, L, d["Ytrain"][:, good], d["Ytest"][:, good], groups, args.alphas)
         r["full"][good], r["residual"][good] = full.numpy(), res_.numpy()
-        sets_ = train.sets(argparse.Namespace(roi="all"), d, torch.as_tensor(r["full"]), None)
+        sets_ = train.sets(argparse.Namespace(roi="all"), d, torch.as_tensor(r["full"]))
         res[name] = {k: {"full_r": float(np.nanmean(r["full"][v])), "residual_r": float(np.nanmean(r["residual"][v]))}
                      for k, v in sets_.items()}
         res[name + "_voxel_r"] = {k: v.tolist() for k, v in r.items()}

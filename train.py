@@ -185,6 +185,16 @@ def fit_ridge(X, Y, alphas, groups, voxel_batch=16384, return_cv=False):
     return (W, alphas[best], cv) if return_cv else (W, alphas[best])
 
 
+def story_folds(lengths, k):
+    """Fold label per row: story i (of the given row counts) goes to fold i mod k, whole."""
+    return np.concatenate([np.full(n, i % k) for i, n in enumerate(lengths)])
+
+
+def layer_of(args, n_layers):
+    """The transformer layer read (1-based): --layer, or 3/4 of the depth; all of them if weighted."""
+    return n_layers if args.layer == "weighted" else int(args.layer or round(0.75 * n_layers))
+
+
 def noise_ceiling(repeats):
     """cc_max per voxel from (repeats, TRs, voxels) (Schoppe et al. 2016); NaN where SP <= 0."""
     N = repeats.shape[0]
@@ -252,7 +262,7 @@ def stage1(args, fn, d, device):
     X = {s: extract(fn, d[s], args.batch_size, device, f"stage 1 {s}") for s in ("train", "test")}
     mu, sd = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
     good = torch.as_tensor(d["good"])
-    groups = np.concatenate([np.full(len(e), i % args.cv_folds) for i, e in enumerate(d["train"].ends)])
+    groups = story_folds([len(e) for e in d["train"].ends], args.cv_folds)
     W = torch.zeros(len(mu), len(good))
     cv = torch.full((len(good),), float("nan"))
     t0 = time.time()
@@ -266,7 +276,7 @@ def stage1(args, fn, d, device):
     return mu, sd, W, cv, r
 
 
-def sets(args, d, cv, roi):
+def sets(args, d, cv):
     """The voxel sets the results are reported on: all, each ROI of the subject, the top N."""
     good = np.flatnonzero(d["good"])
     n_top = int(args.roi[3:]) if args.roi.startswith("top") else max(1, len(good) // 10)
@@ -486,7 +496,7 @@ def main(argv=None):
     backbone, normalize = load_backbone(args.model, args.weights, args.seed)
     n_layers = len(backbone.encoder.transformer.layers)
     weighted = args.layer == "weighted"
-    layer = n_layers if weighted else int(args.layer or round(0.75 * n_layers))
+    layer = layer_of(args, n_layers)
     if not 1 <= layer <= n_layers:
         raise ValueError(f"--layer {layer}: {args.model} has layers 1..{n_layers}")
     backbone.to(device)
@@ -508,7 +518,7 @@ def main(argv=None):
         mu, sd, W, cv, base_r = stage1(args, lambda w: pooled(backbone, w, layer, args.history, lw, normalize), d, device)
         if RANK == 0:
             save_atomic((mu, sd, W, cv, base_r), stage1_path)
-    sets_ = sets(args, d, cv, None)
+    sets_ = sets(args, d, cv)
     roi = sets_[args.roi] if args.roi.startswith("top") else np.intersect1d(
         data.load_roi(args.data, d["subject"], args.roi, len(d["good"])), sets_["all"])
     res = {"baseline_r": base_r.numpy()}
