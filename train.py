@@ -269,8 +269,10 @@ def stage1(args, fn, d, device):
     Wg, alphas, cvg = fit_ridge(((X["train"] - mu) / sd).to(device), d["Ytrain"][:, good].to(device),
                                 args.alphas, groups, return_cv=True)
     W[:, good], cv[good] = Wg.cpu(), cvg.cpu()
-    edge = ((alphas == min(args.alphas)) | (alphas == max(args.alphas))).float().mean().item()
-    log(f"ridge: {good.sum()} voxels in {time.time() - t0:.1f} s; {100 * edge:.1f}% chose an edge of the lambda grid")
+    edge = ((alphas == min(args.alphas)) | (alphas == max(args.alphas))).float().cpu()
+    fit = cvg.cpu() > 0.1  # unresponsive voxels rightly take the largest lambda
+    log(f"ridge: {good.sum()} voxels in {time.time() - t0:.1f} s; at an edge of the lambda grid: "
+        f"{100 * edge.mean():.1f}% of voxels, {100 * edge[fit].mean() if fit.any() else 0:.1f}% of those with cv r > 0.1")
     r = torch.full((len(good),), float("nan"))
     r[good] = pearson((X["test"] - mu) / sd @ W[:, good], d["Ytest"][:, good])
     return mu, sd, W, cv, r

@@ -220,3 +220,16 @@ def test_top_n_roi_weighted_layers_and_bottleneck_run(demo, tmp_path):
     trainable = torch.load(os.path.join(run, "adapter.pt"), weights_only=True)["trainable"]
     assert trainable["layer_weights"].shape == (4,) and trainable["layer_weights"].abs().sum() > 0  # learned
     assert trainable["head.0.weight"].shape[0] == 8
+
+
+def test_failed_bundle_download_names_file_cache_and_flag(monkeypatch, tmp_path):
+    import urllib.error
+
+    import torchaudio
+
+    def offline(dl_kwargs):
+        raise urllib.error.URLError("no network")  # what torch.hub raises here; nothing is contacted
+    monkeypatch.setattr(type(torchaudio.pipelines.WAVLM_BASE_PLUS), "_get_state_dict", lambda self, kw: offline(kw))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ValueError, match=r"wavlm_base_plus.pth is not in .*checkpoints .*--weights PATH"):
+        train.load_backbone("wavlm_base_plus")
