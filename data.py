@@ -130,6 +130,17 @@ def load_responses(root, subj, stories):
     return {s: zscore(np.where(good, np.nan_to_num(r), 0)) * good for s, r in resp.items()}, good
 
 
+def noise_ceiling(repeats):
+    """cc_max per voxel from (repeats, TRs, voxels) (Schoppe et al. 2016); NaN where SP <= 0."""
+    N = repeats.shape[0]
+    var_sum = repeats.sum(0).var(0)  # (voxels,)
+    sum_var = repeats.var(1).sum(0)
+    SP = (var_sum - sum_var) / (N * (N - 1))
+    TP = repeats.var(1).mean(0)
+    cc = 1 / np.sqrt(1 + (1 / N) * (TP / np.where(SP > 0, SP, np.nan) - 1))
+    return np.where(SP > 0, cc, np.nan)
+
+
 def load_audio(root, stories):
     """{story: (samples,) at 16 kHz}: each story read and resampled once per run."""
     return {s: read_wav(os.path.join(root, "stimuli", s + ".wav")) for s in stories}

@@ -195,17 +195,6 @@ def layer_of(args, n_layers):
     return n_layers if args.layer == "weighted" else int(args.layer or round(0.75 * n_layers))
 
 
-def noise_ceiling(repeats):
-    """cc_max per voxel from (repeats, TRs, voxels) (Schoppe et al. 2016); NaN where SP <= 0."""
-    N = repeats.shape[0]
-    var_sum = repeats.sum(0).var(0)  # (voxels,)
-    sum_var = repeats.var(1).sum(0)
-    SP = (var_sum - sum_var) / (N * (N - 1))
-    TP = repeats.var(1).mean(0)
-    cc = 1 / np.sqrt(1 + (1 / N) * (TP / np.where(SP > 0, SP, np.nan) - 1))
-    return np.where(SP > 0, cc, np.nan)
-
-
 def make_head(W, bottleneck=0):
     """Linear(p -> v) holding the ridge weights W (p, v); with a bottleneck K, two Linears through K
     units holding the best rank-K approximation of W (Eckart-Young), split evenly by sqrt(s)."""
@@ -251,7 +240,7 @@ def prepare(args, subject):
     path = os.path.join(args.data, "derivative", "preprocessed_data", subj, test[0] + ".hf5")
     if len(test) == 1:
         try:
-            d["ceiling"] = noise_ceiling(data.read_hf5(path, "individual_repeats"))
+            d["ceiling"] = data.noise_ceiling(data.read_hf5(path, "individual_repeats"))
         except ValueError:
             pass  # no repeats: no noise ceiling
     return d

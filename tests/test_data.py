@@ -93,14 +93,25 @@ def test_synthetic_dataset_reads_back_with_its_ground_truth(demo):
     assert set(rois) == {"AC", "semantic"} and np.array_equal(rois["AC"], np.flatnonzero(kind == 0))
 
 
+def test_noise_ceiling_hand_worked():
+    # two repeats of one voxel over 3 TRs: [1, 2, 3] and [1, 2, 5]; var is numpy's (ddof=0), as in data.py
+    reps = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]])[:, :, None]
+    var_sum = np.var([2.0, 4.0, 8.0])
+    sum_var = np.var([1, 2, 3]) + np.var([1, 2, 5])
+    SP = (var_sum - sum_var) / 2
+    TP = sum_var / 2
+    want = 1 / np.sqrt(1 + 0.5 * (TP / SP - 1))
+    np.testing.assert_allclose(data.noise_ceiling(reps), [want])
+    assert np.isnan(data.noise_ceiling(np.array([[1.0, 2.0], [2.0, 1.0]])[:, :, None]))[0]  # SP <= 0
+
+
 def test_synthetic_noise_ceiling_matches_known_noise(demo):
-    from train import noise_ceiling
     truth = np.load(os.path.join(demo, "derivative", "ground_truth", "UTS01.npz"))
     reps = data.read_hf5(os.path.join(demo, "derivative", "preprocessed_data", "UTS01", data.TEST_STORY + ".hf5"),
                          "individual_repeats")
     N, sig = len(reps), truth["kind"] < 2
     implied = 1 / np.sqrt(1 + truth["noise_sd"][sig] ** 2 / N)
-    cc = noise_ceiling(reps)[sig]
+    cc = data.noise_ceiling(reps)[sig]
     ok = np.isfinite(cc)
     assert ok.mean() > 0.9
     # measured on this 90-voxel, 24-TR test story: median |error| 0.009

@@ -57,18 +57,6 @@ def test_pearson_equals_corrcoef():
     assert train.pearson(torch.ones(10, 1), torch.randn(10, 1)).item() == 0.0
 
 
-def test_noise_ceiling_hand_worked():
-    # two repeats of one voxel over 3 TRs: [1, 2, 3] and [1, 2, 5]; var is the unbiased variance
-    reps = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]])[:, :, None]
-    var_sum = np.var([2.0, 4.0, 8.0], ddof=0)  # numpy's var, as in the code
-    sum_var = np.var([1, 2, 3]) + np.var([1, 2, 5])
-    SP = (var_sum - sum_var) / 2
-    TP = sum_var / 2
-    want = 1 / np.sqrt(1 + 0.5 * (TP / SP - 1))
-    np.testing.assert_allclose(train.noise_ceiling(reps), [want])
-    assert np.isnan(train.noise_ceiling(np.array([[1.0, 2.0], [2.0, 1.0]])[:, :, None]))[0]  # SP <= 0
-
-
 def test_stage1_on_synthetic_tiny(demo, tmp_path):
     run = train.main(["--data", demo, "--model", "tiny", "--subject", "S01", "--epochs", "0", "--out", str(tmp_path / "r")])
     res = json.load(open(os.path.join(run, "results.json")))
