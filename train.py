@@ -168,9 +168,9 @@ def fit_ridge(X, Y, alphas, groups, voxel_batch=16384, return_cv=False):
         XV = X[test] @ Vh.T  # (n_te, k)
         D = s / (s ** 2 + alphas[:, None])  # (alphas, k)
         for j in range(0, Y.shape[1], voxel_batch):
-            UtY = U.T @ Y[~test, j:j + voxel_batch]  # (k, vb)
+            UtY, Yte = U.T @ Y[~test, j:j + voxel_batch], Y[test, j:j + voxel_batch]  # (k, vb), (n_te, vb)
             for a in range(len(alphas)):
-                scores[a, j:j + voxel_batch] += pearson(XV @ (D[a, :, None] * UtY), Y[test, j:j + voxel_batch])
+                scores[a, j:j + voxel_batch] += pearson(XV @ (D[a, :, None] * UtY), Yte)
     scores /= len(folds)
     best = len(alphas) - 1 - scores.flip(0).argmax(0)  # argmax takes the first max: flipped, the largest lambda
     U, s, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -529,8 +529,7 @@ def main(argv=None):
         refit = stage1(args, fn, d, device)[4]
         res.update(tuned_r=tuned.numpy(), refit_r=refit.numpy())
         if RANK == 0:
-            keep = {n: p for n, p in state["best"].items()}
-            save_atomic(dict(trainable=keep, args=vars(args)), os.path.join(run, "adapter.pt"))
+            save_atomic(dict(trainable=state["best"], args=vars(args)), os.path.join(run, "adapter.pt"))
     if RANK == 0:
         test, table = results_table(res, sets_, d["ceiling"])
         out = dict(subject=d["subject"], model=args.model, roi=args.roi, n_voxels=int(len(roi)), test=test)
