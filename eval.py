@@ -12,6 +12,7 @@ RUN/analyses.json (other keys are kept).
     python eval.py RUN --export tuned.pt    # merged plain torchaudio state dict
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ def load_run(run):
     tuned, lw = None, None
     if os.path.isfile(os.path.join(run, "adapter.pt")):
         state = train.load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
-        tuned, _ = train.load_backbone(args.model, args.weights, args.seed)
+        tuned = copy.deepcopy(pre)  # the same pretrained weights, read once
         lora.add_lora(tuned, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
         mine = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         missing = set(mine) - set(tuned.state_dict())
