@@ -141,8 +141,7 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False):
     L = len(model.encoder.transformer.layers)
     wave = torch.randn(batch, round(history * data.TR * data.SR))
     lora.add_lora(model, rank, 2.0 * max(rank, 1), 0.0, "qkvo")
-    dim = model.encoder.transformer.layers[0].attention.attention.embed_dim if hasattr(
-        model.encoder.transformer.layers[0].attention, "attention") else model.encoder.transformer.layers[0].attention.embed_dim
+    dim = model.encoder.feature_projection.projection.out_features
     net = train.BrainModel(model, nn.Linear(history * dim, n_vox), torch.zeros(history * dim),
                            torch.ones(history * dim), L, history)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
