@@ -193,8 +193,10 @@ def read_textgrid(path):
         raise ValueError(f"{path}: cannot read ({e})") from None
     tokens = [s.replace('""', '"') if n == "" else float(n) for s, n in
               re.findall(r'"((?:[^"]|"")*)"|(?<![\[\w.])(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?![\]\w])', text)]
+    bad = ValueError(f"{path}: not a TextGrid in Praat's long or short text format")
+    if tokens[:2] != ["ooTextFile", "TextGrid"]:
+        raise bad
     try:
-        assert tokens[:2] == ["ooTextFile", "TextGrid"]
         pos, tiers = 5, {}
         for _ in range(int(tokens[4])):
             kind, name, n = tokens[pos], tokens[pos + 1], int(tokens[pos + 4])
@@ -203,8 +205,8 @@ def read_textgrid(path):
             items = [tokens[i:i + step] for i in range(pos, pos + step * n, step)]
             tiers[name] = [(a, b, lab) for a, b, lab in items] if step == 3 else [(t, t, m) for t, m in items]
             pos += step * n
-    except (AssertionError, IndexError, TypeError, ValueError):
-        raise ValueError(f"{path}: not a TextGrid in Praat's long or short text format") from None
+    except (IndexError, TypeError, ValueError):
+        raise bad from None
     return tiers
 
 
