@@ -135,21 +135,22 @@ def forward_flops(model, wave):
     return fc.get_total_flops()
 
 
-def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False):
-    """One stage-2 training step (forward, backward, AdamW) over one no-grad forward."""
+def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, subjects=1):
+    """One stage-2 training step (forward, backward, AdamW) over one no-grad forward; with several
+    subjects, a head each on the same shared windows (the mean of their losses, as train.py)."""
     model = backbone(name)
     L = len(model.encoder.transformer.layers)
     wave = torch.randn(batch, round(history * data.TR * data.SR))
     lora.add_lora(model, rank, 2.0 * max(rank, 1), 0.0, "qkvo")
     dim = model.encoder.feature_projection.projection.out_features
-    net = train.BrainModel(model, nn.Linear(history * dim, n_vox), torch.zeros(history * dim),
-                           torch.ones(history * dim), L, history)
+    net = train.BrainModel(model, [nn.Linear(history * dim, n_vox) for _ in range(subjects)],
+                           torch.zeros(history * dim), torch.ones(history * dim), L, history)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     y = torch.randn(batch, n_vox)
 
     def step():
         net.train()
-        loss = nn.functional.mse_loss(net(wave), y)
+        loss = torch.stack([nn.functional.mse_loss(pred, y) for pred in net(wave)]).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -159,7 +160,7 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False):
         with torch.inference_mode():
             net(wave)
     if step_only:
-        return {"model": name, "batch": batch, "step_s": timeit(step, reps)}
+        return {"model": name, "batch": batch, "subjects": subjects, "step_s": timeit(step, reps)}
     t_fwd, t_step = timeit(forward, reps), timeit(step, reps)
     return {"model": name, "batch": batch, "rank": rank, "forward_s": t_fwd, "step_s": t_step,
             "step_over_forward": t_step / t_fwd, "peak_mb": peak_mb(step),
@@ -205,8 +206,8 @@ def main():
     ap = argparse.ArgumentParser(description="braintune speed and memory benchmark")
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
     ap.add_argument("--out", default="bench.json", help="where to write the numbers")
-    ap.add_argument("--only", default="", help="comma-separated parts to run (default all): matmul, ridge, "
-                                               "step, extract, head, scaling")
+    ap.add_argument("--only", default="", help="comma-separated parts to run (default all): ridge, step, "
+                                               "subjects, extract, head, scaling")
     a = ap.parse_args()
     want = lambda part: not a.only or part in a.only.split(",")
     q = a.quick
@@ -220,6 +221,9 @@ def main():
     if want("step"):
         res["step_lora"] = bench_step(model, 2 if q else 8, 6, 8, reps)
         res["step_full"] = bench_step(model, 2 if q else 8, 6, 0, reps)
+    if want("subjects"):  # a window heard by k subjects is forwarded once: k heads on one forward
+        res["step_subjects"] = [bench_step(model, 2 if q else 8, 6, 8, reps, 2000 if q else 10000, True, k)
+                                for k in (1, 2, 3)]
     if want("extract"):
         res["extract"] = bench_extract(model, 16 if q else 32, 6, 8, reps)
     if want("head"):
@@ -254,6 +258,9 @@ def report(res):
         e = res["extract"]
         lines.append(f"extraction {e['model']}: {e['audio_s_per_s']:.1f} s of audio per s, overhead "
                      f"{100 * e['overhead']:+.1f}% (target <= 5%)")
+    for x in res.get("step_subjects", []):
+        lines.append(f"step with {x['subjects']} subject(s), shared windows, batch {x['batch']}: {x['step_s']:.3f} s "
+                     f"({x['step_s'] / res['step_subjects'][0]['step_s']:.2f} x one subject)")
     for h in res.get("head", []):
         lines.append(f"head step, {h['voxels']} voxels, p {h['p']}, bottleneck {h['bottleneck']}: peak {h['peak_mb']:.0f} MB "
                      f"(parameters {h['params_mb']:.0f} MB)")

@@ -262,6 +262,49 @@ def pool_frames(frames, history):
     return (sums / (edges[1:] - edges[:-1]).to(frames.dtype)[None, :, None]).flip(1)
 
 
+def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
+    """Each subject's splits, responses, usable voxels, ROIs and noise ceiling, and the windows the
+    subjects share: one per (story, row), however many subjects heard it, so each is forwarded once.
+    Every subject is held out on the first subject's test and validation stories.
+    Returns (ds, shared): ds[k]["Y<split>"] (rows, voxels) and ds[k]["take_<split>"] (rows,), the
+    shared window of each of the subject's rows; shared[split] a Windows of the audio alone."""
+    ds, waves = [], {}
+    for name in subjects:
+        subj = find_subject(root, name)
+        if any(d["subject"] == subj for d in ds):
+            raise ValueError(f"subject {subj} is given twice")
+        train, val, test = splits(root, subj, test_stories, val_stories)
+        test_stories, val_stories = test, val  # the same held-out stories for every subject
+        resp, good = load_responses(root, subj, train + val + test)
+        waves.update(load_audio(root, [s for s in resp if s not in waves]))  # each story read once
+        d = dict(subject=subj, stories=dict(train=train, val=val, test=test), good=good,
+                 rois=roi_sets(root, subj, len(good)), ceiling=None)
+        for split, stories in d["stories"].items():
+            d[split] = Windows(waves, resp, stories, **window_kw)
+            d["Y" + split] = torch.cat([torch.as_tensor(resp[s]) for s in stories])  # (rows, voxels)
+        if len(test) == 1:
+            path = os.path.join(root, "derivative", "preprocessed_data", subj, test[0] + ".hf5")
+            try:
+                d["ceiling"] = noise_ceiling(read_hf5(path, "individual_repeats"))
+            except ValueError:
+                pass  # no repeats: no noise ceiling
+        ds.append(d)
+    shared = {}
+    for split in ("train", "val", "test"):
+        rows = {}  # story -> rows, in first-heard order
+        for d in ds:
+            for s, ends in zip(d[split].stories, d[split].ends):
+                rows[s] = max(rows.get(s, 0), len(ends))
+        # row r of a story is the same audio for every subject: targets are looked up through take_<split>
+        shared[split] = Windows(waves, {s: np.zeros((n, 0), np.float32) for s, n in rows.items()}, list(rows),
+                                **window_kw)
+        start = dict(zip(rows, np.cumsum([0] + list(rows.values()))))
+        for d in ds:
+            d["take_" + split] = torch.as_tensor(np.concatenate(
+                [start[s] + np.arange(len(e)) for s, e in zip(d[split].stories, d[split].ends)]))
+    return ds, shared
+
+
 # -----------------------------------------------------------------------------
 # the synthetic dataset: speech-like audio, and responses with a known ground truth
 

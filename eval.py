@@ -51,6 +51,8 @@ def load_run(run):
         tuned.eval()
         lw = state.get("layer_weights")
     args.normalize = normalize
+    args.subjects = args.subject.split(",")  # a multi-subject run: the analyses of one subject use the first
+    args.subject = args.subjects[0]
     return args, layer, pre, tuned, lw
 
 
@@ -73,32 +75,37 @@ def merge_analyses(run, key, value):
     train.save_atomic(json.dumps(old, indent=1), path)
 
 
-def show(run):
+def results(run):
+    """{subject: {set: row}} from results.json, one subject or several."""
     res = json.load(open(os.path.join(run, "results.json")))
-    lines = [f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} {'refit r':>8} {'base r/cc':>9} "
-             f"{'refit r/cc':>10}"]
-    fmt = lambda x, w=8: f"{x:{w}.4f}" if x is not None else f"{'-':>{w}}"
-    for name, row in res["test"].items():
-        lines.append(f"{name:>12} {row['n_voxels']:7d} {fmt(row.get('baseline_r'), 11)} {fmt(row.get('tuned_r'))} "
-                     f"{fmt(row.get('refit_r'))} {fmt(row.get('baseline_r_norm'), 9)} {fmt(row.get('refit_r_norm'), 10)}")
-    return "\n".join(lines)
+    return {k: v["test"] for k, v in res["subjects"].items()} if "subjects" in res else {res.get("subject", "-"): res["test"]}
+
+
+def show(run):
+    return train.format_table(results(run))
+
+
+def fit(args, layer, backbone, lw, d, device=torch.device("cpu")):
+    """Stage 1 on one subject with this backbone: (mu, sd, W, cv r, test r)."""
+    fn = features_fn(args, layer, backbone, lw)
+    X = {s: train.extract(fn, d[s], args.batch_size, device) for s in ("train", "test")}
+    return train.stage1(args, X, d, device)
 
 
 def cross_subject(run, subject):
-    """The backbone tuned on the run's subject, ridge refit on another subject: test r against the
-    pretrained backbone on that subject (BrainWavLM's transfer test)."""
+    """The backbone tuned on the run's subject(s), ridge refit on another subject: test r against
+    the pretrained backbone on that subject (BrainWavLM's transfer test)."""
     args, layer, pre, tuned, lw = load_run(run)
     if tuned is None:
         raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
-    device = torch.device("cpu")
-    d = train.prepare(args, subject)
-    base = train.stage1(args, features_fn(args, layer, pre), d, device)
-    new = train.stage1(args, features_fn(args, layer, tuned, lw), d, device)
+    d = train.prepare(args, [subject])[0][0]
+    if d["subject"] in [data.find_subject(args.data, s) for s in args.subjects]:
+        print(f"note: {d['subject']} was tuned on in {run}; this is not transfer to a new subject")
+    base, new = fit(args, layer, pre, None, d), fit(args, layer, tuned, lw, d)
     res = {"baseline_r": base[4].numpy(), "refit_r": new[4].numpy()}
-    sets_ = train.sets(argparse.Namespace(roi="all"), d, base[3])
-    out, table = train.results_table(res, sets_, d["ceiling"])
+    out = train.summarize(res, train.sets(argparse.Namespace(roi="all"), d, base[3]), d["ceiling"])
     merge_analyses(run, f"transfer_{d['subject']}", out)
-    return table
+    return train.format_table({d["subject"]: out})
 
 
 def load_embeddings(path):
@@ -209,7 +216,7 @@ def lowlevel(run):
     """Moussa et al.'s test of reliance on low-level features: encoding r refit on the backbone's
     features after removing what mel band energies predict, per voxel set, pretrained vs tuned."""
     args, layer, pre, tuned, lw = load_run(run)
-    d = train.prepare(args, args.subject)
+    d = train.prepare(args, [args.subject])[0][0]
     L = {s: mel_features(d[s], args.history) for s in ("train", "test")}
     mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)
     L = {s: (v - mu) / sd for s, v in L.items()}
@@ -240,7 +247,8 @@ def lowlevel(run):
 def stability(runs, vs=None):
     """Mean and standard deviation across runs of each set's change in r (refit minus baseline)."""
     def changes(group):
-        rows = [json.load(open(os.path.join(r, "results.json")))["test"] for r in group]
+        rows = [{f"{s} {k}" if len(t) > 1 else k: row for s, test in t.items() for k, row in test.items()}
+                for t in map(results, group)]
         return {k: [row[k]["refit_r"] - row[k]["baseline_r"] for row in rows if row[k].get("refit_r") is not None]
                 for k in rows[0]}
     out, lines = {}, [f"{'group':>6} {'set':>12} {'runs':>4} {'mean change':>12} {'std':>8}"]
@@ -259,10 +267,8 @@ def plot(run):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     args, layer, pre, tuned, lw = load_run(run)
-    r = np.load(os.path.join(run, "voxel_r.npz"))
-    if "refit_r" not in r:
-        raise ValueError(f"{run} is a stage-1 run (--epochs 0): there is no tuned model to plot")
-    rois = data.roi_sets(args.data, data.find_subject(args.data, args.subject), len(r["baseline_r"]))
+    npz = np.load(os.path.join(run, "voxel_r.npz"))
+    multi = len(args.subjects) > 1  # keys "<subject>.baseline_r" ..., one scatter and histogram each
     paths = []
 
     def save(fig, name):
@@ -271,15 +277,25 @@ def plot(run):
         plt.close(fig)
         paths.append(os.path.join(run, name))
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(r["baseline_r"], r["refit_r"], s=4, c="lightgray", label="other")
-    for name, idx in rois.items():
-        ax.scatter(r["baseline_r"][idx], r["refit_r"][idx], s=4, label=name)
-    lim = [np.nanmin([r["baseline_r"], r["refit_r"]]), np.nanmax([r["baseline_r"], r["refit_r"]])]
-    ax.plot(lim, lim, "k--", lw=1)
-    ax.set(xlabel="baseline r (pretrained)", ylabel="tuned r (ridge refit)", title="test-story r per voxel")
-    ax.legend(markerscale=3)
-    save(fig, "scatter.png")
+    for subj in map(lambda s: data.find_subject(args.data, s), args.subjects):
+        r = {k.split(".")[-1]: npz[k] for k in npz.files if not multi or k.startswith(subj + ".")}
+        if "refit_r" not in r:
+            raise ValueError(f"{run} is a stage-1 run (--epochs 0): there is no tuned model to plot")
+        rois, tag = data.roi_sets(args.data, subj, len(r["baseline_r"])), f"_{subj}" if multi else ""
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(r["baseline_r"], r["refit_r"], s=4, c="lightgray", label="other")
+        for name, idx in rois.items():
+            ax.scatter(r["baseline_r"][idx], r["refit_r"][idx], s=4, label=name)
+        lim = [np.nanmin([r["baseline_r"], r["refit_r"]]), np.nanmax([r["baseline_r"], r["refit_r"]])]
+        ax.plot(lim, lim, "k--", lw=1)
+        ax.set(xlabel="baseline r (pretrained)", ylabel="tuned r (ridge refit)", title=f"{subj}: test-story r per voxel")
+        ax.legend(markerscale=3)
+        save(fig, f"scatter{tag}.png")
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.hist((r["refit_r"] - r["baseline_r"])[np.isfinite(r["refit_r"])], bins=40)
+        ax.axvline(0, color="k", lw=1)
+        ax.set(xlabel="tuned r - baseline r", ylabel="voxels", title=f"{subj}: per-voxel change")
+        save(fig, f"change_hist{tag}.png")
 
     metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -299,13 +315,6 @@ def plot(run):
         ax.set(xlabel="transformer layer", ylabel="||scaling B A|| / ||W||", title="relative weight change")
         ax.legend()
         save(fig, "weight_change.png")
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    change = (r["refit_r"] - r["baseline_r"])[np.isfinite(r["refit_r"])]
-    ax.hist(change, bins=40)
-    ax.axvline(0, color="k", lw=1)
-    ax.set(xlabel="tuned r - baseline r", ylabel="voxels", title="per-voxel change")
-    save(fig, "change_hist.png")
     return paths
 
 

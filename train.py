@@ -111,11 +111,12 @@ def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
 
 
 class BrainModel(nn.Module):
-    """wave -> backbone -> TR bins -> z-score (training statistics) -> head -> voxels."""
+    """wave -> backbone -> TR bins -> z-score (training statistics) -> a head per subject -> voxels."""
 
-    def __init__(self, backbone, head, mu, sd, layer, history, n_layers=0, normalize=False):
+    def __init__(self, backbone, heads, mu, sd, layer, history, n_layers=0, normalize=False):
         super().__init__()
-        self.backbone, self.head, self.layer, self.history, self.normalize = backbone, head, layer, history, normalize
+        self.backbone, self.layer, self.history, self.normalize = backbone, layer, history, normalize
+        self.heads = nn.ModuleList(heads)
         self.register_buffer("mu", mu)
         self.register_buffer("sd", sd)
         self.layer_weights = nn.Parameter(torch.zeros(n_layers)) if n_layers else None  # uniform at start
@@ -124,8 +125,9 @@ class BrainModel(nn.Module):
         x = pooled(self.backbone, wave, self.layer, self.history, self.layer_weights, self.normalize)
         return (x - self.mu) / self.sd
 
-    def forward(self, wave):  # (batch, samples) -> (batch, voxels)
-        return self.head(self.features(wave))
+    def forward(self, wave):  # (batch, samples) -> [(batch, voxels of subject k)]: one forward, every head
+        x = self.features(wave)
+        return [head(x) for head in self.heads]
 
 
 @torch.inference_mode()
@@ -220,36 +222,25 @@ def save_atomic(obj, path):
     if path.endswith(".json") or path.endswith(".jsonl"):
         with open(tmp, "w") as f:
             f.write(obj)
+    elif path.endswith(".npz"):
+        with open(tmp, "wb") as f:
+            np.savez(f, **obj)
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def prepare(args, subject):
-    """Everything one subject's run needs from the dataset."""
-    subj = data.find_subject(args.data, subject)
-    train, val, test = data.splits(args.data, subj, args.test_stories, args.val_stories)
-    resp, good = data.load_responses(args.data, subj, train + val + test)
-    waves = data.load_audio(args.data, train + val + test)
-    kw = dict(history=args.history, tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
-    d = dict(subject=subj, stories=dict(train=train, val=val, test=test), good=good,
-             rois=data.roi_sets(args.data, subj, len(good)), ceiling=None)
-    for split, stories in d["stories"].items():
-        d[split] = data.Windows(waves, resp, stories, **kw)
-        d["Y" + split] = torch.cat([torch.as_tensor(resp[s]) for s in stories])  # (rows, voxels)
-    path = os.path.join(args.data, "derivative", "preprocessed_data", subj, test[0] + ".hf5")
-    if len(test) == 1:
-        try:
-            d["ceiling"] = data.noise_ceiling(data.read_hf5(path, "individual_repeats"))
-        except ValueError:
-            pass  # no repeats: no noise ceiling
-    return d
+def prepare(args, subjects):
+    """Every subject's data and the windows they share (data.prepare)."""
+    return data.prepare(args.data, subjects, args.test_stories, args.val_stories, history=args.history,
+                        tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
 
 
-def stage1(args, fn, d, device):
-    """Frozen features -> per-voxel ridge. Returns feature statistics, W (p, voxels), cv r, test r."""
-    X = {s: extract(fn, d[s], args.batch_size, device, f"stage 1 {s}") for s in ("train", "test")}
-    mu, sd = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
+def stage1(args, X, d, device, stats=None):
+    """Frozen features X {"train", "test"} (rows, p) of one subject -> per-voxel ridge. The features
+    are z-scored by stats (mu, sd), by default the training rows' own. Returns mu, sd, W (p, voxels),
+    cv r, test r."""
+    mu, sd = stats or (X["train"].mean(0), X["train"].std(0).clamp_min(1e-6))
     good = torch.as_tensor(d["good"])
     groups = story_folds([len(e) for e in d["train"].ends], args.cv_folds)
     W = torch.zeros(len(mu), len(good))
@@ -260,7 +251,7 @@ def stage1(args, fn, d, device):
     W[:, good], cv[good] = Wg.cpu(), cvg.cpu()
     edge = ((alphas == min(args.alphas)) | (alphas == max(args.alphas))).float().cpu()
     fit = cvg.cpu() > 0.1  # unresponsive voxels rightly take the largest lambda
-    log(f"ridge: {good.sum()} voxels in {time.time() - t0:.1f} s; at an edge of the lambda grid: "
+    log(f"{d['subject']} ridge: {good.sum()} voxels in {time.time() - t0:.1f} s; at an edge of the lambda grid: "
         f"{100 * edge.mean():.1f}% of voxels, {100 * edge[fit].mean() if fit.any() else 0:.1f}% of those with cv r > 0.1")
     r = torch.full((len(good),), float("nan"))
     r[good] = pearson((X["test"] - mu) / sd @ W[:, good], d["Ytest"][:, good])
@@ -275,9 +266,10 @@ def sets(args, d, cv):
     return {"all": good, **{k: np.intersect1d(v, good) for k, v in d["rois"].items()}, f"top{n_top}": top}
 
 
-def results_table(res, sets_, ceiling):
-    """Means over each set, and a table for stdout."""
-    out, lines = {}, [f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} {'refit r':>8} {'change':>8}"]
+def summarize(res, sets_, ceiling):
+    """{set: {"n_voxels", "baseline_r", ...}}: the mean of each per-voxel r in res over each set;
+    the *_norm keys divide by the noise ceiling (cc_max) where there is one."""
+    out = {}
     for name, idx in sets_.items():
         row = {"n_voxels": int(len(idx))}
         for key in ("baseline_r", "tuned_r", "refit_r"):
@@ -288,12 +280,23 @@ def results_table(res, sets_, ceiling):
                     ok = idx[np.isfinite(ceiling[idx])]
                     row[key + "_norm"] = float(np.nanmean(res[key][ok] / ceiling[ok])) if len(ok) else None
         out[name] = row
-        fmt = lambda x: f"{x:8.4f}" if x is not None else f"{'-':>8}"
-        change = (f"{100 * (row['refit_r'] - row['baseline_r']) / abs(row['baseline_r']):+7.1f}%"
-                  if row.get("refit_r") is not None and row["baseline_r"] else f"{'-':>8}")
-        lines.append(f"{name:>12} {len(idx):7d} {row['baseline_r']:11.4f} {fmt(row.get('tuned_r'))} "
-                     f"{fmt(row.get('refit_r'))} {change}")
-    return out, "\n".join(lines)
+    return out
+
+
+def format_table(tests):
+    """{subject: summarize(...)} -> the results table; a subject column when there are several."""
+    multi, norm = len(tests) > 1, any("baseline_r_norm" in r for t in tests.values() for r in t.values())
+    fmt = lambda x, w=8: f"{x:{w}.4f}" if x is not None else f"{'-':>{w}}"
+    lines = [(f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
+             f"{'refit r':>8} {'change':>8}" + (f" {'base r/cc':>9} {'refit r/cc':>10}" if norm else "")]
+    for subject, test in tests.items():
+        for name, row in test.items():
+            base, refit = row.get("baseline_r"), row.get("refit_r")
+            change = f"{100 * (refit - base) / abs(base):+7.1f}%" if refit is not None and base else f"{'-':>8}"
+            lines.append((f"{subject:>8} " if multi else "") + f"{name:>12} {row['n_voxels']:7d} {fmt(base, 11)} "
+                         f"{fmt(row.get('tuned_r'))} {fmt(refit)} {change}" + (
+                             f" {fmt(row.get('baseline_r_norm'), 9)} {fmt(row.get('refit_r_norm'), 10)}" if norm else ""))
+    return "\n".join(lines)
 
 
 RANK = int(os.environ.get("RANK", 0))
@@ -312,17 +315,25 @@ def loss_fn(pred, y, kind):
     return -pearson(pred.T, y.T).mean()
 
 
-def train_stage2(args, model, d, roi, run, device, ckpt=None):
-    """LoRA (or the transformer) and the head, trained together; the best epoch by validation r."""
+def heads_r(model, Z, ds, split, device):
+    """Each subject's r over its trained voxels, from z-scored features Z (shared windows, p)."""
+    with torch.no_grad():
+        return [pearson(h(Z[d["take_" + split]].to(device)).float().cpu(), d["Y" + split][:, d["roi"]])
+                for h, d in zip(model.heads, ds)]
+
+
+def train_stage2(args, model, ds, shared, run, device, ckpt=None):
+    """LoRA (or the transformer) and every subject's head, trained together; the best epoch by
+    validation r (the mean over subjects)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if not n.startswith("head.")], "lr": args.lr},
-              {"params": [p for n, p in trainable if n.startswith("head.")], "lr": args.head_lr}]
+    groups = [{"params": [p for n, p in trainable if not n.startswith("heads.")], "lr": args.lr},
+              {"params": [p for n, p in trainable if n.startswith("heads.")], "lr": args.head_lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    steps = -(-len(d["train"]) // (args.batch_size * args.accum))  # optimiser steps per epoch
+    steps = -(-len(shared["train"]) // (args.batch_size * args.accum))  # optimiser steps per epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup * steps)))
     net = model
-    if WORLD > 1:
-        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.lora_rank == 0)
+    if WORLD > 1:  # a subject with no window in a batch leaves its head unused
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.lora_rank == 0 or len(ds) > 1)
     state = dict(epoch=0, best_val=-float("inf"), bad_epochs=0, metrics=[],
                  best={n: p.detach().clone() for n, p in trainable})
     if ckpt is not None:
@@ -331,23 +342,34 @@ def train_stage2(args, model, d, roi, run, device, ckpt=None):
         model.load_state_dict(ckpt["trainable"], strict=False)
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
-    Yroi = {s: d["Y" + s][:, roi] for s in ("train", "val")}
+    Y = [d["Ytrain"][:, d["roi"]] for d in ds]
+    rows = []  # per subject, (shared windows,): its row of Ytrain, or -1 where it did not hear the window
+    for d in ds:
+        rows.append(torch.full((len(shared["train"]),), -1, dtype=torch.long))
+        rows[-1][d["take_train"]] = torch.arange(len(d["take_train"]))
     for epoch in range(state["epoch"], args.epochs):
         if state["bad_epochs"] >= args.patience:
             break
         t0, model_losses = time.time(), []
         net.train()
-        perm = torch.randperm(len(d["train"]), generator=torch.Generator().manual_seed(args.seed + epoch))
+        perm = torch.randperm(len(shared["train"]), generator=torch.Generator().manual_seed(args.seed + epoch))
         B = args.batch_size
         bar = tqdm(range(0, len(perm), B), desc=f"epoch {epoch + 1}", disable=RANK or not sys.stderr.isatty())
         for i, start in enumerate(bar):
             idx = perm[start:start + B][RANK::WORLD]  # this process's share of the global batch
-            wave = torch.stack([d["train"][j][0] for j in idx.tolist()]).to(device)
+            wave = torch.stack([shared["train"][j][0] for j in idx.tolist()]).to(device)
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(net(wave).float(), Yroi["train"][idx].to(device), args.loss)
-            if args.l2:
-                loss = loss + args.l2 * sum(p.square().sum() for n, p in model.head.named_parameters()
-                                            if n.endswith("weight"))
+                preds = net(wave)  # every head on the one forward of the shared windows
+            losses = []
+            for k, head in enumerate(model.heads):
+                r = rows[k][idx]
+                if (r >= 0).any():
+                    loss = loss_fn(preds[k][r >= 0].float(), Y[k][r[r >= 0]].to(device), args.loss)
+                    if args.l2:
+                        loss = loss + args.l2 * sum(p.square().sum() for n, p in head.named_parameters()
+                                                    if n.endswith("weight"))
+                    losses.append(loss)
+            loss = torch.stack(losses).mean()  # each subject counts once, whatever its voxel count
             if not torch.isfinite(loss):
                 raise ValueError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped, and "
                                  f"the last good checkpoint in {run} is kept (try a lower --lr)")
@@ -360,11 +382,14 @@ def train_stage2(args, model, d, roi, run, device, ckpt=None):
             model_losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}", win_s=f"{(start + B) / (time.time() - t0):.1f}")
         model.eval()
-        pred = extract(model, d["val"], args.batch_size, device, "validation")
-        val_r = pearson(pred, Yroi["val"]).nanmean().item()
+        val = [r.nanmean().item() for r in heads_r(model, extract(model.features, shared["val"], args.batch_size,
+                                                                  device, "validation"), ds, "val", device)]
+        val_r = float(np.mean(val))
         state["metrics"].append(dict(epoch=epoch + 1, train_loss=float(np.mean(model_losses)), val_r=val_r,
                                      lr=opt.param_groups[0]["lr"], head_lr=opt.param_groups[1]["lr"],
                                      seconds=round(time.time() - t0, 2)))
+        if len(ds) > 1:
+            state["metrics"][-1]["val_r_subjects"] = {d["subject"]: v for d, v in zip(ds, val)}
         if val_r > state["best_val"]:
             state["best_val"], state["bad_epochs"] = val_r, 0
             state["best"] = {n: p.detach().clone() for n, p in trainable}
@@ -388,7 +413,8 @@ def train_stage2(args, model, d, roi, run, device, ckpt=None):
 def parser():
     p = argparse.ArgumentParser(description="Brain-tuning of a speech model on fMRI responses to stories.")
     a = p.add_argument
-    a("--subject", default="S01", help="subject, e.g. S01 or UTS01")
+    a("--subject", default="S01", help="subject, e.g. S01 or UTS01; several, comma-separated (S01,S02,S03), "
+                                       "tune one backbone with a head for each")
     a("--roi", default="all", help="voxels to train on: all, an ROI name, a .npy file, or topN (stage-1 cv r)")
     a("--data", default=None, help="dataset folder (ds003020 layout); default: the synthetic one, made if absent")
     a("--recipe", choices=sorted(RECIPES), help="set the defaults to one paper's recipe (see README)")
@@ -463,7 +489,7 @@ def parse(argv=None):
 def run_folder(args):
     if args.resume:
         return args.resume
-    name = args.out or os.path.join("runs", f"{args.subject}_{args.roi}_{args.model}_{time.strftime('%Y%m%d-%H%M%S')}")
+    name = args.out or os.path.join("runs", f"{args.subject.replace(',', '+')}_{args.roi}_{args.model}_{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(name) and os.listdir(name) and not args.force:
         raise ValueError(f"{name} already exists; use --resume {name} to continue it or --force to overwrite it")
     os.makedirs(name, exist_ok=True)
@@ -483,7 +509,7 @@ def main(argv=None):
         os.replace(args.data + ".tmp", args.data)
     if WORLD > 1:
         torch.distributed.barrier()
-    d = prepare(args, args.subject)
+    ds, shared = prepare(args, args.subject.split(","))
     backbone, normalize = load_backbone(args.model, args.weights, args.seed)
     n_layers = len(backbone.encoder.transformer.layers)
     weighted = args.layer == "weighted"
@@ -495,47 +521,62 @@ def main(argv=None):
     if WORLD > 1:
         torch.distributed.broadcast_object_list(run)  # every process needs the folder's name
     run = run[0]
-    log(f"{d['subject']}: model {args.model} (recipe {args.recipe or 'none'}), layer {args.layer if weighted else layer}, {len(d['train'])} training "
-        f"windows of {args.history} TRs from {len(d['stories']['train'])} stories; run folder {run}")
+    log(f"{'+'.join(d['subject'] for d in ds)}: model {args.model} (recipe {args.recipe or 'none'}), layer "
+        f"{args.layer if weighted else layer}, {len(shared['train'])} training windows of {args.history} TRs from "
+        f"{len(shared['train'].stories)} stories; run folder {run}")
     if RANK == 0 and not args.resume:
-        cfg = dict(args=vars(args), stories=d["stories"], torch=torch.__version__, torchaudio=torchaudio.__version__,
-                   numpy=np.__version__)
+        cfg = dict(args=vars(args), stories={d["subject"]: d["stories"] for d in ds}, torch=torch.__version__,
+                   torchaudio=torchaudio.__version__, numpy=np.__version__)
         save_atomic(json.dumps(cfg, indent=1), os.path.join(run, "config.json"))
     lw = torch.zeros(n_layers, device=device) if weighted else None
+
+    def features(fn):  # each shared window forwarded once, then each subject takes its rows
+        X = {s: extract(fn, shared[s], args.batch_size, device, s) for s in ("train", "test")}
+        stats = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)  # one z-scoring for every head
+        return X, stats, [{s: X[s][d["take_" + s]] for s in X} for d in ds]
+
     stage1_path = os.path.join(run, "stage1.pt")
     if args.resume and os.path.exists(stage1_path):
-        mu, sd, W, cv, base_r = load_checkpoint(stage1_path)
+        mu, sd, fits = load_checkpoint(stage1_path)
     else:
-        mu, sd, W, cv, base_r = stage1(args, lambda w: pooled(backbone, w, layer, args.history, lw, normalize), d, device)
+        _, (mu, sd), X = features(lambda w: pooled(backbone, w, layer, args.history, lw, normalize))
+        fits = [stage1(args, x, d, device, (mu, sd))[2:] for x, d in zip(X, ds)]  # (W, cv, r) per subject
         if RANK == 0:
-            save_atomic((mu, sd, W, cv, base_r), stage1_path)
-    sets_ = sets(args, d, cv)
-    roi = sets_[args.roi] if args.roi.startswith("top") else np.intersect1d(
-        data.load_roi(args.data, d["subject"], args.roi, len(d["good"])), sets_["all"])
-    res = {"baseline_r": base_r.numpy()}
+            save_atomic((mu, sd, fits), stage1_path)
+    for d, (W, cv, r) in zip(ds, fits):
+        d["sets"] = sets(args, d, cv)
+        d["roi"] = d["sets"][args.roi] if args.roi.startswith("top") else np.intersect1d(
+            data.load_roi(args.data, d["subject"], args.roi, len(d["good"])), d["sets"]["all"])
+        d["res"] = {"baseline_r": r.numpy()}
     if args.epochs > 0:
         lora.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
         if args.lora_rank == 0 and not weighted:  # layers above the one read get no gradient
             backbone.encoder.transformer.layers[layer:].requires_grad_(False)
-        model = BrainModel(backbone, make_head(W[:, roi], args.bottleneck), mu, sd, layer, args.history,
-                           n_layers if weighted else 0, normalize).to(device)
+        heads = [make_head(W[:, d["roi"]], args.bottleneck) for d, (W, _, _) in zip(ds, fits)]
+        model = BrainModel(backbone, heads, mu, sd, layer, args.history, n_layers if weighted else 0,
+                           normalize).to(device)
         ckpt = load_checkpoint(os.path.join(run, "checkpoint.pt")) if args.resume and os.path.exists(
             os.path.join(run, "checkpoint.pt")) else None
-        state = train_stage2(args, model, d, roi, run, device, ckpt)
+        state = train_stage2(args, model, ds, shared, run, device, ckpt)
         model.eval()
-        tuned = torch.full((len(d["good"]),), float("nan"))
-        tuned[roi] = pearson(extract(model, d["test"], args.batch_size, device, "test"), d["Ytest"][:, roi])
-        fn = lambda w: pooled(model.backbone, w, layer, args.history, model.layer_weights, normalize)
-        refit = stage1(args, fn, d, device)[4]
-        res.update(tuned_r=tuned.numpy(), refit_r=refit.numpy())
+        Xs, stats, X = features(lambda w: pooled(model.backbone, w, layer, args.history, model.layer_weights,
+                                                 normalize))
+        for x, d, r in zip(X, ds, heads_r(model, (Xs["test"] - mu) / sd, ds, "test", device)):
+            d["res"]["tuned_r"] = np.full(len(d["good"]), np.nan, np.float32)
+            d["res"]["tuned_r"][d["roi"]] = r.numpy()  # the tuned model with its own head
+            d["res"]["refit_r"] = stage1(args, x, d, device, stats)[4].numpy()  # the field's protocol
         if RANK == 0:
             save_atomic(dict(trainable=state["best"], args=vars(args)), os.path.join(run, "adapter.pt"))
     if RANK == 0:
-        test, table = results_table(res, sets_, d["ceiling"])
-        out = dict(subject=d["subject"], model=args.model, roi=args.roi, n_voxels=int(len(roi)), test=test)
+        tests = {d["subject"]: summarize(d["res"], d["sets"], d["ceiling"]) for d in ds}
+        per = {d["subject"]: dict(subject=d["subject"], model=args.model, roi=args.roi, n_voxels=int(len(d["roi"])),
+                                  test=tests[d["subject"]]) for d in ds}
+        one = len(ds) == 1
+        out = per[ds[0]["subject"]] if one else dict(model=args.model, roi=args.roi, subjects=per)
         save_atomic(json.dumps(out, indent=1), os.path.join(run, "results.json"))
-        np.savez(os.path.join(run, "voxel_r.npz"), **res)
-        print(table)
+        save_atomic({(k if one else f"{d['subject']}.{k}"): v for d in ds for k, v in d["res"].items()},
+                    os.path.join(run, "voxel_r.npz"))
+        print(format_table(tests))
     return run
 
 

@@ -10,5 +10,5 @@ import pytest
 def demo(tmp_path_factory):
     """A small synthetic dataset in the ds003020 layout, made once per test session."""
     import data
-    return data.make_demo(str(tmp_path_factory.mktemp("demo") / "ds"), n_subjects=2, n_stories=5, n_voxels=90,
+    return data.make_demo(str(tmp_path_factory.mktemp("demo") / "ds"), n_subjects=3, n_stories=5, n_voxels=90,
                           seconds=60.0)

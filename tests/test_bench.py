@@ -20,4 +20,5 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     for k in ("step_lora", "step_full"):
         assert res[k]["step_over_forward"] > 1  # a step does strictly more than a forward
     assert [x["v"] for x in res["scaling_ridge_v"]] == [2000, 4000]
+    assert [x["subjects"] for x in res["step_subjects"]] == [1, 2, 3] and "with 3 subject(s)" in p.stdout
     assert "fp32 matmul" in p.stdout and "ridge n=800" in p.stdout

@@ -250,3 +250,20 @@ def test_synthetic_textgrids_match_the_audio(demo):
     energy = lambda a, b: np.mean(audio[int(a * data.SR):int(b * data.SR)] ** 2)
     gaps = [(w[1], n[0]) for w, n in zip(words, words[1:]) if n[0] - w[1] > 0.1]
     assert np.mean([energy(a + 0.02, b - 0.02) for a, b in gaps]) < 1e-3 * np.mean([energy(*w[:2]) for w in words])
+
+
+def test_prepare_shares_windows_between_subjects(demo, tmp_path):
+    import shutil
+    root = shutil.copytree(demo, tmp_path / "ds")
+    os.remove(root / "derivative" / "preprocessed_data" / "UTS02" / "avatar.hf5")  # a story S02 did not hear
+    (a, b), shared = data.prepare(str(root), ["S01", "S02"])
+    assert "avatar" in shared["train"].stories and "avatar" not in b["stories"]["train"]
+    assert len(shared["train"]) == len(a["train"]) > len(b["train"])
+    assert b["stories"]["val"] == a["stories"]["val"] and b["stories"]["test"] == a["stories"]["test"]
+    for d in (a, b):
+        for i in range(0, len(d["train"]), 17):  # each subject row's audio is its shared window's audio
+            wave, resp, s, r = d["train"][i]
+            assert torch.equal(wave, shared["train"][int(d["take_train"][i])][0])
+            assert torch.equal(resp, d["Ytrain"][i])
+    with pytest.raises(ValueError, match="UTS01 is given twice"):
+        data.prepare(str(root), ["S01", "UTS01"])

@@ -81,7 +81,7 @@ def test_stability_equals_numpy(tmp_path):
 
 def test_lowlevel_removes_what_band_energies_explain(run):
     args, layer, pre, tuned, lw = ev.load_run(run)
-    d = train.prepare(args, args.subject)
+    d = train.prepare(args, [args.subject])[0][0]
     z = lambda v, ref: (v - ref.mean(0)) / ref.std(0).clamp_min(1e-6)
     L = {s: ev.mel_features(d[s], args.history, n_mels=8) for s in ("train", "test")}
     L = {s: z(v, L["train"]) for s, v in L.items()}
