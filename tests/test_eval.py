@@ -128,3 +128,17 @@ def test_probes_and_cross_subject_run_and_are_saved(run):
     saved = json.load(open(os.path.join(run, "analyses.json")))
     assert {"probe_phones", "probe_semantic", "transfer_UTS02"} <= set(saved)
     assert saved["transfer_UTS02"]["AC"]["baseline_r"] > 0.2 and saved["transfer_UTS02"]["AC"]["refit_r"] > 0.2
+
+
+def test_multi_subject_run_transfers_to_a_left_out_subject(demo, tmp_path):
+    run = train.main(["--data", demo, "--model", "tiny", "--out", str(tmp_path / "m"), "--batch-size", "8",
+                      "--epochs", "1", "--lr", "1e-2", "--subject", "S01,S02"])
+    table = ev.show(run)
+    assert table.splitlines()[0].split()[0] == "subject" and sum(l.split()[0] == "UTS02" for l in table.splitlines()) == 4
+    ev.cross_subject(run, "S03")  # S03 was not tuned on
+    t = json.load(open(os.path.join(run, "analyses.json")))["transfer_UTS03"]
+    assert t["AC"]["baseline_r"] > 0.2 and t["AC"]["refit_r"] > 0.2 and t["AC"]["n_voxels"] > 0
+    names = {os.path.basename(p) for p in ev.plot(run)}
+    assert {"scatter_UTS01.png", "scatter_UTS02.png", "change_hist_UTS02.png", "curves.png"} <= names
+    out, _ = ev.stability([run, run])
+    assert out["A"]["UTS02 AC"]["std"] == 0 and out["A"]["UTS01 all"]["runs"] == 2
