@@ -51,7 +51,7 @@ def peak_mb(fn):
     libc = ctypes.CDLL("libc.so.6")
     # while measuring, blocks over 1 MB are mapped and unmapped one by one (M_MMAP_THRESHOLD), so the
     # high-water mark counts live memory, not what glibc's heap keeps; it slows allocation, so timings
-    # run with a 32 MB threshold instead
+    # run with train.py's allocator settings instead
     libc.mallopt(-3, 1 << 20)
     libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -59,7 +59,7 @@ def peak_mb(fn):
     before = _status("VmRSS:")
     fn()
     peak = (_status("VmHWM:") - before) / 1024
-    libc.mallopt(-3, 32 << 20)
+    train.keep_freed_memory()
     return peak
 
 
@@ -118,13 +118,15 @@ def matmul_gflops(size, reps):
     return 2 * size ** 3 / timeit(lambda: a @ b, reps) / 1e9
 
 
-def backbone(name):
+def backbone(name, dropout=None):
+    """The architecture with random weights (no download), as train.load_backbone builds it."""
     if name == "tiny":
-        return train.load_backbone("tiny")[0]
+        return train.load_backbone("tiny", dropout=dropout)[0]
     bundle = getattr(torchaudio.pipelines, train.BUNDLES[name])
     torch.manual_seed(0)
     build = torchaudio.models.wavlm_model if bundle._model_type == "WavLM" else torchaudio.models.wav2vec2_model
-    return build(**dict(bundle._params, encoder_layer_drop=0.0))  # random weights: no download
+    drop = {k: dropout for k in train.DROPOUTS} if dropout is not None else {}
+    return build(**dict(bundle._params, encoder_layer_drop=0.0, **drop))
 
 
 def forward_flops(model, wave):
@@ -135,10 +137,10 @@ def forward_flops(model, wave):
     return fc.get_total_flops()
 
 
-def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, subjects=1):
+def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, subjects=1, dropout=None):
     """One stage-2 training step (forward, backward, AdamW) over one no-grad forward; with several
     subjects, a head each on the same shared windows (the mean of their losses, as train.py)."""
-    model = backbone(name)
+    model = backbone(name, dropout)
     L = len(model.encoder.transformer.layers)
     wave = torch.randn(batch, round(history * data.TR * data.SR))
     lora.add_lora(model, rank, 2.0 * max(rank, 1), 0.0, "qkvo")
@@ -162,7 +164,7 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, su
     if step_only:
         return {"model": name, "batch": batch, "subjects": subjects, "step_s": timeit(step, reps)}
     t_fwd, t_step = timeit(forward, reps), timeit(step, reps)
-    return {"model": name, "batch": batch, "rank": rank, "forward_s": t_fwd, "step_s": t_step,
+    return {"model": name, "batch": batch, "rank": rank, "dropout": dropout, "forward_s": t_fwd, "step_s": t_step,
             "step_over_forward": t_step / t_fwd, "peak_mb": peak_mb(step),
             "forward_gflops": forward_flops(model, wave) / t_fwd / 1e9}
 
@@ -212,6 +214,8 @@ def main():
     want = lambda part: not a.only or part in a.only.split(",")
     q = a.quick
     reps = 2 if q else 3
+    if not torch.cuda.is_available():
+        train.keep_freed_memory()  # as train.py runs on a CPU
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "cuda": torch.cuda.is_available(), "quick": q}}
     res["matmul_gflops"] = matmul_gflops(1024 if q else 4096, reps)
@@ -220,6 +224,7 @@ def main():
         res["ridge"] = bench_ridge(*((800, 400, 2000) if q else (4000, 2000, 10000)), reps)
     if want("step"):
         res["step_lora"] = bench_step(model, 2 if q else 8, 6, 8, reps)
+        res["step_lora_nodrop"] = bench_step(model, 2 if q else 8, 6, 8, reps, dropout=0.0)
         res["step_full"] = bench_step(model, 2 if q else 8, 6, 0, reps)
     if want("subjects"):  # a window heard by k subjects is forwarded once: k heads on one forward
         res["step_subjects"] = [bench_step(model, 2 if q else 8, 6, 8, reps, 2000 if q else 10000, True, k)
@@ -248,10 +253,11 @@ def report(res):
         if "himalaya_seconds" in r:
             lines.append(f"  himalaya {r['himalaya_seconds']:.2f} s: ratio {r['ratio_to_himalaya']:.2f} (target <= 0.5), "
                          f"same lambda {100 * r['same_lambda']:.2f}% (>= 99.9%), max rel W diff {r['max_rel_W_diff']:.1e}")
-    for k in ("step_lora", "step_full"):
+    for k in ("step_lora", "step_lora_nodrop", "step_full"):
         if k in res:
             s = res[k]
-            lines.append(f"{k} {s['model']} batch {s['batch']}: step {s['step_s']:.2f} s / forward {s['forward_s']:.2f} s"
+            drop = "the bundle's dropout" if s["dropout"] is None else f"dropout {s['dropout']}"
+            lines.append(f"{k} {s['model']} batch {s['batch']}, {drop}: step {s['step_s']:.2f} s / forward {s['forward_s']:.2f} s"
                          f" = {s['step_over_forward']:.2f} (target <= 2.2), peak {s['peak_mb']:.0f} MB; forward "
                          f"{s['forward_gflops']:.0f} GFLOP/s ({100 * s['forward_gflops'] / mm:.0f}% of matmul, target >= 60%)")
     if "extract" in res:

@@ -17,7 +17,7 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     assert r["seconds"] > 0 and abs(sum(r["share"].values()) - 1) < 1e-6
     if "himalaya_seconds" in r:  # the peer, when installed: same answer
         assert r["same_lambda"] >= 0.999 and r["max_rel_W_diff"] < 1e-4
-    for k in ("step_lora", "step_full"):
+    for k in ("step_lora", "step_lora_nodrop", "step_full"):
         assert res[k]["step_over_forward"] > 1  # a step does strictly more than a forward
     assert [x["v"] for x in res["scaling_ridge_v"]] == [2000, 4000]
     assert [x["subjects"] for x in res["step_subjects"]] == [1, 2, 3] and "with 3 subject(s)" in p.stdout

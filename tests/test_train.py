@@ -264,3 +264,23 @@ def test_a_subjects_missing_story_names_subject_and_story(demo, tmp_path):
     out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "'wheretheressmoke' has no responses for UTS02" in out.stderr
+
+
+def test_backbone_dropout_replaces_the_bundles_own():
+    import torchaudio
+    state = torchaudio.models.wav2vec2_model(**torchaudio.pipelines.HUBERT_BASE._params).state_dict()
+    keep, _ = train.load_backbone("hubert_base", weights=state)
+    off, _ = train.load_backbone("hubert_base", weights=state, dropout=0.0)
+    p = lambda m: sorted({x.p for x in m.modules() if isinstance(x, torch.nn.Dropout)} |
+                         {m.encoder.transformer.layers[0].attention.dropout})
+    assert p(keep) == [0.0, 0.1] and p(off) == [0.0]  # the bundle's: 0.1 (its ff dropout is 0)
+    assert keep.encoder.transformer.layer_drop == off.encoder.transformer.layer_drop == 0.0
+
+
+def test_keep_freed_memory_keeps_a_large_freed_tensor():
+    rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024  # MB
+    train.keep_freed_memory()
+    x = torch.ones(64 << 18)  # 64 MB, above glibc's largest default heap block (32 MB)
+    held = rss()
+    del x
+    assert rss() > held - 32  # kept for the next step, not unmapped (glibc's default drops all 64 MB)
