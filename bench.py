@@ -53,6 +53,7 @@ def peak_mb(fn):
     # high-water mark counts live memory, not what glibc's heap keeps; it slows allocation, so timings
     # run with train.py's allocator settings instead
     libc.mallopt(-3, 1 << 20)
+    libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD back to glibc's default: freed heap tops are returned
     libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

@@ -532,6 +532,9 @@ def main(argv=None):
         os.replace(args.data + ".tmp", args.data)
     if WORLD > 1:
         torch.distributed.barrier()
+    if "," in args.subject and args.roi.endswith(".npy"):
+        raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with several subjects "
+                         "use all, topN or an ROI name found in each subject's ROI file")
     ds, shared = prepare(args, args.subject.split(","))
     backbone, normalize = load_backbone(args.model, args.weights, args.seed, args.backbone_dropout)
     n_layers = len(backbone.encoder.transformer.layers)

@@ -148,6 +148,7 @@ def test_nan_loss_stops_cleanly(demo, tmp_path, monkeypatch):
     (["--roi", "V7"], "unknown ROI 'V7'"),
     (["--lora-targets", "qxz"], "--lora-targets: invalid value"),
     (["--layer", "9"], "--layer 9: tiny has layers 1..4"),
+    (["--subject", "S01,S02", "--roi", "mine.npy"], "a .npy file holds one subject's voxel indices"),
 ])
 def test_bad_flags_exit_with_one_clear_line(demo, tmp_path, flags, message):
     args = quick(demo, tmp_path / "r", "--epochs", "0")
