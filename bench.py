@@ -18,7 +18,6 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
 import numpy as np
 import torch
 import torch.nn as nn
-import torchaudio
 
 import data
 import lora
@@ -120,14 +119,9 @@ def matmul_gflops(size, reps):
 
 
 def backbone(name, dropout=None):
-    """The architecture with random weights (no download), as train.load_backbone builds it."""
-    if name == "tiny":
-        return train.load_backbone("tiny", dropout=dropout)[0]
-    bundle = getattr(torchaudio.pipelines, train.BUNDLES[name])
+    """The architecture with random weights (no download), as train.py builds it."""
     torch.manual_seed(0)
-    build = torchaudio.models.wavlm_model if bundle._model_type == "WavLM" else torchaudio.models.wav2vec2_model
-    drop = {k: dropout for k in train.DROPOUTS} if dropout is not None else {}
-    return build(**dict(bundle._params, encoder_layer_drop=0.0, **drop))
+    return train.build_backbone(name, dropout)[0]
 
 
 def forward_flops(model, wave):

@@ -68,27 +68,32 @@ def load_checkpoint(path):
 DROPOUTS = ("encoder_projection_dropout", "encoder_attention_dropout", "encoder_dropout", "encoder_ff_interm_dropout")
 
 
-def load_backbone(name, weights=None, seed=0, dropout=None):
-    """A plain torchaudio Wav2Vec2Model and whether the bundle layer-normalises its input wave.
-    dropout replaces the bundle's own dropout probabilities (active in training mode only);
+def build_backbone(name, dropout=None):
+    """The architecture of `name` with random weights, and whether its bundle layer-normalises the
+    wave. dropout replaces the bundle's own dropout probabilities (active in training mode only);
     LayerDrop is always off, so that every layer the head reads is computed."""
     if name != "tiny" and name not in BUNDLES:
         raise ValueError(f"unknown model {name!r}; choose tiny or one of {', '.join(BUNDLES)}")
-    torch.manual_seed(seed)
     override = dict(encoder_layer_drop=0.0, **({k: dropout for k in DROPOUTS} if dropout is not None else {}))
     if name == "tiny":
-        model, normalize = wavlm_model(**dict(TINY, **override)), False
-    else:
-        bundle = getattr(torchaudio.pipelines, BUNDLES[name])
-        build = wavlm_model if bundle._model_type == "WavLM" else wav2vec2_model
-        model, normalize = build(**dict(bundle._params, **override)), bundle._normalize_waveform
-        if weights is None:
-            cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-            try:
-                weights = bundle._get_state_dict(None)  # from the cache, or downloaded into it once
-            except Exception as e:
-                raise ValueError(f"cannot get the {name} weights: {bundle._path} is not in {cache} and the download "
-                                 f"failed ({type(e).__name__}); fetch it elsewhere and pass --weights PATH") from None
+        return wavlm_model(**dict(TINY, **override)), False
+    bundle = getattr(torchaudio.pipelines, BUNDLES[name])
+    build = wavlm_model if bundle._model_type == "WavLM" else wav2vec2_model
+    return build(**dict(bundle._params, **override)), bundle._normalize_waveform
+
+
+def load_backbone(name, weights=None, seed=0, dropout=None):
+    """A plain torchaudio Wav2Vec2Model with the bundle's pretrained weights (or `weights`: a path or
+    a state dict), and whether the bundle layer-normalises its input wave."""
+    torch.manual_seed(seed)
+    model, normalize = build_backbone(name, dropout)
+    if name != "tiny" and weights is None:
+        bundle, cache = getattr(torchaudio.pipelines, BUNDLES[name]), os.path.join(torch.hub.get_dir(), "checkpoints")
+        try:
+            weights = bundle._get_state_dict(None)  # from the cache, or downloaded into it once
+        except Exception as e:
+            raise ValueError(f"cannot get the {name} weights: {bundle._path} is not in {cache} and the download "
+                             f"failed ({type(e).__name__}); fetch it elsewhere and pass --weights PATH") from None
     if weights is not None:
         state = load_checkpoint(weights) if isinstance(weights, str) else weights
         try:
