@@ -85,11 +85,15 @@ def show(run):
     return train.format_table(results(run))
 
 
-def fit(args, layer, backbone, lw, d, device=torch.device("cpu")):
-    """Stage 1 on one subject with this backbone: (mu, sd, W, cv r, test r)."""
+def split_features(args, layer, backbone, lw, d):
+    """{"train", "test"}: this backbone's pooled features of one subject's windows, (rows, p)."""
     fn = features_fn(args, layer, backbone, lw)
-    X = {s: train.extract(fn, d[s], args.batch_size, device) for s in ("train", "test")}
-    return train.stage1(args, X, d, device)
+    return {s: train.extract(fn, d[s], args.batch_size, torch.device("cpu")) for s in ("train", "test")}
+
+
+def fit(args, layer, backbone, lw, d):
+    """Stage 1 on one subject with this backbone: (mu, sd, W, cv r, test r)."""
+    return train.stage1(args, split_features(args, layer, backbone, lw, d), d, torch.device("cpu"))
 
 
 def cross_subject(run, subject):
@@ -226,8 +230,7 @@ def lowlevel(run):
     for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
         if bb is None:
             continue
-        fn = features_fn(args, layer, bb, w)
-        X = {s: train.extract(fn, d[s], args.batch_size, torch.device("cpu")) for s in ("train", "test")}
+        X = split_features(args, layer, bb, w, d)
         m, s_ = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
         X = {k: (v - m) / s_ for k, v in X.items()}
         r = {k: np.full(len(good), np.nan) for k in ("full", "residual")}

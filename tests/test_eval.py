@@ -85,7 +85,7 @@ def test_lowlevel_removes_what_band_energies_explain(run):
     z = lambda v, ref: (v - ref.mean(0)) / ref.std(0).clamp_min(1e-6)
     L = {s: ev.mel_features(d[s], args.history, n_mels=8) for s in ("train", "test")}
     L = {s: z(v, L["train"]) for s, v in L.items()}
-    X = {s: train.extract(ev.features_fn(args, layer, pre), d[s], 8, torch.device("cpu")) for s in ("train", "test")}
+    X = ev.split_features(args, layer, pre, None, d)
     X = {s: z(v, X["train"]) for s, v in X.items()}
     # 20 voxels built to depend only on the low-level features, plus noise
     g = torch.Generator().manual_seed(0)
