@@ -387,8 +387,9 @@ def train_stage2(args, model, ds, shared, run, device, ckpt=None):
             losses = []
             for k, head in enumerate(model.heads):
                 r = rows[k][idx]
-                if (r >= 0).any():
-                    loss = loss_fn(preds[k][r >= 0].float(), Y[k][r[r >= 0]].to(device), args.loss)
+                heard = r >= 0  # the windows of this batch that subject k heard
+                if heard.any():
+                    loss = loss_fn(preds[k][heard].float(), Y[k][r[heard]].to(device), args.loss)
                     if args.l2:
                         loss = loss + args.l2 * sum(p.square().sum() for n, p in head.named_parameters()
                                                     if n.endswith("weight"))
