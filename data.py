@@ -396,11 +396,11 @@ def _textgrid(path, words, seconds):
 
 
 def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150.0, n_vocab=40, dim=16,
-              repeats=10, tr=TR):
+              repeats=10, tr=TR, snr=(0.2, 2.0)):
     """Write a synthetic dataset in the ds003020 layout. Voxels are of three kinds: 'AC' voxels
     respond to band energies, 'semantic' voxels to the meaning vectors of the words being spoken,
     the rest to nothing; each sees its features through the canonical HRF, plus Gaussian noise at
-    a known signal-to-noise ratio. Subjects share the feature spaces, with their own weights."""
+    a signal-to-noise ratio drawn log-uniformly from `snr`. Subjects share the feature spaces, with their own weights."""
     rng = np.random.default_rng(seed)
     for d in ("stimuli", "derivative/TextGrids", "derivative/rois", "derivative/ground_truth"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
@@ -439,9 +439,9 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
         W[8:, kind == 0] = 0
         W[:8, kind == 1] = 0
         W[:, kind == 2] = 0
-        snr = np.where(kind < 2, np.exp(rng.uniform(np.log(0.2), np.log(2.0), n_voxels)), 0.0)
-        noise_sd = np.where(kind < 2, 1 / np.sqrt(np.maximum(snr, 1e-12)), 1.0)
-        truth = {"weights": W, "snr": snr, "noise_sd": noise_sd, "kind": kind}
+        ratio = np.where(kind < 2, np.exp(rng.uniform(*np.log(snr), n_voxels)), 0.0)
+        noise_sd = np.where(kind < 2, 1 / np.sqrt(np.maximum(ratio, 1e-12)), 1.0)
+        truth = {"weights": W, "snr": ratio, "noise_sd": noise_sd, "kind": kind}
         for s in stories:
             clean = np.where(kind < 2, zscore(features[s] @ W), 0.0)  # (rows, voxels), unit variance
             truth[f"clean_{s}"], truth[f"features_{s}"] = clean, features[s]

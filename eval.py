@@ -34,6 +34,9 @@ def load_run(run):
             raise ValueError(f"{run} is incomplete: {f} is missing (did the run finish?)")
     with open(os.path.join(run, "config.json")) as f:
         args = argparse.Namespace(**json.load(f)["args"])
+    own = os.path.join(run, "tiny_pretrained.pt")  # tiny's pretrained weights travel with the run folder
+    if args.weights and os.path.basename(args.weights) == "tiny_pretrained.pt" and os.path.isfile(own):
+        args.weights = own
     pre, normalize = train.load_backbone(args.model, args.weights, args.seed)
     n_layers = len(pre.encoder.transformer.layers)
     layer = train.layer_of(args, n_layers)

@@ -13,6 +13,7 @@ backbone's features are re-extracted and ridge refit, the field's protocol (REFE
 import argparse
 import ctypes
 import json
+import math
 import os
 import sys
 import time
@@ -103,6 +104,46 @@ def load_backbone(name, weights=None, seed=0, dropout=None):
             raise ValueError(f"{weights if isinstance(weights, str) else name}: the weights do not fit the {name} "
                              f"architecture ({first})") from None
     return model.eval(), normalize
+
+
+def pretrain_tiny(root, stories, epochs=4, seed=0, chunk=4.0, batch_size=16):
+    """tiny's stand-in for self-supervised pretraining: `epochs` passes over the stories' audio in
+    `chunk`-second pieces, learning to name each 40 ms frame's phone (TextGrid phone tier, pauses a
+    class of their own) from the top layer. Like a real speech model, it then knows the sounds of the
+    language but not what its words mean. Returns (state dict, frame accuracy of the last epoch)."""
+    torch.manual_seed(seed)
+    model, _ = build_backbone("tiny")
+    hop = math.prod(stride for _, _, stride in TINY["extractor_conv_layer_config"])  # samples per frame
+    audio = data.load_audio(root, stories)
+    phones = {s: data.words_and_phones(os.path.join(root, "derivative", "TextGrids", s + ".TextGrid"))[0]
+              for s in stories}
+    names = ["pause"] + sorted({p for s in stories for _, _, p in phones[s]})
+    n = round(chunk * data.SR)
+    waves, labels = [], []
+    for s in stories:
+        frame = torch.zeros(len(audio[s]) // hop + 1, dtype=torch.long)  # (frames,) phone index, 0 = pause
+        for a, b, p in phones[s]:
+            frame[round(a * data.SR / hop):round(b * data.SR / hop)] = names.index(p)
+        for start in range(0, len(audio[s]) - n + 1, n):
+            waves.append(audio[s][start:start + n])
+            labels.append(frame[start // hop:(start + n) // hop])
+    waves, labels = torch.stack(waves), torch.stack(labels)  # (chunks, samples), (chunks, frames)
+    readout = nn.Linear(TINY["encoder_embed_dim"], len(names))
+    opt = torch.optim.AdamW([*model.parameters(), *readout.parameters()], lr=1e-3)
+    model.train()
+    for epoch in range(epochs):
+        right = 0
+        for idx in torch.randperm(len(waves)).split(batch_size):
+            h = hidden(model, waves[idx], TINY["encoder_num_layers"])  # (batch, frames, dim)
+            f = min(h.shape[1], labels.shape[1])
+            logits, y = readout(h[:, :f]), labels[idx, :f]
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            right += (logits.argmax(-1) == y).sum().item()
+    accuracy = right / max(1, labels[:, :f].numel()) if epochs else float("nan")
+    return model.state_dict(), accuracy
 
 
 def hidden(backbone, wave, layer, layer_weights=None, normalize=False):
@@ -446,6 +487,8 @@ def parser():
     a("--model", default=None, help=f"tiny or {', '.join(BUNDLES)}; default tiny on synthetic data, "
                                     "wavlm_base_plus on a real dataset")
     a("--weights", default=None, help="local state dict for --model instead of the torchaudio download")
+    a("--tiny-pretrain", type=int, default=4, help="epochs of tiny's phone pretraining on the training stories "
+                                                   "(its stand-in for self-supervised pretraining); 0: random")
     a("--layer", default=None, help="transformer layer read (1-based; default 3/4 of the depth, 9 of 12) "
                                     "or 'weighted' (learned weighted sum of all layers, Li et al.)")
     a("--history", type=int, default=6, help="TRs of audio before each fMRI frame (Li et al.: 6)")
@@ -542,7 +585,14 @@ def main(argv=None):
         raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with several subjects "
                          "use all, topN or an ROI name found in each subject's ROI file")
     ds, shared = prepare(args, args.subject.split(","))
-    backbone, normalize = load_backbone(args.model, args.weights, args.seed, args.backbone_dropout)
+    weights, pretrained = args.weights, None
+    if args.model == "tiny" and weights is None and getattr(args, "tiny_pretrain", 0) > 0:
+        t0 = time.time()
+        weights, accuracy = pretrain_tiny(args.data, shared["train"].stories, args.tiny_pretrain, args.seed)
+        pretrained = weights
+        log(f"tiny pretrained to name phones: {args.tiny_pretrain} epochs, frame accuracy {accuracy:.2f}, "
+            f"{time.time() - t0:.0f} s")
+    backbone, normalize = load_backbone(args.model, weights, args.seed, args.backbone_dropout)
     n_layers = len(backbone.encoder.transformer.layers)
     weighted = args.layer == "weighted"
     layer = layer_of(args, n_layers)
@@ -556,6 +606,10 @@ def main(argv=None):
     log(f"{'+'.join(d['subject'] for d in ds)}: model {args.model} (recipe {args.recipe or 'none'}), layer "
         f"{args.layer if weighted else layer}, {len(shared['train'])} training windows of {args.history} TRs from "
         f"{len(shared['train'].stories)} stories; run folder {run}")
+    if pretrained is not None:  # the run keeps its own copy; resume and eval.py load it from there
+        args.weights = os.path.abspath(os.path.join(run, "tiny_pretrained.pt"))
+        if RANK == 0:
+            save_atomic(pretrained, args.weights)
     if RANK == 0 and not args.resume:
         cfg = dict(args=vars(args), stories={d["subject"]: d["stories"] for d in ds}, torch=torch.__version__,
                    torchaudio=torchaudio.__version__, numpy=np.__version__)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import eval as ev
 import train
 
@@ -130,6 +131,22 @@ def test_probes_and_cross_subject_run_and_are_saved(run):
     assert saved["transfer_UTS02"]["AC"]["baseline_r"] > 0.2 and saved["transfer_UTS02"]["AC"]["refit_r"] > 0.2
 
 
+def test_tuning_on_semantic_voxels_carries_meaning_to_another_subject_and_to_the_probe(tmp_path):
+    """The papers' two semantic claims on data made for them (high-SNR voxels, 8 stories): tuning
+    the phone-pretrained tiny on S01's semantic voxels predicts S02's semantic voxels better, and
+    word vectors are read better from its features. Measured, training seeds 0 / 1 / 2: transfer
+    gain 0.046 / 0.052 / 0.049, probe gain 0.038 / 0.022 / 0.040; thresholds about half of the least."""
+    root = data.make_demo(str(tmp_path / "ds"), n_subjects=2, n_stories=8, n_voxels=500, seconds=100.0,
+                          snr=(2.0, 10.0))
+    run = train.main(["--data", root, "--model", "tiny", "--roi", "semantic", "--lora-rank", "0", "--lr", "3e-3",
+                      "--epochs", "10", "--patience", "10", "--out", str(tmp_path / "run")])
+    ev.cross_subject(run, "S02")
+    probe, _ = ev.probe(run, "semantic")
+    transfer = json.load(open(os.path.join(run, "analyses.json")))["transfer_UTS02"]["semantic"]
+    assert transfer["refit_r"] > transfer["baseline_r"] + 0.02
+    assert probe["tuned"] > probe["pretrained"] + 0.01
+
+
 def test_multi_subject_run_transfers_to_a_left_out_subject(demo, tmp_path):
     run = train.main(["--data", demo, "--model", "tiny", "--out", str(tmp_path / "m"), "--batch-size", "8",
                       "--epochs", "1", "--lr", "1e-2", "--subject", "S01,S02"])
@@ -142,3 +159,14 @@ def test_multi_subject_run_transfers_to_a_left_out_subject(demo, tmp_path):
     assert {"scatter_UTS01.png", "scatter_UTS02.png", "change_hist_UTS02.png", "curves.png"} <= names
     out, _ = ev.stability([run, run])
     assert out["A"]["UTS02 AC"]["std"] == 0 and out["A"]["UTS01 all"]["runs"] == 2
+
+
+def test_a_moved_run_folder_still_loads_tinys_pretrained_weights(run, tmp_path):
+    moved = shutil.copytree(run, tmp_path / "moved")
+    cfg = json.load(open(moved / "config.json"))
+    assert cfg["args"]["weights"] == os.path.join(run, "tiny_pretrained.pt")
+    cfg["args"]["weights"] = "/gone/tiny_pretrained.pt"  # where the run was made
+    (moved / "config.json").write_text(json.dumps(cfg))
+    pre = ev.load_run(str(moved))[2]
+    want = torch.load(moved / "tiny_pretrained.pt", weights_only=True)
+    assert all(torch.equal(v, want[k]) for k, v in pre.state_dict().items())
