@@ -41,7 +41,7 @@ TINY = dict(  # a small WavLM: the real classes, but 40 ms frames (stride 640, n
     encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0,
     aux_num_out=None)
 RECIPES = {  # REFERENCE section 1; every value can still be overridden on the command line
-    # the laptop demo (the default with the tiny model): a small random model needs larger steps
+    # the laptop demo (the default with the tiny model): a small model needs larger steps
     "demo": dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="qkvo", lr=1e-2, head_lr=1e-4,
                  epochs=8, patience=8),
     "li2024": dict(model="wav2vec2_base", layer="weighted", history=6, lora_rank=0, loss="mse", l2=1e-4,
