@@ -132,6 +132,25 @@ def forward_flops(model, wave):
     return fc.get_total_flops()
 
 
+def mask_seconds(model, wave, layer, reps):
+    """Seconds to draw one training forward's dropout masks as torch does on the CPU (a Bernoulli
+    draw per element): each active nn.Dropout's output and each layer's attention probabilities
+    (batch, heads, frames, frames), whose dropout happens inside scaled_dot_product_attention."""
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((o.shape, m.p)))
+             for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    with torch.inference_mode():
+        frames = train.hidden(model.eval(), wave, layer).shape[1]
+    for h in hooks:
+        h.remove()
+    for att in (m.attention for m in model.encoder.transformer.layers[:layer]):
+        if att.dropout > 0:
+            shapes.append(((len(wave), att.num_heads, frames, frames), att.dropout))
+    if not shapes:
+        return 0.0
+    return timeit(lambda: [torch.empty(shape).bernoulli_(1 - p) for shape, p in shapes], reps)
+
+
 def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, subjects=1, dropout=None):
     """One stage-2 training step (forward, backward, AdamW) over one no-grad forward; with several
     subjects, a head each on the same shared windows (the mean of their losses, as train.py)."""
@@ -161,7 +180,7 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, su
     t_fwd, t_step = timeit(forward, reps), timeit(step, reps)
     return {"model": name, "batch": batch, "rank": rank, "dropout": dropout, "forward_s": t_fwd, "step_s": t_step,
             "step_over_forward": t_step / t_fwd, "peak_mb": peak_mb(step),
-            "forward_gflops": forward_flops(model, wave) / t_fwd / 1e9}
+            "forward_gflops": forward_flops(model, wave) / t_fwd / 1e9, "masks_s": mask_seconds(model, wave, L, reps)}
 
 
 def bench_extract(name, n_windows, history, batch, reps):
@@ -254,7 +273,8 @@ def report(res):
             drop = "the bundle's dropout" if s["dropout"] is None else f"dropout {s['dropout']}"
             lines.append(f"{k} {s['model']} batch {s['batch']}, {drop}: step {s['step_s']:.2f} s / forward {s['forward_s']:.2f} s"
                          f" = {s['step_over_forward']:.2f} (target <= 2.2), peak {s['peak_mb']:.0f} MB; forward "
-                         f"{s['forward_gflops']:.0f} GFLOP/s ({100 * s['forward_gflops'] / mm:.0f}% of matmul, target >= 60%)")
+                         f"{s['forward_gflops']:.0f} GFLOP/s ({100 * s['forward_gflops'] / mm:.0f}% of matmul, target >= 60%)"
+                         + (f"; drawing its dropout masks alone {s['masks_s']:.2f} s" if s["masks_s"] else ""))
     if "extract" in res:
         e = res["extract"]
         lines.append(f"extraction {e['model']}: {e['audio_s_per_s']:.1f} s of audio per s, overhead "

@@ -127,6 +127,8 @@ def pretrain_tiny(root, stories, epochs=4, seed=0, chunk=4.0, batch_size=16):
         for start in range(0, len(audio[s]) - n + 1, n):
             waves.append(audio[s][start:start + n])
             labels.append(frame[start // hop:(start + n) // hop])
+    if not waves:
+        raise ValueError(f"pretraining tiny needs stories of at least {chunk:g} s; pass --tiny-pretrain 0")
     waves, labels = torch.stack(waves), torch.stack(labels)  # (chunks, samples), (chunks, frames)
     readout = nn.Linear(TINY["encoder_embed_dim"], len(names))
     opt = torch.optim.AdamW([*model.parameters(), *readout.parameters()], lr=1e-3)

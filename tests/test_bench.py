@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,3 +24,10 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     assert [x["v"] for x in res["scaling_ridge_v"]] == [2000, 4000]
     assert [x["subjects"] for x in res["step_subjects"]] == [1, 2, 3] and "with 3 subject(s)" in p.stdout
     assert "fp32 matmul" in p.stdout and "ridge n=800" in p.stdout
+
+
+def test_dropout_masks_are_drawn_only_where_there_is_dropout():
+    import bench
+    wave = torch.randn(2, 16000)
+    assert bench.mask_seconds(bench.backbone("tiny", 0.0), wave, 3, 1) == 0.0
+    assert bench.mask_seconds(bench.backbone("tiny", 0.1), wave, 3, 1) > 0.0
