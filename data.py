@@ -400,7 +400,8 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
     """Write a synthetic dataset in the ds003020 layout. Voxels are of three kinds: 'AC' voxels
     respond to band energies, 'semantic' voxels to the meaning vectors of the words being spoken,
     the rest to nothing; each sees its features through the canonical HRF, plus Gaussian noise at
-    a signal-to-noise ratio drawn log-uniformly from `snr`. Subjects share the feature spaces, with their own weights."""
+    a signal-to-noise ratio drawn log-uniformly from `snr`. Subjects share the feature spaces, with
+    their own weights."""
     rng = np.random.default_rng(seed)
     for d in ("stimuli", "derivative/TextGrids", "derivative/rois", "derivative/ground_truth"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
