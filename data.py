@@ -210,6 +210,10 @@ def read_textgrid(path):
     return tiers
 
 
+def textgrid_path(root, story):
+    return os.path.join(root, "derivative", "TextGrids", story + ".TextGrid")
+
+
 def words_and_phones(path, skip=("sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", "")):
     """(phones, words) of a ds003020 TextGrid (tier 0 phones, tier 1 words), pauses and noises dropped."""
     tiers = list(read_textgrid(path).values())
@@ -424,7 +428,7 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
         audio, words = _story(rng, vocab, seconds)
         wavfile.write(os.path.join(out, "stimuli", s + ".wav"), DEMO_SR, (audio / np.abs(audio).max() * 0.9
                                                                           * 32767).astype(np.int16))
-        _textgrid(os.path.join(out, "derivative", "TextGrids", s + ".TextGrid"), words, seconds)
+        _textgrid(textgrid_path(out, s), words, seconds)
         low = zscore(_band_energies(audio))
         sem = np.zeros((len(low), dim))
         for w, a, b, _ in words:

@@ -157,7 +157,7 @@ def probe(run, kind, embeddings=None):
         if kind == "semantic" else None
     items = {}  # story -> (segments, labels)
     for s in train_s + val_s + test_s:
-        phones, words = data.words_and_phones(os.path.join(args.data, "derivative", "TextGrids", s + ".TextGrid"))
+        phones, words = data.words_and_phones(data.textgrid_path(args.data, s))
         segs = [w for w in words if w[2].lower() in emb] if kind == "semantic" else phones
         items[s] = ([(a, b) for a, b, _ in segs], [lab.lower() for _, _, lab in segs])
     labels = sorted({lab for _, labs in items.values() for lab in labs})

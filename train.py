@@ -106,21 +106,19 @@ def load_backbone(name, weights=None, seed=0, dropout=None):
     return model.eval(), normalize
 
 
-def pretrain_tiny(root, stories, epochs=4, seed=0, chunk=4.0, batch_size=16):
-    """tiny's stand-in for self-supervised pretraining: `epochs` passes over the stories' audio in
-    `chunk`-second pieces, learning to name each 40 ms frame's phone (TextGrid phone tier, pauses a
-    class of their own) from the top layer. Like a real speech model, it then knows the sounds of the
+def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16):
+    """tiny's stand-in for self-supervised pretraining: `epochs` passes over `audio` ({story: 16 kHz
+    wave}) in `chunk`-second pieces, learning to name each 40 ms frame's phone (the story's TextGrid
+    phone tier under root, pauses a class of their own) from the top layer. Like a real speech model, it then knows the sounds of the
     language but not what its words mean. Returns (state dict, frame accuracy of the last epoch)."""
     torch.manual_seed(seed)
     model, _ = build_backbone("tiny")
     hop = math.prod(stride for _, _, stride in TINY["extractor_conv_layer_config"])  # samples per frame
-    audio = data.load_audio(root, stories)
-    phones = {s: data.words_and_phones(os.path.join(root, "derivative", "TextGrids", s + ".TextGrid"))[0]
-              for s in stories}
-    names = ["pause"] + sorted({p for s in stories for _, _, p in phones[s]})
+    phones = {s: data.words_and_phones(data.textgrid_path(root, s))[0] for s in audio}
+    names = ["pause"] + sorted({p for s in audio for _, _, p in phones[s]})
     n = round(chunk * data.SR)
     waves, labels = [], []
-    for s in stories:
+    for s in audio:
         frame = torch.zeros(len(audio[s]) // hop + 1, dtype=torch.long)  # (frames,) phone index, 0 = pause
         for a, b, p in phones[s]:
             frame[round(a * data.SR / hop):round(b * data.SR / hop)] = names.index(p)
@@ -587,14 +585,14 @@ def main(argv=None):
         raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with several subjects "
                          "use all, topN or an ROI name found in each subject's ROI file")
     ds, shared = prepare(args, args.subject.split(","))
-    weights, pretrained = args.weights, None
-    if args.model == "tiny" and weights is None and getattr(args, "tiny_pretrain", 0) > 0:
+    pretrained = None
+    if args.model == "tiny" and args.weights is None and getattr(args, "tiny_pretrain", 0) > 0:
         t0 = time.time()
-        weights, accuracy = pretrain_tiny(args.data, shared["train"].stories, args.tiny_pretrain, args.seed)
-        pretrained = weights
+        audio = dict(zip(shared["train"].stories, shared["train"].waves))  # already read and resampled
+        pretrained, accuracy = pretrain_tiny(args.data, audio, args.tiny_pretrain, args.seed)
         log(f"tiny pretrained to name phones: {args.tiny_pretrain} epochs, frame accuracy {accuracy:.2f}, "
             f"{time.time() - t0:.0f} s")
-    backbone, normalize = load_backbone(args.model, weights, args.seed, args.backbone_dropout)
+    backbone, normalize = load_backbone(args.model, pretrained or args.weights, args.seed, args.backbone_dropout)
     n_layers = len(backbone.encoder.transformer.layers)
     weighted = args.layer == "weighted"
     layer = layer_of(args, n_layers)
