@@ -190,8 +190,8 @@ def bench_extract(name, n_windows, history, batch, reps):
     seconds = n_windows * data.TR + history * data.TR
     wave = torch.randn(round(seconds * data.SR))
     rows = n_windows
-    win = data.Windows({"s": wave}, {"s": np.zeros((rows, 1), np.float32)}, ["s"], history=history,
-                       trim_start=0, sound_start=-history * data.TR)
+    win = data.Windows({"s": wave.numpy()}, {"s": rows}, ["s"], history=history, trim_start=0,
+                       sound_start=-history * data.TR)
     fn = lambda w: train.pooled(model, w, L, history)
     waves = torch.stack([win[i][0] for i in range(len(win))])
 
@@ -199,7 +199,7 @@ def bench_extract(name, n_windows, history, batch, reps):
         with torch.inference_mode():
             for i in range(0, len(waves), batch):
                 model.extract_features(waves[i:i + batch], num_layers=L)
-    t_full = timeit(lambda: train.extract(fn, win, batch, torch.device("cpu")), reps)
+    t_full = timeit(lambda: data.features(fn, win, None, batch, torch.device("cpu")), reps)
     t_bare = timeit(bare, reps)
     return {"model": name, "windows": n_windows, "audio_s_per_s": n_windows * history * data.TR / t_full,
             "overhead": t_full / t_bare - 1}

@@ -3,18 +3,26 @@ The data: spoken stories, their audio, and the fMRI responses of the people who 
 
 Reads the real dataset (LeBel et al. 2023, OpenNeuro ds003020) and writes a synthetic one in the
 same layout with a known ground truth:
-    derivative/preprocessed_data/<SUBJ>/<story>.hf5   key "data": (TRs, voxels)
+    derivative/preprocessed_data/<SUBJ>/<story>.hf5   key "data": (TRs, voxels) float64
     stimuli/<story>.wav
     derivative/TextGrids/<story>.TextGrid             tier 0 phones, tier 1 words
     derivative/rois/<SUBJ>.npz                        one key per ROI: hf5 column indices or a mask
 Each fMRI frame (TR) becomes one example: the H TRs of audio heard before it, and its response.
+A whole subject is ~20 GB of float64 and ~10 GB of 44.1 kHz audio, so each file is read once into
+a cache of float32 .npy files ($BRAINTUNE_CACHE, default .cache) that runs memory-map.
 
     python data.py demo OUT [--subjects 3 --stories 10 --voxels 500 --seed 0]
 """
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import re
+import shutil
 import sys
+import tempfile
+import time
 import warnings
 
 import h5py
@@ -23,7 +31,9 @@ import torch
 import torch.nn.functional as F
 import torchaudio.functional as AF
 from scipy.io import wavfile
+from scipy.signal import resample_poly
 from scipy.stats import gamma
+from tqdm import tqdm
 
 SR = 16000  # every torchaudio speech model takes 16 kHz audio
 TR = 2.0045  # seconds, from the scanner's trigger files
@@ -41,6 +51,130 @@ def row_times(n_rows, tr=TR, trim_start=TRIM_START, sound_start=SOUND_START):
     """Seconds from audio onset at the centre of each hf5 row: row r is scanner TR r + trim_start,
     and scanner TR i is centred at i * tr - sound_start + tr / 2."""
     return (np.arange(n_rows) + trim_start) * tr - sound_start + tr / 2
+
+
+def progress(items, desc, total=None, note=None, every=30.0):
+    """tqdm on a terminal; elsewhere a plain line every `every` seconds (quick steps print nothing).
+    note() -> str: shown after each item (a running loss, say)."""
+    if int(os.environ.get("RANK", 0)):
+        yield from items
+        return
+    bar = tqdm(items, desc=desc, total=total, leave=False) if sys.stderr.isatty() else None
+    total, t0 = total or len(items), time.time()
+    last = t0
+    for i, x in enumerate(bar if bar is not None else items, 1):
+        yield x
+        if bar is not None:
+            if note:
+                bar.set_postfix_str(note(), refresh=False)
+        elif time.time() - last > every or (i == total and last > t0):
+            last = time.time()
+            print(f"{desc}: {i}/{total}, {last - t0:.0f} s" + (f", {note()}" if note else ""), file=sys.stderr,
+                  flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the cache: every file read once, kept as float32 .npy files that runs memory-map
+
+_PRIVATE = []  # the folder of an active no_cache()
+
+
+def cache_root():
+    return _PRIVATE[-1] if _PRIVATE else os.path.abspath(os.environ.get("BRAINTUNE_CACHE", ".cache"))
+
+
+@contextlib.contextmanager
+def no_cache():
+    """--no-cache: within it, entries go to a private folder, deleted at its end; nothing is reused."""
+    os.makedirs(cache_root(), exist_ok=True)
+    _PRIVATE.append(tempfile.mkdtemp(prefix="nocache-", dir=cache_root()))
+    try:
+        yield
+    finally:
+        shutil.rmtree(_PRIVATE.pop(), ignore_errors=True)
+
+
+def file_key(path):
+    """What identifies a source file: where it really is (datalad's links resolved), size, time."""
+    st = os.stat(path)
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+
+def digest(obj):
+    """A hex digest of nested dicts, lists, arrays, tensors and JSON values (a cache key)."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            x = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+        if isinstance(x, np.ndarray):
+            h.update(f"array{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).data)
+        elif isinstance(x, dict):
+            for k in sorted(x):
+                feed(str(k)), feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(json.dumps(x).encode() + b";")
+    feed(obj)
+    return h.hexdigest()[:24]
+
+
+def cached(kind, key, build, name="entry"):
+    """The cache entry of `key`: build() -> {name: numpy array (saved as .npy, read back memory-mapped),
+    dict of tensors (.pt) or JSON value}, made once in <cache>/<kind>/<name>-<digest>. It is written
+    under a temporary name and renamed, and read back only if every file has the size its manifest
+    says: a run killed while writing leaves nothing that a later run would trust."""
+    path = os.path.join(cache_root(), kind, f"{name}-{digest(key)}")
+    if os.path.isdir(path):
+        try:
+            return _read_entry(path)
+        except Exception as e:  # truncated, corrupt, or from an older layout
+            warnings.warn(f"{path}: broken cache entry ({type(e).__name__}: {e}); rebuilding it")
+            shutil.rmtree(path, ignore_errors=True)
+    out, tmp = build(), f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        manifest = {"key": key, "files": {}, "values": {}}
+        for k, v in out.items():
+            if isinstance(v, np.ndarray):
+                np.save(os.path.join(tmp, k + ".npy"), v)
+            elif isinstance(v, dict):
+                torch.save(v, os.path.join(tmp, k + ".pt"))
+            else:
+                manifest["values"][k] = v
+                continue
+            f = k + (".npy" if isinstance(v, np.ndarray) else ".pt")
+            manifest["files"][f] = os.path.getsize(os.path.join(tmp, f))
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, default=str)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.isdir(path):  # else another process made the same entry first: use it
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _read_entry(path)
+
+
+def _read_entry(path):
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    out = dict(manifest["values"])
+    for f, size in manifest["files"].items():
+        p = os.path.join(path, f)
+        if os.path.getsize(p) != size:
+            raise ValueError(f"{f} has {os.path.getsize(p)} bytes, not {size}")
+        out[f.rsplit(".", 1)[0]] = np.load(p, mmap_mode="c") if f.endswith(".npy") else \
+            torch.load(p, map_location="cpu", weights_only=True)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -62,27 +196,38 @@ def find_subject(root, subject):
     raise ValueError(f"unknown subject {subject!r} in {root}; present: {', '.join(present) or 'none'}")
 
 
+def response_path(root, subj, story):
+    return os.path.join(root, "derivative", "preprocessed_data", subj, story + ".hf5")
+
+
+def wav_path(root, story):
+    return os.path.join(root, "stimuli", story + ".wav")
+
+
 def read_wav(path):
     """Any WAV (int16, int32, uint8, float; mono or multi-channel) -> (samples,) float32 at 16 kHz."""
     try:
-        sr, x = wavfile.read(path)
+        sr, x = wavfile.read(path, mmap=True)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: cannot read as WAV ({e})") from None
     scale = {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 128}.get(x.dtype, 1)
-    x = (x.astype(np.float32) - (128 if x.dtype == np.uint8 else 0)) / scale
-    if x.ndim == 2:
-        x = x.mean(1)  # (samples, channels) -> mono
-    return AF.resample(torch.from_numpy(x), sr, SR) if sr != SR else torch.from_numpy(x)
+    mono = x.mean(1, dtype=np.float32) if x.ndim == 2 else x.astype(np.float32)  # (samples,)
+    mono = torch.from_numpy((mono - (128 if x.dtype == np.uint8 else 0)) / scale)
+    return AF.resample(mono, sr, SR) if sr != SR else mono
+
+
+def open_hf5(path):
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read as HDF5 ({e})") from None
 
 
 def read_hf5(path, key="data"):
-    try:
-        with h5py.File(path, "r") as f:
-            if key not in f:
-                raise ValueError(f"{path}: no {key!r} dataset (keys: {', '.join(f.keys())})")
-            return np.asarray(f[key], dtype=np.float32)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read as HDF5 ({e})") from None
+    with open_hf5(path) as f:
+        if key not in f:
+            raise ValueError(f"{path}: no {key!r} dataset (keys: {', '.join(f.keys())})")
+        return np.asarray(f[key], dtype=np.float32)
 
 
 def zscore(x, axis=0):
@@ -99,7 +244,7 @@ def splits(root, subj, test_stories=None, val_stories=None):
     audio = {f[:-4] for f in os.listdir(stim) if f.endswith(".wav")} if os.path.isdir(stim) else set()
     for s in resp:
         if s not in audio:
-            raise ValueError(f"story {s!r} has responses for {subj} but no audio {os.path.join(stim, s + '.wav')}")
+            raise ValueError(f"story {s!r} has responses for {subj} but no audio {wav_path(root, s)}")
     test = test_stories or ([TEST_STORY] if TEST_STORY in resp else resp[-1:])
     rest = [s for s in resp if s not in test]
     val = val_stories or (["stagefright"] if "stagefright" in rest else rest[-1:])
@@ -113,21 +258,75 @@ def splits(root, subj, test_stories=None, val_stories=None):
     return train, val, test
 
 
+def story_responses(root, subj, story):
+    """{"data": (TRs, voxels) float32 z-scored, memory-mapped; "good": (voxels,) finite and not
+    constant in this story}. Read once from the hf5 (converted to float32 while reading, so no
+    float64 copy), then from the cache. Voxels not good are zero."""
+    path = response_path(root, subj, story)
+
+    def build():
+        with open_hf5(path) as f:
+            if "data" not in f or f["data"].ndim != 2:
+                raise ValueError(f"{path}: no (TRs, voxels) 'data' dataset (keys: {', '.join(f.keys())})")
+            x = np.empty(f["data"].shape, np.float32)
+            f["data"].read_direct(x)
+        good = np.isfinite(x).all(0)
+        np.nan_to_num(x, copy=False)
+        x -= x.mean(0, dtype=np.float64).astype(np.float32)
+        sd = np.sqrt(np.square(x, dtype=np.float64).mean(0)).astype(np.float32)  # (voxels,)
+        good &= sd > 0
+        x /= np.where(good, sd, 1)
+        x[:, ~good] = 0
+        return {"data": x, "good": good}
+    return cached("responses", dict(file=file_key(path), v=1), build, f"{subj}_{story}")
+
+
 def load_responses(root, subj, stories):
-    """{story: (TRs, voxels) z-scored per story}, and the mask of usable voxels (not constant and
-    not NaN in any story); unusable voxels are zeroed so they never turn a mean into NaN."""
-    d = os.path.join(root, "derivative", "preprocessed_data", subj)
-    resp = {s: read_hf5(os.path.join(d, s + ".hf5")) for s in stories}
-    n_vox = {r.shape[1] for r in resp.values()}
-    if len(n_vox) != 1:
-        raise ValueError(f"{d}: stories have different voxel counts {sorted(n_vox)}")
-    good = np.ones(n_vox.pop(), bool)
-    for r in resp.values():
-        good &= np.isfinite(r).all(0) & (np.nan_to_num(r).std(0) > 0)
+    """{story: (TRs, voxels) z-scored per story, memory-mapped}, and the mask of usable voxels
+    (finite and not constant in every story); the others are left out of fitting and every mean."""
+    resp, good = {}, None
+    for s in progress(stories, f"{subj} responses"):
+        e = story_responses(root, subj, s)
+        if good is not None and len(e["good"]) != len(good):
+            raise ValueError(f"{os.path.dirname(response_path(root, subj, s))}: stories have different voxel "
+                             f"counts ({len(good)}, and {len(e['good'])} in {s})")
+        resp[s], good = e["data"], e["good"] if good is None else good & e["good"]
     if not good.all():
         warnings.warn(f"{subj}: {(~good).sum()} of {good.size} voxels are constant or NaN in some story; "
                       f"they are left out of fitting and of every mean")
-    return {s: zscore(np.where(good, np.nan_to_num(r), 0)) * good for s, r in resp.items()}, good
+    return resp, good
+
+
+class Responses:
+    """A split's responses as one (rows, voxels) matrix that is never in memory whole: Y[rows, cols]
+    reads those rows and columns from each story's memory-mapped file, as a float32 tensor.
+    Voxels outside `good` read as 0."""
+
+    def __init__(self, parts, good, keys=None):
+        self.parts, self.good, self.keys = parts, np.asarray(good), keys  # keys: the stories' files, for caches
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), len(self.good))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        rows, cols = index if isinstance(index, tuple) else (index, slice(None))
+        cols = np.arange(self.shape[1])[np.asarray(cols) if isinstance(cols, torch.Tensor) else cols]
+        if len(cols) and cols[-1] - cols[0] + 1 == len(cols):
+            take = slice(cols[0], cols[-1] + 1)  # a block of columns is one copy per row
+        else:
+            take = cols
+        if isinstance(rows, slice) and rows == slice(None):
+            out = np.concatenate([p[:, take] for p in self.parts] or [np.zeros((0, len(cols)), np.float32)])
+        else:
+            rows = np.arange(len(self))[np.asarray(rows)]
+            part = np.searchsorted(self.starts, rows, "right") - 1
+            out = np.stack([self.parts[s][r - self.starts[s], take] for s, r in zip(part, rows)]) \
+                if len(rows) else np.zeros((0, len(cols)), np.float32)
+        out = np.array(out, np.float32, copy=None)
+        out *= self.good[cols]
+        return torch.from_numpy(out)
 
 
 def noise_ceiling(repeats):
@@ -141,9 +340,30 @@ def noise_ceiling(repeats):
     return np.where(SP > 0, cc, np.nan)
 
 
+def story_ceiling(root, subj, story, block=4096):
+    """The noise ceiling of every voxel from the story's "individual_repeats" (repeats, TRs, voxels),
+    read in blocks of voxels; None if the file has no repeats."""
+    path = response_path(root, subj, story)
+    with open_hf5(path) as f:
+        if "individual_repeats" not in f:
+            return None
+
+    def build():
+        with open_hf5(path) as f:
+            reps = f["individual_repeats"]
+            cc = np.empty(reps.shape[2], np.float32)
+            for j in progress(range(0, len(cc), block), f"{subj} noise ceiling"):
+                cc[j:j + block] = noise_ceiling(reps[:, :, j:j + block])
+        return {"ceiling": cc}
+    return cached("ceiling", dict(file=file_key(path), v=1), build, f"{subj}_{story}")["ceiling"]
+
+
 def load_audio(root, stories):
-    """{story: (samples,) at 16 kHz}: each story read and resampled once per run."""
-    return {s: read_wav(os.path.join(root, "stimuli", s + ".wav")) for s in stories}
+    """{story: (samples,) float32 at 16 kHz, memory-mapped}: each wav read and resampled once."""
+    def one(s):
+        build = lambda: {"wave": read_wav(wav_path(root, s)).numpy()}
+        return cached("audio", dict(file=file_key(wav_path(root, s)), sr=SR, v=1), build, s)["wave"]
+    return {s: one(s) for s in progress(stories, "audio")}
 
 
 def _as_indices(arr, n_voxels, what):
@@ -224,21 +444,26 @@ def words_and_phones(path, skip=("sentence_start", "sentence_end", "br", "lg", "
 # delayed-TR windows
 
 class Windows(torch.utils.data.Dataset):
-    """For row r of each story, the audio heard from t_r - H*TR to t_r, sliced on the fly.
-    Yields (wave (samples,), response (voxels,), story index, row index)."""
+    """For row r of each story, the audio heard from t_r - H*TR to t_r, sliced on the fly from the
+    story's (memory-mapped) 16 kHz wave. rows: {story: number of fMRI frames, or its responses};
+    keys: {story: what identifies its audio} for the feature cache. Yields (wave (samples,), story
+    index, row index)."""
 
-    def __init__(self, waves, responses, stories, history=6, tr=TR, trim_start=TRIM_START,
-                 sound_start=SOUND_START):
+    def __init__(self, waves, rows, stories, history=6, tr=TR, trim_start=TRIM_START, sound_start=SOUND_START,
+                 keys=None):
         self.stories, self.n_samples = list(stories), round(history * tr * SR)
         self.waves = [waves[s] for s in self.stories]
-        self.resp = [torch.as_tensor(responses[s]) for s in self.stories]
+        self.keys = [keys[s] for s in self.stories] if keys else None
+        self.timing = dict(history=history, tr=tr, trim_start=trim_start, sound_start=sound_start)
         self.ends = []  # (rows,) sample at which each window ends
-        for s, wave, resp in zip(self.stories, self.waves, self.resp):
-            ends = np.round(row_times(len(resp), tr, trim_start, sound_start) * SR).astype(np.int64)
-            if ends[-1] - len(wave) > tr * SR:
+        for s, wave in zip(self.stories, self.waves):
+            n = rows[s] if isinstance(rows[s], (int, np.integer)) else len(rows[s])
+            ends = np.round(row_times(n, tr, trim_start, sound_start) * SR).astype(np.int64)
+            if n and ends[-1] - len(wave) > tr * SR:
                 raise ValueError(f"story {s!r}: audio is {len(wave) / SR:.1f} s long but its last fMRI "
                                  f"frame needs audio up to {ends[-1] / SR:.1f} s")
             self.ends.append(ends)
+        self.starts = np.cumsum([0] + [len(e) for e in self.ends])  # first window of each story
         self.index = [(i, r) for i, e in enumerate(self.ends) for r in range(len(e))]
 
     def __len__(self):
@@ -248,10 +473,9 @@ class Windows(torch.utils.data.Dataset):
         s, r = self.index[i]
         wave, end = self.waves[s], int(self.ends[s][r])
         start = end - self.n_samples
-        w = wave[max(start, 0):max(min(end, len(wave)), 0)]
+        w = torch.from_numpy(np.array(wave[max(start, 0):max(min(end, len(wave)), 0)], np.float32))
         # zeros before the story starts; a short tail (under one TR) is silence too
-        w = F.pad(w, (max(-start, 0), self.n_samples - max(-start, 0) - len(w)))
-        return w, self.resp[s][r], s, r
+        return F.pad(w, (max(-start, 0), self.n_samples - max(-start, 0) - len(w))), s, r
 
 
 def pool_frames(frames, history):
@@ -266,13 +490,41 @@ def pool_frames(frames, history):
     return (sums / (edges[1:] - edges[:-1]).to(frames.dtype)[None, :, None]).flip(1)
 
 
+@torch.inference_mode()
+def features(fn, windows, key, batch_size, device, desc="features"):
+    """fn(wave (batch, samples)) -> (batch, p) for every window, in order: (rows, p) float32 on the
+    CPU. With a key (what fn computes: backbone, layer, ...), each story's block is cached under it
+    and the story's audio, row count and timing, so a second run does not forward it again."""
+    precision = "bf16" if device.type == "cuda" else "fp32"
+
+    def block(i):
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(windows, range(windows.starts[i], windows.starts[i + 1])), batch_size)
+        out = []
+        for wave, *_ in loader:
+            with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+                out.append(fn(wave.to(device)).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    out = []
+    for i in progress(range(len(windows.stories)), desc):
+        if key is None or windows.keys is None:
+            out.append(torch.from_numpy(block(i)))
+            continue
+        k = dict(key, audio=windows.keys[i], rows=len(windows.ends[i]), precision=precision, **windows.timing)
+        x = cached("features", k, lambda: {"x": block(i)}, windows.stories[i])["x"]
+        out.append(torch.from_numpy(np.array(x)))
+    return torch.cat(out)
+
+
 def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
     """Each subject's splits, responses, usable voxels, ROIs and noise ceiling, and the windows the
     subjects share: one per (story, row), however many subjects heard it, so each is forwarded once.
     Every subject is held out on the first subject's test and validation stories.
-    Returns (ds, shared): ds[k]["Y<split>"] (rows, voxels) and ds[k]["take_<split>"] (rows,), the
-    shared window of each of the subject's rows; shared[split] a Windows of the audio alone."""
-    ds, waves = [], {}
+    Returns (ds, shared): ds[k]["Y<split>"] the subject's Responses (rows, voxels);
+    ds[k]["take_<split>"] (rows,) the shared window of each of its rows; ds[k]["row_<split>"]
+    (shared windows,) its row of each shared window, -1 where it did not hear it; shared[split] a
+    Windows of the audio alone."""
+    ds, waves, keys = [], {}, {}
     for name in subjects:
         subj = find_subject(root, name)
         if any(d["subject"] == subj for d in ds):
@@ -281,17 +533,14 @@ def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
         test_stories, val_stories = test, val  # the same held-out stories for every subject
         resp, good = load_responses(root, subj, train + val + test)
         waves.update(load_audio(root, [s for s in resp if s not in waves]))  # each story read once
+        keys.update({s: file_key(wav_path(root, s)) for s in resp})
         d = dict(subject=subj, stories=dict(train=train, val=val, test=test), good=good,
-                 rois=roi_sets(root, subj, len(good)), ceiling=None)
+                 rois=roi_sets(root, subj, len(good)),
+                 ceiling=story_ceiling(root, subj, test[0]) if len(test) == 1 else None)
         for split, stories in d["stories"].items():
-            d[split] = Windows(waves, resp, stories, **window_kw)
-            d["Y" + split] = torch.cat([torch.as_tensor(resp[s]) for s in stories])  # (rows, voxels)
-        if len(test) == 1:
-            path = os.path.join(root, "derivative", "preprocessed_data", subj, test[0] + ".hf5")
-            try:
-                d["ceiling"] = noise_ceiling(read_hf5(path, "individual_repeats"))
-            except ValueError:
-                pass  # no repeats: no noise ceiling
+            d[split] = Windows(waves, resp, stories, keys=keys, **window_kw)
+            d["Y" + split] = Responses([resp[s] for s in stories], good,
+                                       [file_key(response_path(root, subj, s)) for s in stories])
         ds.append(d)
     shared = {}
     for split in ("train", "val", "test"):
@@ -300,12 +549,13 @@ def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
             for s, ends in zip(d[split].stories, d[split].ends):
                 rows[s] = max(rows.get(s, 0), len(ends))
         # row r of a story is the same audio for every subject: targets are looked up through take_<split>
-        shared[split] = Windows(waves, {s: np.zeros((n, 0), np.float32) for s, n in rows.items()}, list(rows),
-                                **window_kw)
+        shared[split] = Windows(waves, rows, list(rows), keys=keys, **window_kw)
         start = dict(zip(rows, np.cumsum([0] + list(rows.values()))))
         for d in ds:
-            d["take_" + split] = torch.as_tensor(np.concatenate(
-                [start[s] + np.arange(len(e)) for s, e in zip(d[split].stories, d[split].ends)]))
+            take = np.concatenate([start[s] + np.arange(len(e)) for s, e in zip(d[split].stories, d[split].ends)])
+            d["take_" + split] = torch.as_tensor(take)
+            d["row_" + split] = torch.full((len(shared[split]),), -1, dtype=torch.long)
+            d["row_" + split][take] = torch.arange(len(take))
     return ds, shared
 
 
@@ -400,12 +650,14 @@ def _textgrid(path, words, seconds):
 
 
 def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150.0, n_vocab=40, dim=16,
-              repeats=10, tr=TR, snr=(0.2, 2.0)):
-    """Write a synthetic dataset in the ds003020 layout. Voxels are of three kinds: 'AC' voxels
-    respond to band energies, 'semantic' voxels to the meaning vectors of the words being spoken,
-    the rest to nothing; each sees its features through the canonical HRF, plus Gaussian noise at
-    a signal-to-noise ratio drawn log-uniformly from `snr`. Subjects share the feature spaces, with
-    their own weights."""
+              repeats=10, tr=TR, snr=(0.2, 2.0), sr=DEMO_SR, channels=1):
+    """Write a synthetic dataset in the ds003020 layout, stored as the real one is (float64 hf5).
+    Voxels are of three kinds: 'AC' voxels respond to band energies, 'semantic' voxels to the
+    meaning vectors of the words being spoken, the rest to nothing; each sees its features through
+    the canonical HRF, plus Gaussian noise at a signal-to-noise ratio drawn log-uniformly from `snr`.
+    Subjects share the feature spaces, with their own weights. The ground truth keeps each story's
+    features and each subject's weights (clean responses: zscore(features @ weights)); one story's
+    responses are in memory at a time, so a subject of the published size is written in < 2 GB."""
     rng = np.random.default_rng(seed)
     for d in ("stimuli", "derivative/TextGrids", "derivative/rois", "derivative/ground_truth"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
@@ -419,15 +671,18 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
     emb = {w: rng.standard_normal(dim) for w, _ in vocab}
     with open(os.path.join(out, "derivative", "embeddings.txt"), "w") as f:
         f.writelines(f"{w} {' '.join(f'{x:.6f}' for x in v)}\n" for w, v in emb.items())
-    stories = TRAIN_STORIES[:n_stories] + [TEST_STORY]
+    names = TRAIN_STORIES + [f"story{i + 1:02d}" for i in range(len(TRAIN_STORIES), n_stories)]
+    stories = names[:n_stories] + [TEST_STORY]
     n_rows = int((seconds + SOUND_START - tr / 2) / tr) - TRIM_START  # last row inside the audio
     t_rows = row_times(n_rows, tr)
     k = np.arange(0, 32, 1 / GRID)
     features = {}  # story -> (rows, 8 + dim): band energies and meaning, through the HRF
-    for s in stories:
+    for s in progress(stories, "synthetic audio"):
         audio, words = _story(rng, vocab, seconds)
-        wavfile.write(os.path.join(out, "stimuli", s + ".wav"), DEMO_SR, (audio / np.abs(audio).max() * 0.9
-                                                                          * 32767).astype(np.int16))
+        pcm = audio / np.abs(audio).max() * 0.9
+        pcm = resample_poly(pcm, sr, DEMO_SR) if sr != DEMO_SR else pcm
+        pcm = np.stack([pcm * (1 - 0.2 * c) for c in range(channels)], 1) if channels > 1 else pcm
+        wavfile.write(wav_path(out, s), sr, (pcm * 32767).astype(np.int16))
         _textgrid(textgrid_path(out, s), words, seconds)
         low = zscore(_band_energies(audio))
         sem = np.zeros((len(low), dim))
@@ -446,15 +701,22 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
         W[:, kind == 2] = 0
         ratio = np.where(kind < 2, np.exp(rng.uniform(*np.log(snr), n_voxels)), 0.0)
         noise_sd = np.where(kind < 2, 1 / np.sqrt(np.maximum(ratio, 1e-12)), 1.0)
-        truth = {"weights": W, "snr": ratio, "noise_sd": noise_sd, "kind": kind}
-        for s in stories:
+        truth = {"weights": W, "snr": ratio, "noise_sd": noise_sd, "kind": kind,
+                 **{f"features_{s}": features[s] for s in stories}}
+        for s in progress(stories, f"synthetic {subj}"):
             clean = np.where(kind < 2, zscore(features[s] @ W), 0.0)  # (rows, voxels), unit variance
-            truth[f"clean_{s}"], truth[f"features_{s}"] = clean, features[s]
-            noisy = clean + noise_sd * rng.standard_normal((repeats if s == TEST_STORY else 1, *clean.shape))
-            with h5py.File(os.path.join(out, "derivative", "preprocessed_data", subj, s + ".hf5"), "w") as f:
-                f["data"] = zscore(noisy.mean(0)).astype(np.float32)
-                if s == TEST_STORY:
-                    f["individual_repeats"] = noisy.astype(np.float32)
+            total = np.zeros_like(clean)
+            with h5py.File(response_path(out, subj, s), "w") as f:
+                n = repeats if s == TEST_STORY else 1  # repeat by repeat: one repeat in memory at a time
+                reps = f.create_dataset("individual_repeats", (n, *clean.shape), np.float64) if n > 1 else None
+                for i in range(n):
+                    noisy = rng.standard_normal(clean.shape)
+                    noisy *= noise_sd
+                    noisy += clean
+                    total += noisy
+                    if reps is not None:
+                        reps[i] = noisy
+                f["data"] = zscore(total / n)
         np.savez(os.path.join(out, "derivative", "rois", subj + ".npz"),
                  AC=np.flatnonzero(kind == 0), semantic=np.flatnonzero(kind == 1))
         np.savez(os.path.join(out, "derivative", "ground_truth", subj + ".npz"), **truth)
@@ -470,11 +732,20 @@ def main(argv=None):
     d.add_argument("--stories", type=int, default=10, help="training stories (a test story is added)")
     d.add_argument("--voxels", type=int, default=500, help="voxels per subject")
     d.add_argument("--seconds", type=float, default=150.0, help="length of each story in seconds")
+    d.add_argument("--sr", type=int, default=DEMO_SR, help="sample rate of the wav files (ds003020: 44100)")
+    d.add_argument("--channels", type=int, default=1, help="channels of the wav files (ds003020: 2)")
     d.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
+    for flag, ok in (("--subjects", a.subjects >= 1), ("--stories", a.stories >= 2), ("--voxels", a.voxels >= 3),
+                     ("--seconds", a.seconds >= 30), ("--sr", a.sr >= 8000), ("--channels", 1 <= a.channels <= 8)):
+        if not ok:
+            sys.exit(f"error: {flag} {getattr(a, flag[2:])} is out of range (nothing was written)")
     if os.path.exists(a.out):
         sys.exit(f"error: {a.out} already exists; choose a new folder (nothing was written)")
-    make_demo(a.out, a.subjects, a.stories, a.voxels, a.seed, a.seconds)
+    tmp = a.out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_demo(tmp, a.subjects, a.stories, a.voxels, a.seed, a.seconds, sr=a.sr, channels=a.channels)
+    os.rename(tmp, a.out)  # a killed run leaves no half dataset under the name asked for
     print(f"wrote a synthetic dataset to {a.out}")
 
 

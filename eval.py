@@ -91,7 +91,8 @@ def show(run):
 def split_features(args, layer, backbone, lw, d):
     """{"train", "test"}: this backbone's pooled features of one subject's windows, (rows, p)."""
     fn = features_fn(args, layer, backbone, lw)
-    return {s: train.extract(fn, d[s], args.batch_size, torch.device("cpu")) for s in ("train", "test")}
+    key = train.feature_key(backbone, layer, layer_weights(args, backbone, lw), args.normalize)
+    return {s: data.features(fn, d[s], key, args.batch_size, torch.device("cpu"), s) for s in ("train", "test")}
 
 
 def fit(args, layer, backbone, lw, d):
@@ -136,7 +137,7 @@ def segment_features(args, layer, backbone, lw, wave, segments, context=4.0, bat
         waves = []
         for start, end in segments[i:i + batch]:
             e = round(end * data.SR)
-            w = wave[max(e - n, 0):min(e, len(wave))]
+            w = torch.from_numpy(np.array(wave[max(e - n, 0):min(e, len(wave))]))
             waves.append(torch.nn.functional.pad(w, (n - len(w), 0)))
         h = train.hidden(backbone, torch.stack(waves), layer, layer_weights(args, backbone, lw), args.normalize)  # (batch, frames, dim)
         per_s = h.shape[1] / context
@@ -228,7 +229,6 @@ def lowlevel(run):
     mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)
     L = {s: (v - mu) / sd for s, v in L.items()}
     groups = train.story_folds([len(e) for e in d["train"].ends], args.cv_folds)
-    good = torch.as_tensor(d["good"])
     res, table = {}, []
     for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
         if bb is None:
@@ -236,9 +236,8 @@ def lowlevel(run):
         X = split_features(args, layer, bb, w, d)
         m, s_ = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
         X = {k: (v - m) / s_ for k, v in X.items()}
-        r = {k: np.full(len(good), np.nan) for k in ("full", "residual")}
-        full, res_ = lowlevel_r(X, L, d["Ytrain"][:, good], d["Ytest"][:, good], groups, args.alphas)
-        r["full"][good], r["residual"][good] = full.numpy(), res_.numpy()
+        r = dict(zip(("full", "residual"), lowlevel_r(X, L, d["Ytrain"], d["Ytest"][:, :], groups, args.alphas)))
+        r = {k: np.where(d["good"], v.numpy(), np.nan) for k, v in r.items()}
         sets_ = train.sets(argparse.Namespace(roi="all"), d, torch.as_tensor(r["full"]))
         res[name] = {k: {"full_r": float(np.nanmean(r["full"][v])), "residual_r": float(np.nanmean(r["residual"][v]))}
                      for k, v in sets_.items()}

@@ -11,6 +11,7 @@ backbone's features are re-extracted and ridge refit, the field's protocol (REFE
     torchrun --nproc_per_node 2 train.py ...           # data parallel, one process per device
 """
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -25,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 from torchaudio.models import wav2vec2_model, wavlm_model
-from tqdm import tqdm
 
 import data
 import lora
@@ -106,44 +106,72 @@ def load_backbone(name, weights=None, seed=0, dropout=None):
     return model.eval(), normalize
 
 
-def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16):
+def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16, max_steps=300):
     """tiny's stand-in for self-supervised pretraining: `epochs` passes over `audio` ({story: 16 kHz
     wave}) in `chunk`-second pieces, learning to name each 40 ms frame's phone (the story's TextGrid
-    phone tier under root, pauses a class of their own) from the top layer. Like a real speech model, it then knows the sounds of the
-    language but not what its words mean. Returns (state dict, frame accuracy of the last epoch)."""
+    phone tier under root, pauses a class of their own) from the top layer. Like a real speech model,
+    it then knows the sounds of the language but not what its words mean. Each batch is sliced from
+    the (memory-mapped) waves when it is used, and training stops after max_steps steps, so that on
+    a whole subject (16 h of audio) it stays a smoke test of a minute or so. Returns (state dict,
+    frame accuracy of the last epoch)."""
     torch.manual_seed(seed)
     model, _ = build_backbone("tiny")
     hop = math.prod(stride for _, _, stride in TINY["extractor_conv_layer_config"])  # samples per frame
     phones = {s: data.words_and_phones(data.textgrid_path(root, s))[0] for s in audio}
     names = ["pause"] + sorted({p for s in audio for _, _, p in phones[s]})
     n = round(chunk * data.SR)
-    waves, labels = [], []
+    frames = {}  # story -> (frames,) phone index, 0 = pause
     for s in audio:
-        frame = torch.zeros(len(audio[s]) // hop + 1, dtype=torch.long)  # (frames,) phone index, 0 = pause
+        frames[s] = torch.zeros(len(audio[s]) // hop + 1, dtype=torch.long)
         for a, b, p in phones[s]:
-            frame[round(a * data.SR / hop):round(b * data.SR / hop)] = names.index(p)
-        for start in range(0, len(audio[s]) - n + 1, n):
-            waves.append(audio[s][start:start + n])
-            labels.append(frame[start // hop:(start + n) // hop])
-    if not waves:
+            frames[s][round(a * data.SR / hop):round(b * data.SR / hop)] = names.index(p)
+    pieces = [(s, start) for s in audio for start in range(0, len(audio[s]) - n + 1, n)]
+    if not pieces:
         raise ValueError(f"pretraining tiny needs stories of at least {chunk:g} s; pass --tiny-pretrain 0")
-    waves, labels = torch.stack(waves), torch.stack(labels)  # (chunks, samples), (chunks, frames)
     readout = nn.Linear(TINY["encoder_embed_dim"], len(names))
     opt = torch.optim.AdamW([*model.parameters(), *readout.parameters()], lr=1e-3)
     model.train()
+    step, accuracy = 0, float("nan")
     for epoch in range(epochs):
-        right = 0
-        for idx in torch.randperm(len(waves)).split(batch_size):
-            h = hidden(model, waves[idx], TINY["encoder_num_layers"])  # (batch, frames, dim)
+        right = total = 0
+        for idx in data.progress(torch.randperm(len(pieces)).split(batch_size), f"tiny pretraining, epoch {epoch + 1}"):
+            wave = torch.stack([torch.from_numpy(np.array(audio[s][a:a + n])) for s, a in map(pieces.__getitem__, idx)])
+            labels = torch.stack([frames[s][a // hop:(a + n) // hop] for s, a in map(pieces.__getitem__, idx)])
+            h = hidden(model, wave, TINY["encoder_num_layers"])  # (batch, frames, dim)
             f = min(h.shape[1], labels.shape[1])
-            logits, y = readout(h[:, :f]), labels[idx, :f]
+            logits, y = readout(h[:, :f]), labels[:, :f]
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            right += (logits.argmax(-1) == y).sum().item()
-    accuracy = right / max(1, labels[:, :f].numel()) if epochs else float("nan")
+            right, total, step = right + (logits.argmax(-1) == y).sum().item(), total + y.numel(), step + 1
+            if step == max_steps:
+                break
+        accuracy = right / total
+        if step == max_steps:
+            break
     return model.state_dict(), accuracy
+
+
+def tiny_pretrained(args, windows, max_steps=300):
+    """tiny's phone-pretrained weights for the training stories of `windows` (pretrain_tiny), cached."""
+    grids = [data.textgrid_path(args.data, s) for s in windows.stories]
+    for path in grids:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file; tiny's phone pretraining reads the training stories' TextGrids "
+                             "(--tiny-pretrain 0 uses random weights, --weights PATH your own)")
+    t0 = time.time()
+
+    def build():
+        state, accuracy = pretrain_tiny(args.data, dict(zip(windows.stories, windows.waves)), args.tiny_pretrain,
+                                        args.seed, max_steps=max_steps)
+        return {"state": state, "accuracy": accuracy}
+    key = dict(audio=windows.keys, textgrids=[data.file_key(p) for p in grids], epochs=args.tiny_pretrain,
+               seed=args.seed, max_steps=max_steps, tiny=TINY, torch=torch.__version__)
+    e = data.cached("tiny", key, build, "tiny")
+    log(f"tiny pretrained to name phones: {args.tiny_pretrain} epochs, frame accuracy {e['accuracy']:.2f}, "
+        f"{time.time() - t0:.0f} s")
+    return e["state"]
 
 
 def hidden(backbone, wave, layer, layer_weights=None, normalize=False):
@@ -161,6 +189,12 @@ def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
     """(batch, samples) -> (batch, history * dim): frames averaged in TR bins, bin k = the audio
     heard k..k+1 TRs before the fMRI frame."""
     return data.pool_frames(hidden(backbone, wave, layer, layer_weights, normalize), history).flatten(1)
+
+
+def feature_key(backbone, layer, layer_weights, normalize):
+    """What pooled() computes, for the feature cache: the backbone's weights (adapters included)."""
+    return dict(backbone=data.digest(backbone.state_dict()), layer=layer, layer_weights=layer_weights,
+                normalize=normalize, torch=torch.__version__)
 
 
 class BrainModel(nn.Module):
@@ -183,17 +217,6 @@ class BrainModel(nn.Module):
         return [head(x) for head in self.heads]
 
 
-@torch.inference_mode()
-def extract(fn, windows, batch_size, device, desc="features"):
-    """fn(wave (batch, samples)) -> (batch, p), over every window in order: (n, p) float32 on CPU."""
-    out = []
-    loader = torch.utils.data.DataLoader(windows, batch_size=batch_size)
-    for wave, *_ in tqdm(loader, desc=desc, disable=not sys.stderr.isatty(), leave=False):
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(fn(wave.to(device)).float().cpu())
-    return torch.cat(out)
-
-
 # -----------------------------------------------------------------------------
 # ridge regression and correlation
 
@@ -203,41 +226,55 @@ def pearson(a, b):
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-12)
 
 
-def fit_ridge(X, Y, alphas, groups, voxel_batch=16384, return_cv=False):
+def fit_ridge(X, Y, alphas, groups, voxel_batch=None, return_cv=False):
     """Ridge ||XW - Y||^2 + lambda ||W||^2 with its own lambda per voxel, chosen by cross-validation.
 
-    X (n, p), Y (n, v); alphas are lambdas (the Huth lab's bootstrap_ridge squares its alpha: its
-    alpha a is lambda = a**2 here); groups (n,) fold labels, each held out once (whole stories).
-    Each voxel takes the lambda with the best mean held-out r (ties: the larger lambda), then W is
-    refit on all rows. No intercept: inputs are z-scored. Returns W (p, v), best lambdas (v,)
-    and, with return_cv, each voxel's cross-validated r at its lambda (v,)."""
-    assert X.ndim == 2 and Y.ndim == 2 and len(X) == len(Y) == len(groups), "X, Y, groups must align"
-    alphas = torch.as_tensor(sorted(alphas), dtype=X.dtype, device=X.device)
-    groups = torch.as_tensor(groups, device=X.device)
-    folds = groups.unique()
+    X (n, p) on the device that does the work; Y (n, v) a tensor or a data.Responses, read one batch
+    of voxels at a time (about 256 MB), each sent to X's device in turn. alphas are lambdas (the Huth
+    lab's bootstrap_ridge squares its alpha: its alpha a is lambda = a**2 here); groups (n,) fold
+    labels, each held out once (whole stories). Each voxel takes the lambda with the best mean
+    held-out r (ties: the larger lambda), then W is refit on all rows. No intercept: inputs are
+    z-scored. Returns W (p, v), best lambdas (v,) and, with return_cv, each voxel's cross-validated r
+    at its lambda (v,), on the CPU.
+
+    Each fold's training Gram matrix X'X = V diag(e) V' (float64) gives every lambda's weights as
+    V B with B = diag(1 / (e + lambda)) V'X'Y. The held-out r needs no prediction: with Xc the
+    fold's centred rows in V's basis, cov = sum(B * Xc'Y) and var = ||Xc B||^2."""
+    assert X.ndim == 2 and len(X) == Y.shape[0] == len(groups), "X, Y, groups must align"
+    (n, p), dev, dt = X.shape, X.device, X.dtype
+    alphas = torch.as_tensor(sorted(alphas), dtype=dt, device=dev)
+    groups = torch.as_tensor(np.asarray(groups), device=dev)
+    folds = [torch.nonzero(groups == g).squeeze(1) for g in groups.unique()]
     assert len(folds) >= 2, "cross-validation needs at least two groups"
-    scores = torch.zeros(len(alphas), Y.shape[1], dtype=X.dtype, device=X.device)
-    for g in folds:
-        test = groups == g
-        U, s, Vh = torch.linalg.svd(X[~test], full_matrices=False)  # (n_tr, k), (k,), (k, p)
-        XV = X[test] @ Vh.T  # (n_te, k)
-        D = s / (s ** 2 + alphas[:, None])  # (alphas, k)
-        for j in range(0, Y.shape[1], voxel_batch):
-            UtY, Yte = U.T @ Y[~test, j:j + voxel_batch], Y[test, j:j + voxel_batch]  # (k, vb), (n_te, vb)
-            for a in range(len(alphas)):
-                scores[a, j:j + voxel_batch] += pearson(XV @ (D[a, :, None] * UtY), Yte)
-    scores /= len(folds)
-    best = len(alphas) - 1 - scores.flip(0).argmax(0)  # argmax takes the first max: flipped, the largest lambda
-    U, s, Vh = torch.linalg.svd(X, full_matrices=False)
-    D = s / (s ** 2 + alphas[:, None])
-    W = torch.empty(X.shape[1], Y.shape[1], dtype=X.dtype, device=X.device)
-    for j in range(0, Y.shape[1], voxel_batch):
-        UtY, b = U.T @ Y[:, j:j + voxel_batch], best[j:j + voxel_batch]
-        for a in b.unique():
-            cols = torch.nonzero(b == a).squeeze(1)
-            W[:, j + cols] = Vh.T @ (D[a, :, None] * UtY[:, cols])
-    cv = scores.gather(0, best[None]).squeeze(0)
-    return (W, alphas[best], cv) if return_cv else (W, alphas[best])
+    gram = lambda rows: X[rows].double().T @ X[rows].double()  # (p, p); float64, or eigh loses small e
+    G = sum(gram(te) for te in folds)
+    decs = []  # per fold: held-out rows, e, V, and Xc (held-out rows <= p) or Xc'Xc
+    for te in data.progress(folds, "ridge folds"):
+        e, V = torch.linalg.eigh(G - gram(te))
+        Xc = (X[te] - X[te].mean(0)) @ V.to(dt)  # (n_te, p)
+        decs.append((te, e.clamp_min(0).to(dt), V.to(dt), Xc if len(te) <= p else Xc.T @ Xc))
+    e, V = torch.linalg.eigh(G)
+    e, V = e.clamp_min(0).to(dt), V.to(dt)
+    v = Y.shape[1]
+    vb = voxel_batch or max(256, min(16384, 2 ** 26 // max(n, p)))
+    W, best, cv = torch.empty(p, v, dtype=dt), torch.empty(v, dtype=torch.long), torch.empty(v, dtype=dt)
+    for j in data.progress(range(0, v, vb), f"ridge, {v} voxels", total=-(-v // vb)):
+        Yb = torch.as_tensor(Y[:, j:j + vb]).to(dev, dt)  # (n, vb)
+        XY = [X[te].T @ Yb[te] for te, *_ in decs]  # (p, vb): each fold's X'Y
+        XtY = sum(XY)
+        scores = torch.zeros(len(alphas), Yb.shape[1], dtype=dt, device=dev)
+        for (te, e_, V_, S), xy in zip(decs, XY):
+            Yte, small = Yb[te], len(te) <= p
+            A = V_.T @ (XtY - xy)  # (p, vb): V'X'Y over the fold's training rows
+            Z = S.T @ Yte if small else V_.T @ (xy - X[te].sum(0)[:, None] * Yte.mean(0))  # (p, vb): Xc'Y
+            inv = 1 / (e_[None] + alphas[:, None])  # (alphas, p)
+            cov = inv @ (A * Z)  # (alphas, vb)
+            var = torch.stack([((S @ B).square() if small else B * (S @ B)).sum(0) for B in (A * i[:, None] for i in inv)])
+            scores += cov / (var.clamp_min(0) * (Yte - Yte.mean(0)).square().sum(0)).sqrt().clamp_min(1e-12)
+        b = len(alphas) - 1 - scores.flip(0).argmax(0)  # argmax takes the first max: flipped, the largest lambda
+        W[:, j:j + vb] = (V @ ((V.T @ XtY) / (e[:, None] + alphas[b]))).cpu()
+        best[j:j + vb], cv[j:j + vb] = b.cpu(), scores.gather(0, b[None])[0].cpu() / len(folds)
+    return (W, alphas.cpu()[best], cv) if return_cv else (W, alphas.cpu()[best])
 
 
 def story_folds(lengths, k):
@@ -304,23 +341,28 @@ def prepare(args, subjects):
 def stage1(args, X, d, device, stats=None):
     """Frozen features X {"train", "test"} (rows, p) of one subject -> per-voxel ridge. The features
     are z-scored by stats (mu, sd), by default the training rows' own. Returns mu, sd, W (p, voxels),
-    cv r, test r."""
+    cv r, test r (NaN for unusable voxels). The fit is cached under all that it depends on (the
+    features themselves, the responses' files, lambdas, folds), so a second run does not redo it."""
     mu, sd = stats or (X["train"].mean(0), X["train"].std(0).clamp_min(1e-6))
-    good = torch.as_tensor(d["good"])
+    Z = {s: (x - mu) / sd for s, x in X.items()}
     groups = story_folds([len(e) for e in d["train"].ends], args.cv_folds)
-    W = torch.zeros(len(mu), len(good))
-    cv = torch.full((len(good),), float("nan"))
-    t0 = time.time()
-    Wg, alphas, cvg = fit_ridge(((X["train"] - mu) / sd).to(device), d["Ytrain"][:, good].to(device),
-                                args.alphas, groups, return_cv=True)
-    W[:, good], cv[good] = Wg.cpu(), cvg.cpu()
-    edge = ((alphas == min(args.alphas)) | (alphas == max(args.alphas))).float().cpu()
-    fit = cvg.cpu() > 0.1  # unresponsive voxels rightly take the largest lambda
-    log(f"{d['subject']} ridge: {good.sum()} voxels in {time.time() - t0:.1f} s; at an edge of the lambda grid: "
-        f"{100 * edge.mean():.1f}% of voxels, {100 * edge[fit].mean() if fit.any() else 0:.1f}% of those with cv r > 0.1")
-    r = torch.full((len(good),), float("nan"))
-    r[good] = pearson((X["test"] - mu) / sd @ W[:, good], d["Ytest"][:, good])
-    return mu, sd, W, cv, r
+
+    def fit():
+        t0 = time.time()
+        W, lambdas, cv = fit_ridge(Z["train"].to(device), d["Ytrain"], args.alphas, groups, return_cv=True)
+        r = torch.cat([pearson(Z["test"] @ W[:, j:j + 16384], d["Ytest"][:, j:j + 16384])
+                       for j in range(0, W.shape[1], 16384)])
+        good = torch.as_tensor(d["good"])
+        edge = ((lambdas == min(args.alphas)) | (lambdas == max(args.alphas)))[good].float()
+        fit = cv[good] > 0.1  # unresponsive voxels rightly take the largest lambda
+        log(f"{d['subject']} ridge: {good.sum()} voxels in {time.time() - t0:.1f} s; at an edge of the lambda grid: "
+            f"{100 * edge.mean():.1f}% of voxels, {100 * edge[fit].mean() if fit.any() else 0:.1f}% of those with cv r > 0.1")
+        cv[~good], r[~good] = float("nan"), float("nan")
+        return {"W": W.numpy(), "cv": cv.numpy(), "r": r.numpy()}
+    key = dict(X=Z, Y=[d["Y" + s].keys for s in ("train", "test")], good=d["good"], alphas=args.alphas,
+               groups=groups, device=device.type, v=1)
+    e = data.cached("stage1", key, fit, d["subject"]) if d["Ytrain"].keys else fit()
+    return (mu, sd, *(torch.from_numpy(np.asarray(e[k])) for k in ("W", "cv", "r")))
 
 
 def sets(args, d, cv):
@@ -380,11 +422,19 @@ def loss_fn(pred, y, kind):
     return -pearson(pred.T, y.T).mean()
 
 
-def heads_r(model, Z, ds, split, device):
-    """Each subject's r over its trained voxels, from z-scored features Z (shared windows, p)."""
+def heads_r(model, Z, ds, split, device, block=16384):
+    """Each subject's r over its trained voxels, from z-scored features Z (shared windows, p); the
+    predictions and responses are taken a block of voxels at a time."""
+    out = []
     with torch.no_grad():
-        return [pearson(h(Z[d["take_" + split]].to(device)).float().cpu(), d["Y" + split][:, d["roi"]])
-                for h, d in zip(model.heads, ds)]
+        for head, d in zip(model.heads, ds):
+            *first, last = head if isinstance(head, nn.Sequential) else [head]  # a bottleneck: down, up
+            h = Z[d["take_" + split]].to(device)
+            for m in first:
+                h = m(h)
+            out.append(torch.cat([pearson(F.linear(h, last.weight[j:j + block], last.bias[j:j + block]).float().cpu(),
+                                          d["Y" + split][:, d["roi"][j:j + block]]) for j in range(0, len(d["roi"]), block)]))
+    return out
 
 
 def train_stage2(args, model, ds, shared, run, device, ckpt=None):
@@ -407,11 +457,6 @@ def train_stage2(args, model, ds, shared, run, device, ckpt=None):
         model.load_state_dict(ckpt["trainable"], strict=False)
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
-    Y = [d["Ytrain"][:, d["roi"]] for d in ds]
-    rows = []  # per subject, (shared windows,): its row of Ytrain, or -1 where it did not hear the window
-    for d in ds:
-        rows.append(torch.full((len(shared["train"]),), -1, dtype=torch.long))
-        rows[-1][d["take_train"]] = torch.arange(len(d["take_train"]))
     for epoch in range(state["epoch"], args.epochs):
         if state["bad_epochs"] >= args.patience:
             break
@@ -419,18 +464,18 @@ def train_stage2(args, model, ds, shared, run, device, ckpt=None):
         net.train()
         perm = torch.randperm(len(shared["train"]), generator=torch.Generator().manual_seed(args.seed + epoch))
         B = args.batch_size
-        bar = tqdm(range(0, len(perm), B), desc=f"epoch {epoch + 1}", disable=RANK or not sys.stderr.isatty())
-        for i, start in enumerate(bar):
+        note = lambda: f"loss {model_losses[-1]:.4f}, {len(model_losses) * B / (time.time() - t0):.1f} windows/s"
+        for i, start in enumerate(data.progress(range(0, len(perm), B), f"epoch {epoch + 1}", note=note)):
             idx = perm[start:start + B][RANK::WORLD]  # this process's share of the global batch
             wave = torch.stack([shared["train"][j][0] for j in idx.tolist()]).to(device)
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
                 preds = net(wave)  # every head on the one forward of the shared windows
             losses = []
-            for k, head in enumerate(model.heads):
-                r = rows[k][idx]
+            for k, (head, d) in enumerate(zip(model.heads, ds)):
+                r = d["row_train"][idx]
                 heard = r >= 0  # the windows of this batch that subject k heard
                 if heard.any():
-                    loss = loss_fn(preds[k][heard].float(), Y[k][r[heard]].to(device), args.loss)
+                    loss = loss_fn(preds[k][heard].float(), d["Ytrain"][r[heard], d["roi"]].to(device), args.loss)
                     if args.l2:
                         loss = loss + args.l2 * sum(p.square().sum() for n, p in head.named_parameters()
                                                     if n.endswith("weight"))
@@ -446,10 +491,9 @@ def train_stage2(args, model, ds, shared, run, device, ckpt=None):
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             model_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}", win_s=f"{(start + B) / (time.time() - t0):.1f}")
         model.eval()
-        val = [r.nanmean().item() for r in heads_r(model, extract(model.features, shared["val"], args.batch_size,
-                                                                  device, "validation"), ds, "val", device)]
+        Z = data.features(model.features, shared["val"], None, args.batch_size, device, "validation")
+        val = [r.nanmean().item() for r in heads_r(model, Z, ds, "val", device)]
         val_r = float(np.mean(val))
         state["metrics"].append(dict(epoch=epoch + 1, train_loss=float(np.mean(model_losses)), val_r=val_r,
                                      lr=opt.param_groups[0]["lr"], head_lr=opt.param_groups[1]["lr"],
@@ -521,6 +565,8 @@ def parser():
     a("--out", default=None, help="run folder (default runs/<subject>_<roi>_<model>_<time>)")
     a("--resume", default=None, help="continue the run in this folder from its last finished epoch")
     a("--force", action="store_true", help="overwrite an existing run folder")
+    a("--no-cache", action="store_true", help="keep nothing in $BRAINTUNE_CACHE (default .cache): responses, "
+                                              "audio, features and stage-1 fits are made again and deleted at exit")
     return p
 
 
@@ -541,8 +587,7 @@ def parse(argv=None):
         p.set_defaults(**RECIPES[first.recipe], recipe=first.recipe)
     args = p.parse_args(argv)
     args.synthetic = args.data is None
-    if args.synthetic:
-        args.data = os.path.join(os.environ.get("BRAINTUNE_CACHE", ".cache"), "synthetic")
+    args.data = os.path.abspath(args.data or os.path.join(data.cache_root(), "synthetic"))  # a run works from anywhere
     args.model = args.model or ("tiny" if args.synthetic else "wavlm_base_plus")
     for k in ("test_stories", "val_stories"):
         setattr(args, k, getattr(args, k).split(",") if isinstance(getattr(args, k), str) else getattr(args, k))
@@ -560,14 +605,19 @@ def run_folder(args):
     if args.resume:
         return args.resume
     name = args.out or os.path.join("runs", f"{args.subject.replace(',', '+')}_{args.roi}_{args.model}_{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(name) and os.listdir(name) and not args.force:
+    if os.path.exists(name) and (not os.path.isdir(name) or os.listdir(name)) and not args.force:
         raise ValueError(f"{name} already exists; use --resume {name} to continue it or --force to overwrite it")
-    os.makedirs(name, exist_ok=True)
     return name
 
 
 def main(argv=None):
     args = parse(argv)
+    with data.no_cache() if getattr(args, "no_cache", False) else contextlib.nullcontext():
+        return brain_tune(args)
+
+
+def brain_tune(args):
+    """Both stages and the results, for the flags in args; returns the run folder."""
     if WORLD > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
@@ -579,19 +629,19 @@ def main(argv=None):
         log(f"making the synthetic dataset in {args.data} (once)")
         data.make_demo(args.data + ".tmp")
         os.replace(args.data + ".tmp", args.data)
-    if WORLD > 1:
-        torch.distributed.barrier()
     if "," in args.subject and args.roi.endswith(".npy"):
         raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with several subjects "
                          "use all, topN or an ROI name found in each subject's ROI file")
+    run = [run_folder(args) if RANK == 0 else None]
+    if WORLD > 1:
+        torch.distributed.broadcast_object_list(run)  # every process needs the folder's name
+    run = run[0]
+    if WORLD > 1 and RANK > 0:
+        torch.distributed.barrier()  # rank 0 fills the caches (data, tiny, stage 1) first; the others read them
     ds, shared = prepare(args, args.subject.split(","))
     pretrained = None
     if args.model == "tiny" and args.weights is None and getattr(args, "tiny_pretrain", 0) > 0:
-        t0 = time.time()
-        audio = dict(zip(shared["train"].stories, shared["train"].waves))  # already read and resampled
-        pretrained, accuracy = pretrain_tiny(args.data, audio, args.tiny_pretrain, args.seed)
-        log(f"tiny pretrained to name phones: {args.tiny_pretrain} epochs, frame accuracy {accuracy:.2f}, "
-            f"{time.time() - t0:.0f} s")
+        pretrained = tiny_pretrained(args, shared["train"])
     backbone, normalize = load_backbone(args.model, pretrained or args.weights, args.seed, args.backbone_dropout)
     n_layers = len(backbone.encoder.transformer.layers)
     weighted = args.layer == "weighted"
@@ -599,10 +649,8 @@ def main(argv=None):
     if not 1 <= layer <= n_layers:
         raise ValueError(f"--layer {layer}: {args.model} has layers 1..{n_layers}")
     backbone.to(device)
-    run = [run_folder(args) if RANK == 0 else None]
-    if WORLD > 1:
-        torch.distributed.broadcast_object_list(run)  # every process needs the folder's name
-    run = run[0]
+    if RANK == 0:
+        os.makedirs(run, exist_ok=True)
     log(f"{'+'.join(d['subject'] for d in ds)}: model {args.model} (recipe {args.recipe or 'none'}), layer "
         f"{args.layer if weighted else layer}, {len(shared['train'])} training windows of {args.history} TRs from "
         f"{len(shared['train'].stories)} stories; run folder {run}")
@@ -614,10 +662,11 @@ def main(argv=None):
         cfg = dict(args=vars(args), stories={d["subject"]: d["stories"] for d in ds}, torch=torch.__version__,
                    torchaudio=torchaudio.__version__, numpy=np.__version__)
         save_atomic(json.dumps(cfg, indent=1), os.path.join(run, "config.json"))
-    lw = torch.zeros(n_layers, device=device) if weighted else None
 
-    def features(fn):  # each shared window forwarded once, then each subject takes its rows
-        X = {s: extract(fn, shared[s], args.batch_size, device, s) for s in ("train", "test")}
+    def features(bb, lw):  # each shared window forwarded once, then each subject takes its rows
+        fn = lambda w: pooled(bb, w, layer, args.history, lw, normalize)
+        key = feature_key(bb, layer, lw, normalize)
+        X = {s: data.features(fn, shared[s], key, args.batch_size, device, s) for s in ("train", "test")}
         stats = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)  # one z-scoring for every head
         return X, stats, [{s: X[s][d["take_" + s]] for s in X} for d in ds]
 
@@ -625,10 +674,12 @@ def main(argv=None):
     if args.resume and os.path.exists(stage1_path):
         mu, sd, fits = load_checkpoint(stage1_path)
     else:
-        _, (mu, sd), X = features(lambda w: pooled(backbone, w, layer, args.history, lw, normalize))
+        _, (mu, sd), X = features(backbone, torch.zeros(n_layers, device=device) if weighted else None)
         fits = [stage1(args, x, d, device, (mu, sd))[2:] for x, d in zip(X, ds)]  # (W, cv, r) per subject
         if RANK == 0:
             save_atomic((mu, sd, fits), stage1_path)
+    if WORLD > 1 and RANK == 0:
+        torch.distributed.barrier()
     for d, (W, cv, r) in zip(ds, fits):
         d["sets"] = sets(args, d, cv)
         d["roi"] = d["sets"][args.roi] if args.roi.startswith("top") else np.intersect1d(
@@ -645,8 +696,7 @@ def main(argv=None):
             os.path.join(run, "checkpoint.pt")) else None
         state = train_stage2(args, model, ds, shared, run, device, ckpt)
         model.eval()
-        Xs, stats, X = features(lambda w: pooled(model.backbone, w, layer, args.history, model.layer_weights,
-                                                 normalize))
+        Xs, stats, X = features(model.backbone, model.layer_weights)
         for x, d, r in zip(X, ds, heads_r(model, (Xs["test"] - mu) / sd, ds, "test", device)):
             d["res"]["tuned_r"] = np.full(len(d["good"]), np.nan, np.float32)
             d["res"]["tuned_r"][d["roi"]] = r.numpy()  # the tuned model with its own head

@@ -12,3 +12,15 @@ def demo(tmp_path_factory):
     import data
     return data.make_demo(str(tmp_path_factory.mktemp("demo") / "ds"), n_subjects=3, n_stories=5, n_voxels=90,
                           seconds=60.0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache(tmp_path_factory):
+    """The caches of every test (and of the commands they run) in the session's own folder."""
+    old = os.environ.get("BRAINTUNE_CACHE")
+    os.environ["BRAINTUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield os.environ["BRAINTUNE_CACHE"]
+    if old is None:
+        del os.environ["BRAINTUNE_CACHE"]
+    else:
+        os.environ["BRAINTUNE_CACHE"] = old

@@ -41,7 +41,7 @@ def test_click_lands_in_the_predicted_bin(tmp_path):
     t = data.row_times(12)
     hits = 0
     for i in range(len(win)):
-        wave, _, s, r = win[i]
+        wave, s, r = win[i]
         assert wave.shape == (win.n_samples,)
         bins = data.pool_frames(wave.abs()[None, :, None], H)[0, :, 0]  # (H,) bin k = delay k
         if t[r] - H * data.TR <= click < t[r]:
@@ -79,13 +79,14 @@ def test_synthetic_dataset_reads_back_with_its_ground_truth(demo):
     assert good.all()
     truth = np.load(os.path.join(demo, "derivative", "ground_truth", "UTS01.npz"))
     kind, snr = truth["kind"], truth["snr"]
-    X, clean = truth[f"features_{train[0]}"], truth[f"clean_{train[0]}"]
-    W, *_ = np.linalg.lstsq(X, clean, rcond=None)
-    r = [np.corrcoef(X @ W[:, v], clean[:, v])[0, 1] for v in np.flatnonzero(kind < 2)]
+    clean = lambda s: np.where(kind < 2, data.zscore(truth[f"features_{s}"] @ truth["weights"]), 0.0)
+    X = truth[f"features_{train[0]}"]
+    W, *_ = np.linalg.lstsq(X, clean(train[0]), rcond=None)
+    r = [np.corrcoef(X @ W[:, v], clean(train[0])[:, v])[0, 1] for v in np.flatnonzero(kind < 2)]
     assert min(r) > 0.99
     # the noisy responses correlate with the clean ones as the known SNR implies
     sig = kind < 2
-    measured = np.array([np.corrcoef(resp[s][:, sig].ravel(), truth[f"clean_{s}"][:, sig].ravel())[0, 1]
+    measured = np.array([np.corrcoef(resp[s][:, sig].ravel(), clean(s)[:, sig].ravel())[0, 1]
                          for s in train]).mean()
     implied = np.mean(np.sqrt(snr[sig] / (1 + snr[sig])))
     assert abs(measured - implied) < 0.05
@@ -262,8 +263,10 @@ def test_prepare_shares_windows_between_subjects(demo, tmp_path):
     assert b["stories"]["val"] == a["stories"]["val"] and b["stories"]["test"] == a["stories"]["test"]
     for d in (a, b):
         for i in range(0, len(d["train"]), 17):  # each subject row's audio is its shared window's audio
-            wave, resp, s, r = d["train"][i]
+            wave, s, r = d["train"][i]
             assert torch.equal(wave, shared["train"][int(d["take_train"][i])][0])
-            assert torch.equal(resp, d["Ytrain"][i])
+            assert d["row_train"][d["take_train"][i]] == i  # and back: the shared window's row of this subject
+        heard = d["row_train"] >= 0
+        assert heard.sum() == len(d["train"]) and set(d["take_train"].tolist()) == set(torch.nonzero(heard)[:, 0].tolist())
     with pytest.raises(ValueError, match="UTS01 is given twice"):
         data.prepare(str(root), ["S01", "UTS01"])
