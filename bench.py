@@ -11,7 +11,11 @@ import ctypes
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
+import threading
 import time
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
@@ -218,14 +222,77 @@ def bench_head(n_vox, p, bottleneck, batch=8):
     return {"voxels": n_vox, "p": p, "bottleneck": bottleneck, "params_mb": params, "peak_mb": peak_mb(step)}
 
 
+def run_measured(cmd, log, env=None, every=0.05):
+    """Run cmd in a fresh process, its output to `log`: wall seconds, peak private memory (RssAnon,
+    sampled every `every` s: memory-mapped file pages the kernel can drop do not count), peak
+    resident memory (max RSS, mapped pages included) and exit status."""
+    t0, peak = time.time(), [0]
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+    def sample():
+        while p.returncode is None:
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    peak[0] = max([peak[0]] + [int(x.split()[1]) for x in f if x.startswith("RssAnon:")])
+            except OSError:
+                return
+            time.sleep(every)
+    threading.Thread(target=sample, daemon=True).start()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": time.time() - t0, "private_gb": peak[0] / 2 ** 20, "resident_gb": usage.ru_maxrss / 2 ** 20,
+            "exit": p.returncode}
+
+
+def du_gb(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2 ** 30
+
+
+def bench_fullscale(quick):
+    """train.py on a synthetic subject of the published size (UTS01: 85 stories of 650 s, 81,126
+    voxels, float64 hf5, 10 test repeats, 44.1 kHz stereo wav), made once under the cache, each
+    command in a fresh process with a fresh run cache: stage 1 cold, again warm with another ROI, one
+    epoch of stage 2 on the whole cortex, and three subjects (S02 and S03 link to S01's files)."""
+    size = dict(stories=3, seconds=60, voxels=3000) if quick else dict(stories=84, seconds=650, voxels=81126)
+    home = os.path.join(data.cache_root(), "fullscale-quick" if quick else "fullscale")
+    ds, cache, out = (os.path.join(home, k) for k in ("dataset", "cache", "runs"))
+    py, env = sys.executable, dict(os.environ, BRAINTUNE_CACHE=cache)
+    res = {"dataset": {**size, "gb": None}}
+    if not os.path.isdir(ds):
+        os.makedirs(home, exist_ok=True)
+        res["dataset"]["make"] = run_measured([py, "data.py", "demo", ds, "--subjects", "1", "--sr", "44100",
+                                               "--channels", "2", *(f"--{k}={v}" for k, v in size.items())],
+                                              os.path.join(home, "make.log"))
+    for s in ("UTS02", "UTS03"):
+        link = os.path.join(ds, "derivative", "preprocessed_data", s)
+        if not os.path.lexists(link):
+            os.symlink("UTS01", link)
+            shutil.copy(os.path.join(ds, "derivative", "rois", "UTS01.npz"), os.path.join(ds, "derivative", "rois", s + ".npz"))
+    res["dataset"]["gb"] = du_gb(ds)
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    common = [py, "train.py", "--data", ds, "--model", "tiny"]
+    runs = {"stage1_cold": ["--subject", "S01", "--roi", "all", "--epochs", "0"],
+            "stage1_warm_top1000": ["--subject", "S01", "--roi", "top1000", "--epochs", "0"],
+            "stage2_one_epoch": ["--subject", "S01", "--roi", "all", "--epochs", "1"],
+            "three_subjects": ["--subject", "S01,S02,S03", "--roi", "all", "--epochs", "0"]}
+    for name, flags in runs.items():
+        r = run_measured(common + flags + ["--out", os.path.join(out, name)], os.path.join(home, name + ".log"), env)
+        assert r["exit"] == 0, f"{name} failed: see {os.path.join(home, name + '.log')}"
+        res[name] = dict(r, cache_gb=du_gb(cache))
+        print(f"fullscale {name}: {r['seconds']:.0f} s, private {r['private_gb']:.2f} GB", flush=True)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description="braintune speed and memory benchmark")
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
     ap.add_argument("--out", default="bench.json", help="where to write the numbers")
-    ap.add_argument("--only", default="", help="comma-separated parts to run (default all): ridge, step, "
-                                               "subjects, extract, head, scaling")
+    ap.add_argument("--only", default="", help="comma-separated parts to run (default all but fullscale): ridge, "
+                                               "step, subjects, extract, head, scaling, fullscale")
     a = ap.parse_args()
-    want = lambda part: not a.only or part in a.only.split(",")
+    want = lambda part: part in a.only.split(",") if a.only else part != "fullscale"
     q = a.quick
     reps = 2 if q else 3
     if not torch.cuda.is_available():
@@ -251,6 +318,8 @@ def main():
         res["scaling_ridge_v"] = [bench_ridge(1000, 500, v, 1, peer=False) for v in ((2000, 4000) if q else (10000, 20000, 40000, 80000))]
         res["scaling_ridge_n"] = [bench_ridge(n, 500, 2000 if q else 10000, 1, peer=False) for n in ((500, 1000) if q else (2000, 4000, 8000))]
         res["scaling_step"] = [bench_step(model, b, 6, 8, 1, step_only=True) for b in ((1, 2) if q else (1, 2, 4, 8))]
+    if want("fullscale"):  # about an hour, and 45 GB of disk, at the published size
+        res["fullscale"] = bench_fullscale(q)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print(report(res))
@@ -289,6 +358,11 @@ def report(res):
         lines += [f"{key}: n={x['n']} p={x['p']} v={x['v']}: {x['seconds']:.2f} s, peak {x['peak_mb']:.0f} MB "
                   f"(W alone: {4 * x['p'] * x['v'] / 2 ** 20:.0f} MB)" for x in res.get(key, [])]
     lines += [f"scaling_step batch {x['batch']}: {x['step_s']:.3f} s" for x in res.get("scaling_step", [])]
+    if "fullscale" in res:
+        f = res["fullscale"]
+        lines.append(f"fullscale dataset {f['dataset']}")
+        lines += [f"fullscale {k}: {v['seconds']:.0f} s, peak private {v['private_gb']:.2f} GB, peak resident "
+                  f"{v['resident_gb']:.2f} GB, cache {v['cache_gb']:.1f} GB" for k, v in f.items() if k != "dataset"]
     return "\n".join(lines)
 
 

@@ -235,6 +235,15 @@ def zscore(x, axis=0):
     return x / np.where(x.std(axis, keepdims=True) > 0, x.std(axis, keepdims=True), 1)
 
 
+def zscore_(x):
+    """zscore of each column of x (rows, cols) in place, with float64 sums and no copy of x (a story
+    of a whole subject is 100-200 MB); constant columns become 0. Returns the standard deviations."""
+    x -= x.mean(0, dtype=np.float64).astype(x.dtype)
+    sd = np.sqrt(np.einsum("ij,ij->j", x, x, dtype=np.float64) / max(len(x), 1)).astype(x.dtype)
+    x /= np.where(sd > 0, sd, 1)
+    return sd
+
+
 def splits(root, subj, test_stories=None, val_stories=None):
     """(train, val, test) story lists for a subject. Every story with responses must have audio.
     Audio with no responses is a story this subject did not hear (UTS04-08 heard 27 of 84)."""
@@ -272,13 +281,10 @@ def story_responses(root, subj, story):
             f["data"].read_direct(x)
         good = np.isfinite(x).all(0)
         np.nan_to_num(x, copy=False)
-        x -= x.mean(0, dtype=np.float64).astype(np.float32)
-        sd = np.sqrt(np.square(x, dtype=np.float64).mean(0)).astype(np.float32)  # (voxels,)
-        good &= sd > 0
-        x /= np.where(good, sd, 1)
+        good &= zscore_(x) > 0
         x[:, ~good] = 0
         return {"data": x, "good": good}
-    return cached("responses", dict(file=file_key(path), v=1), build, f"{subj}_{story}")
+    return cached("responses", dict(file=file_key(path), v=1), build, story)
 
 
 def load_responses(root, subj, stories):
@@ -355,7 +361,7 @@ def story_ceiling(root, subj, story, block=4096):
             for j in progress(range(0, len(cc), block), f"{subj} noise ceiling"):
                 cc[j:j + block] = noise_ceiling(reps[:, :, j:j + block])
         return {"ceiling": cc}
-    return cached("ceiling", dict(file=file_key(path), v=1), build, f"{subj}_{story}")["ceiling"]
+    return cached("ceiling", dict(file=file_key(path), v=1), build, story)["ceiling"]
 
 
 def load_audio(root, stories):
@@ -679,10 +685,11 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
     features = {}  # story -> (rows, 8 + dim): band energies and meaning, through the HRF
     for s in progress(stories, "synthetic audio"):
         audio, words = _story(rng, vocab, seconds)
-        pcm = audio / np.abs(audio).max() * 0.9
-        pcm = resample_poly(pcm, sr, DEMO_SR) if sr != DEMO_SR else pcm
-        pcm = np.stack([pcm * (1 - 0.2 * c) for c in range(channels)], 1) if channels > 1 else pcm
-        wavfile.write(wav_path(out, s), sr, (pcm * 32767).astype(np.int16))
+        pcm = audio / np.abs(audio).max() * 0.9 * 32767
+        pcm = (resample_poly(pcm.astype(np.float32), sr, DEMO_SR) if sr != DEMO_SR else pcm).astype(np.int16)
+        if channels > 1:  # the other channels a little quieter
+            pcm = np.stack([(pcm.astype(np.int32) * (5 - c) // 5).astype(np.int16) for c in range(channels)], 1)
+        wavfile.write(wav_path(out, s), sr, pcm)
         _textgrid(textgrid_path(out, s), words, seconds)
         low = zscore(_band_energies(audio))
         sem = np.zeros((len(low), dim))
@@ -704,7 +711,8 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
         truth = {"weights": W, "snr": ratio, "noise_sd": noise_sd, "kind": kind,
                  **{f"features_{s}": features[s] for s in stories}}
         for s in progress(stories, f"synthetic {subj}"):
-            clean = np.where(kind < 2, zscore(features[s] @ W), 0.0)  # (rows, voxels), unit variance
+            clean = features[s] @ W  # (rows, voxels); in place from here on: a story is ~200 MB
+            zscore_(clean)  # unit variance; voxels of neither kind have zero weights, so stay 0
             total = np.zeros_like(clean)
             with h5py.File(response_path(out, subj, s), "w") as f:
                 n = repeats if s == TEST_STORY else 1  # repeat by repeat: one repeat in memory at a time
@@ -716,7 +724,8 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
                     total += noisy
                     if reps is not None:
                         reps[i] = noisy
-                f["data"] = zscore(total / n)
+                zscore_(total)
+                f["data"] = total
         np.savez(os.path.join(out, "derivative", "rois", subj + ".npz"),
                  AC=np.flatnonzero(kind == 0), semantic=np.flatnonzero(kind == 1))
         np.savez(os.path.join(out, "derivative", "ground_truth", subj + ".npz"), **truth)

@@ -668,7 +668,8 @@ def brain_tune(args):
         key = feature_key(bb, layer, lw, normalize)
         X = {s: data.features(fn, shared[s], key, args.batch_size, device, s) for s in ("train", "test")}
         stats = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)  # one z-scoring for every head
-        return X, stats, [{s: X[s][d["take_" + s]] for s in X} for d in ds]
+        own = lambda x, take: x if len(take) == len(x) and bool((take == torch.arange(len(x))).all()) else x[take]
+        return X, stats, [{s: own(X[s], d["take_" + s]) for s in X} for d in ds]  # no copy if it heard them all
 
     stage1_path = os.path.join(run, "stage1.pt")
     if args.resume and os.path.exists(stage1_path):
