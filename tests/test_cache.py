@@ -13,6 +13,7 @@ import torch
 
 import data
 import train
+from test_train import count_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,13 +36,7 @@ def stage1_run(demo, out, *extra):
 
 
 def test_cold_warm_and_off_give_the_same_stage1(demo, fresh, tmp_path, monkeypatch):
-    forwarded, real = [], train.load_backbone
-
-    def counted(*a, **k):
-        model, normalize = real(*a, **k)
-        model.feature_extractor.register_forward_pre_hook(lambda m, inp: forwarded.append(len(inp[0])))
-        return model, normalize
-    monkeypatch.setattr(train, "load_backbone", counted)
+    forwarded = count_windows(monkeypatch)
     runs = {}
     for name, extra in (("cold", []), ("warm", []), ("off", ["--no-cache"])):
         forwarded.clear()
