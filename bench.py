@@ -26,6 +26,7 @@ import torch.nn as nn
 import data
 import lora
 import train
+from model import BrainModel, build_backbone, hidden, make_head, pooled
 
 
 def timeit(fn, reps=3, warmup=1):
@@ -126,7 +127,7 @@ def matmul_gflops(size, reps):
 def backbone(name, dropout=None):
     """The architecture with random weights (no download), as train.py builds it."""
     torch.manual_seed(0)
-    return train.build_backbone(name, dropout)[0]
+    return build_backbone(name, dropout)[0]
 
 
 def forward_flops(model, wave):
@@ -145,7 +146,7 @@ def mask_seconds(model, wave, layer, reps):
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((o.shape, m.p)))
              for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
     with torch.inference_mode():
-        frames = train.hidden(model.eval(), wave, layer).shape[1]
+        frames = hidden(model.eval(), wave, layer).shape[1]
     for h in hooks:
         h.remove()
     for att in (m.attention for m in model.encoder.transformer.layers[:layer]):
@@ -164,7 +165,7 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, su
     wave = torch.randn(batch, round(history * data.TR * data.SR))
     lora.add_lora(model, rank, 2.0 * max(rank, 1), 0.0, "qkvo")
     dim = model.encoder.feature_projection.projection.out_features
-    net = train.BrainModel(model, [nn.Linear(history * dim, n_vox) for _ in range(subjects)],
+    net = BrainModel(model, [nn.Linear(history * dim, n_vox) for _ in range(subjects)],
                            torch.zeros(history * dim), torch.ones(history * dim), L, history)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     y = torch.randn(batch, n_vox)
@@ -197,7 +198,7 @@ def bench_extract(name, n_windows, history, batch, reps):
     rows = n_windows
     win = data.Windows({"s": wave.numpy()}, {"s": rows}, ["s"], history=history, trim_start=0,
                        sound_start=-history * data.TR)
-    fn = lambda w: train.pooled(model, w, L, history)
+    fn = lambda w: pooled(model, w, L, history)
     waves = torch.stack([win[i][0] for i in range(len(win))])
 
     def bare():
@@ -212,7 +213,7 @@ def bench_extract(name, n_windows, history, batch, reps):
 
 def bench_head(n_vox, p, bottleneck, batch=8):
     """Peak memory of a training step (forward, backward, AdamW) of the head alone, whole cortex."""
-    head = train.make_head(torch.randn(p, n_vox) * 0.01, bottleneck)
+    head = make_head(torch.randn(p, n_vox) * 0.01, bottleneck)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
     x, y = torch.randn(batch, p), torch.randn(batch, n_vox)
 
@@ -293,6 +294,11 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated parts to run (default all but fullscale): ridge, "
                                                "step, subjects, extract, head, scaling, fullscale")
     a = ap.parse_args()
+    parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "fullscale")
+    unknown = [x for x in a.only.split(",") if a.only and x not in parts]
+    if unknown or not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        sys.exit(f"error: --only {a.only}: unknown part {unknown[0]!r}; choose from {', '.join(parts)}" if unknown else
+                 f"error: --out {a.out}: no folder {os.path.dirname(os.path.abspath(a.out))}")
     want = lambda part: part in a.only.split(",") if a.only else part != "fullscale"
     q = a.quick
     reps = 2 if q else 3

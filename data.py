@@ -15,6 +15,7 @@ a cache of float32 .npy files ($BRAINTUNE_CACHE, default .cache) that runs memor
 """
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchaudio
 import torchaudio.functional as AF
 from scipy.io import wavfile
 from scipy.signal import resample_poly
@@ -137,6 +139,13 @@ def cached(kind, key, build, name="entry"):
         except Exception as e:  # truncated, corrupt, or from an older layout
             warnings.warn(f"{path}: broken cache entry ({type(e).__name__}: {e}); rebuilding it")
             shutil.rmtree(path, ignore_errors=True)
+    for old in glob.glob(path + ".tmp*") if os.name == "posix" else []:  # left by a killed process: never read
+        try:
+            os.kill(int(old.rsplit(".tmp", 1)[1]), 0)  # signal 0: is the writer still running?
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, OSError):
+            pass
     out, tmp = build(), f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -257,6 +266,9 @@ def splits(root, subj, test_stories=None, val_stories=None):
     test = test_stories or ([TEST_STORY] if TEST_STORY in resp else resp[-1:])
     rest = [s for s in resp if s not in test]
     val = val_stories or (["stagefright"] if "stagefright" in rest else rest[-1:])
+    if set(val) & set(test) or len(set(val)) < len(val) or len(set(test)) < len(test):
+        raise ValueError(f"--val-stories {','.join(val)} and --test-stories {','.join(test)}: a story may be in one "
+                         "of them once, never in both (early stopping on a test story inflates every test r)")
     for s in test + val:
         if s not in resp:
             raise ValueError(f"story {s!r} has no responses for {subj}{'' if s in audio else ' and no audio'}; "
@@ -265,6 +277,50 @@ def splits(root, subj, test_stories=None, val_stories=None):
     if not train:
         raise ValueError(f"{subj} has no training stories left after test {test} and validation {val}")
     return train, val, test
+
+
+def placeholder(path):
+    """A file that datalad (git-annex) has listed but not fetched: a broken link, or a small pointer file."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return True
+    if os.path.isfile(path) and os.path.getsize(path) < 1024:
+        with open(path, "rb") as f:
+            return b"annex/objects/" in f.read()
+    return False
+
+
+def check(root, subjects, test_stories=None, val_stories=None, folds=None, **timing):
+    """What can be known before reading any data, from listings and file headers alone: each subject
+    and its splits, every file there and fetched, audio long enough for its rows, no more folds than
+    training stories. Raises ValueError naming the flag or the file. Returns {subject: (voxels,
+    (train, val, test))}."""
+    out, timing = {}, dict(dict(tr=TR, trim_start=TRIM_START, sound_start=SOUND_START), **timing)
+    for name in subjects:
+        subj = find_subject(root, name)
+        train, val, test = splits(root, subj, test_stories, val_stories)
+        test_stories, val_stories = test, val
+        if folds is not None and folds > len(train):
+            raise ValueError(f"--cv-folds {folds}: {subj} has {len(train)} training stories, and a fold is whole stories")
+        for s in train + val + test:
+            for path in (response_path(root, subj, s), wav_path(root, s)):
+                if placeholder(path):
+                    raise ValueError(f"{path}: not fetched yet (a datalad placeholder); run `datalad get "
+                                     f"{os.path.relpath(path, root)}` in {root}")
+            with open_hf5(response_path(root, subj, s)) as f:
+                shape = f["data"].shape if "data" in f else ()
+            if len(shape) != 2 or (subj in out and shape[1] != out[subj][0]):
+                raise ValueError(f"{response_path(root, subj, s)}: 'data' has shape {shape}; expected (TRs, "
+                                 f"{out[subj][0] if subj in out else 'voxels'})")
+            try:
+                sr, wave = wavfile.read(wav_path(root, s), mmap=True)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{wav_path(root, s)}: cannot read as WAV ({e})") from None
+            need = row_times(shape[0], **timing)[-1] if shape[0] else 0
+            if need - len(wave) / sr > timing["tr"]:
+                raise ValueError(f"story {s!r}: audio is {len(wave) / sr:.1f} s long but its last fMRI frame needs "
+                                 f"audio up to {need:.1f} s (see --tr, --trim-start, --sound-start)")
+            out[subj] = (shape[1], (train, val, test))
+    return out
 
 
 def story_responses(root, subj, story):
@@ -368,7 +424,8 @@ def load_audio(root, stories):
     """{story: (samples,) float32 at 16 kHz, memory-mapped}: each wav read and resampled once."""
     def one(s):
         build = lambda: {"wave": read_wav(wav_path(root, s)).numpy()}
-        return cached("audio", dict(file=file_key(wav_path(root, s)), sr=SR, v=1), build, s)["wave"]
+        key = dict(file=file_key(wav_path(root, s)), sr=SR, torchaudio=torchaudio.__version__)
+        return cached("audio", key, build, s)["wave"]
     return {s: one(s) for s in progress(stories, "audio")}
 
 
@@ -745,10 +802,11 @@ def main(argv=None):
     d.add_argument("--channels", type=int, default=1, help="channels of the wav files (ds003020: 2)")
     d.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
-    for flag, ok in (("--subjects", a.subjects >= 1), ("--stories", a.stories >= 2), ("--voxels", a.voxels >= 3),
-                     ("--seconds", a.seconds >= 30), ("--sr", a.sr >= 8000), ("--channels", 1 <= a.channels <= 8)):
+    for flag, ok, want in (("--subjects", a.subjects >= 1, "at least 1"), ("--stories", a.stories >= 2, "at least 2"),
+                           ("--voxels", a.voxels >= 3, "at least 3"), ("--seconds", a.seconds >= 30, "at least 30"),
+                           ("--sr", a.sr >= 8000, "at least 8000"), ("--channels", 1 <= a.channels <= 8, "1 to 8")):
         if not ok:
-            sys.exit(f"error: {flag} {getattr(a, flag[2:])} is out of range (nothing was written)")
+            sys.exit(f"error: {flag} {getattr(a, flag[2:])}: must be {want} (nothing was written)")
     if os.path.exists(a.out):
         sys.exit(f"error: {a.out} already exists; choose a new folder (nothing was written)")
     tmp = a.out.rstrip("/") + ".tmp"

@@ -23,6 +23,7 @@ import torch
 import data
 import lora
 import train
+from model import feature_key, hidden, load_backbone, load_checkpoint, pooled
 
 
 def load_run(run):
@@ -32,17 +33,18 @@ def load_run(run):
     for f in ("config.json", "results.json", "stage1.pt"):
         if not os.path.isfile(os.path.join(run, f)):
             raise ValueError(f"{run} is incomplete: {f} is missing (did the run finish?)")
-    with open(os.path.join(run, "config.json")) as f:
-        args = argparse.Namespace(**json.load(f)["args"])
+    args = train.parse(["--resume", run])  # the run's flags, with today's defaults for newer ones
+    if not os.path.isdir(args.data):
+        raise ValueError(f"{args.data}: the run's dataset (--data in {run}/config.json) is not there")
     own = os.path.join(run, "tiny_pretrained.pt")  # tiny's pretrained weights travel with the run folder
     if args.weights and os.path.basename(args.weights) == "tiny_pretrained.pt" and os.path.isfile(own):
         args.weights = own
-    pre, normalize = train.load_backbone(args.model, args.weights, args.seed)
+    pre, normalize = load_backbone(args.model, args.weights, args.seed)
     n_layers = len(pre.encoder.transformer.layers)
     layer = train.layer_of(args, n_layers)
     tuned, lw = None, None
     if os.path.isfile(os.path.join(run, "adapter.pt")):
-        state = train.load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
+        state = load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
         tuned = copy.deepcopy(pre)  # the same pretrained weights, read once
         lora.add_lora(tuned, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
         mine = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
@@ -68,7 +70,7 @@ def layer_weights(args, backbone, lw=None):
 
 def features_fn(args, layer, backbone, lw=None):
     weights = layer_weights(args, backbone, lw)
-    return lambda w: train.pooled(backbone, w, layer, args.history, weights, args.normalize)
+    return lambda w: pooled(backbone, w, layer, args.history, weights, args.normalize)
 
 
 def merge_analyses(run, key, value):
@@ -91,7 +93,7 @@ def show(run):
 def split_features(args, layer, backbone, lw, d):
     """{"train", "test"}: this backbone's pooled features of one subject's windows, (rows, p)."""
     fn = features_fn(args, layer, backbone, lw)
-    key = train.feature_key(backbone, layer, layer_weights(args, backbone, lw), args.normalize)
+    key = feature_key(args.model, backbone, layer, layer_weights(args, backbone, lw), args.normalize)
     return {s: data.features(fn, d[s], key, args.batch_size, torch.device("cpu"), s) for s in ("train", "test")}
 
 
@@ -129,21 +131,24 @@ def load_embeddings(path):
 
 @torch.inference_mode()
 def segment_features(args, layer, backbone, lw, wave, segments, context=4.0, batch=32):
-    """Mean frame features over each (start, end) segment, heard with `context` s of audio before
-    its end (BrainWavLM's 4 s windows): (segments, dim)."""
-    n = round(context * data.SR)
-    out = []
-    for i in range(0, len(segments), batch):
+    """Mean frame features over each (start, end) segment, heard with `context` s of audio before its
+    end (BrainWavLM's 4 s windows); a longer segment is heard whole, alone: (segments, dim)."""
+    spans = [max(context, end - start) for start, end in segments]  # seconds of audio each window holds
+    short = [k for k, s in enumerate(spans) if s == context]
+    out = [None] * len(segments)
+    for group in [short[i:i + batch] for i in range(0, len(short), batch)] + [[k] for k, s in enumerate(spans)
+                                                                              if s > context]:
+        span = spans[group[0]]
+        n = round(span * data.SR)
         waves = []
-        for start, end in segments[i:i + batch]:
-            e = round(end * data.SR)
+        for k in group:
+            e = round(segments[k][1] * data.SR)
             w = torch.from_numpy(np.array(wave[max(e - n, 0):min(e, len(wave))]))
             waves.append(torch.nn.functional.pad(w, (n - len(w), 0)))
-        h = train.hidden(backbone, torch.stack(waves), layer, layer_weights(args, backbone, lw), args.normalize)  # (batch, frames, dim)
-        per_s = h.shape[1] / context
-        for j, (start, end) in enumerate(segments[i:i + batch]):
-            a = min(int((context - (end - start)) * per_s), h.shape[1] - 1)
-            out.append(h[j, a:].mean(0))
+        h = hidden(backbone, torch.stack(waves), layer, layer_weights(args, backbone, lw), args.normalize)  # (batch, frames, dim)
+        for j, k in enumerate(group):
+            first = min(int((span - (segments[k][1] - segments[k][0])) * h.shape[1] / span), h.shape[1] - 1)
+            out[k] = h[j, first:].mean(0)
     return torch.stack(out)
 
 
@@ -229,7 +234,11 @@ def lowlevel(run):
     mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)
     L = {s: (v - mu) / sd for s, v in L.items()}
     groups = train.story_folds([len(e) for e in d["train"].ends], args.cv_folds)
-    res, table = {}, []
+    # the voxel sets by stage-1 cross-validated r on training stories: the same for both backbones,
+    # and not chosen by the test r they report
+    cv = load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1]
+    sets_ = train.sets(argparse.Namespace(roi="all"), d, cv)
+    res, table = {"sets": {k: v.tolist() for k, v in sets_.items()}}, []
     for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
         if bb is None:
             continue
@@ -238,14 +247,13 @@ def lowlevel(run):
         X = {k: (v - m) / s_ for k, v in X.items()}
         r = dict(zip(("full", "residual"), lowlevel_r(X, L, d["Ytrain"], d["Ytest"][:, :], groups, args.alphas)))
         r = {k: np.where(d["good"], v.numpy(), np.nan) for k, v in r.items()}
-        sets_ = train.sets(argparse.Namespace(roi="all"), d, torch.as_tensor(r["full"]))
         res[name] = {k: {"full_r": float(np.nanmean(r["full"][v])), "residual_r": float(np.nanmean(r["residual"][v]))}
                      for k, v in sets_.items()}
         res[name + "_voxel_r"] = {k: v.tolist() for k, v in r.items()}
         for k, v in res[name].items():
             table.append(f"{name:>10} {k:>10} full r {v['full_r']:.4f}  without low-level {v['residual_r']:.4f}  "
                          f"loss {v['full_r'] - v['residual_r']:+.4f}")
-    merge_analyses(run, "lowlevel", {k: v for k, v in res.items() if not k.endswith("voxel_r")})
+    merge_analyses(run, "lowlevel", {k: v for k, v in res.items() if k in ("pretrained", "tuned")})
     return res, "\n".join(table)
 
 
@@ -346,7 +354,20 @@ def main(argv=None):
     p.add_argument("--plot", action="store_true", help="write PNG figures into the run folder")
     p.add_argument("--export", help="write the merged tuned backbone as a torchaudio state dict here")
     a = p.parse_args(argv)
-    load_run(a.run)  # a clear error for a missing or incomplete run, before any work
+    args = load_run(a.run)[0]  # a clear error for a missing or incomplete run, before any work
+    if a.subject:
+        data.find_subject(args.data, a.subject)
+    for flag, runs in (("--seeds", a.seeds), ("--vs", a.vs)):
+        for r in runs or []:
+            if not os.path.isfile(os.path.join(r, "results.json")):
+                raise ValueError(f"{flag} {r}: not the folder of a finished run (no results.json)")
+    if a.vs and not a.seeds:
+        raise ValueError("--vs compares with the runs of --seeds; give --seeds too")
+    if a.embeddings and not os.path.isfile(a.embeddings):
+        raise ValueError(f"--embeddings {a.embeddings}: no such file")
+    if a.export and (os.path.exists(a.export) or not os.path.isdir(os.path.dirname(os.path.abspath(a.export)))):
+        raise ValueError(f"--export {a.export}: " + ("already exists; choose a new file" if os.path.exists(a.export)
+                         else f"no folder {os.path.dirname(os.path.abspath(a.export))}"))
     print(show(a.run))
     if a.subject:
         print(f"\ncross-subject transfer to {a.subject}:\n" + cross_subject(a.run, a.subject))

@@ -13,33 +13,23 @@ backbone's features are re-extracted and ridge refit, the field's protocol (REFE
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
-import math
 import os
+import re
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
-from torchaudio.models import wav2vec2_model, wavlm_model
 
 import data
 import lora
+from model import BUNDLES, TINY, BrainModel, feature_key, load_backbone, load_checkpoint, make_head, pooled, pretrain_tiny
 
-BUNDLES = {"wav2vec2_base": "WAV2VEC2_BASE", "wav2vec2_large": "WAV2VEC2_LARGE", "hubert_base": "HUBERT_BASE",
-           "hubert_large": "HUBERT_LARGE", "wavlm_base": "WAVLM_BASE", "wavlm_base_plus": "WAVLM_BASE_PLUS",
-           "wavlm_large": "WAVLM_LARGE"}
-TINY = dict(  # a small WavLM: the real classes, but 40 ms frames (stride 640, not 320) for a fast laptop demo
-    extractor_mode="group_norm", extractor_conv_layer_config=[(32, 40, 20), (32, 4, 4), (32, 2, 2), (32, 2, 2), (32, 2, 2)],
-    extractor_conv_bias=False, encoder_embed_dim=64, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=16,
-    encoder_pos_conv_groups=4, encoder_num_layers=4, encoder_num_heads=4, encoder_num_buckets=32,
-    encoder_max_distance=128, encoder_attention_dropout=0.0, encoder_ff_interm_features=128,
-    encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0,
-    aux_num_out=None)
 RECIPES = {  # REFERENCE section 1; every value can still be overridden on the command line
     # the laptop demo (the default with the tiny model): a small model needs larger steps
     "demo": dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="qkvo", lr=1e-2, head_lr=1e-4,
@@ -54,112 +44,9 @@ RECIPES = {  # REFERENCE section 1; every value can still be overridden on the c
 }
 
 
-# -----------------------------------------------------------------------------
-# the backbone
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
-
-
-DROPOUTS = ("encoder_projection_dropout", "encoder_attention_dropout", "encoder_dropout", "encoder_ff_interm_dropout")
-
-
-def build_backbone(name, dropout=None):
-    """The architecture of `name` with random weights, and whether its bundle layer-normalises the
-    wave. dropout replaces the bundle's own dropout probabilities (active in training mode only);
-    LayerDrop is always off, so that every layer the head reads is computed."""
-    if name != "tiny" and name not in BUNDLES:
-        raise ValueError(f"unknown model {name!r}; choose tiny or one of {', '.join(BUNDLES)}")
-    override = dict(encoder_layer_drop=0.0, **({k: dropout for k in DROPOUTS} if dropout is not None else {}))
-    if name == "tiny":
-        return wavlm_model(**dict(TINY, **override)), False
-    bundle = getattr(torchaudio.pipelines, BUNDLES[name])
-    build = wavlm_model if bundle._model_type == "WavLM" else wav2vec2_model
-    return build(**dict(bundle._params, **override)), bundle._normalize_waveform
-
-
-def load_backbone(name, weights=None, seed=0, dropout=None):
-    """A plain torchaudio Wav2Vec2Model with the bundle's pretrained weights (or `weights`: a path or
-    a state dict), and whether the bundle layer-normalises its input wave."""
-    torch.manual_seed(seed)
-    model, normalize = build_backbone(name, dropout)
-    if name != "tiny" and weights is None:
-        bundle, cache = getattr(torchaudio.pipelines, BUNDLES[name]), os.path.join(torch.hub.get_dir(), "checkpoints")
-        try:
-            weights = bundle._get_state_dict(None)  # from the cache, or downloaded into it once
-        except Exception as e:
-            raise ValueError(f"cannot get the {name} weights: {bundle._path} is not in {cache} and the download "
-                             f"failed ({type(e).__name__}); fetch it elsewhere and pass --weights PATH") from None
-    if weights is not None:
-        state = load_checkpoint(weights) if isinstance(weights, str) else weights
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0 if len(str(e).splitlines()) < 2 else 1].strip()
-            raise ValueError(f"{weights if isinstance(weights, str) else name}: the weights do not fit the {name} "
-                             f"architecture ({first})") from None
-    return model.eval(), normalize
-
-
-def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16, max_steps=300):
-    """tiny's stand-in for self-supervised pretraining: `epochs` passes over `audio` ({story: 16 kHz
-    wave}) in `chunk`-second pieces, learning to name each 40 ms frame's phone (the story's TextGrid
-    phone tier under root, pauses a class of their own) from the top layer. Like a real speech model,
-    it then knows the sounds of the language but not what its words mean. Each batch is sliced from
-    the (memory-mapped) waves when it is used, and training stops after max_steps steps, so that on
-    a whole subject (16 h of audio) it stays a smoke test of a minute or so. Returns (state dict,
-    frame accuracy of the last epoch)."""
-    torch.manual_seed(seed)
-    model, _ = build_backbone("tiny")
-    hop = math.prod(stride for _, _, stride in TINY["extractor_conv_layer_config"])  # samples per frame
-    phones = {s: data.words_and_phones(data.textgrid_path(root, s))[0] for s in audio}
-    names = ["pause"] + sorted({p for s in audio for _, _, p in phones[s]})
-    n = round(chunk * data.SR)
-    frames = {}  # story -> (frames,) phone index, 0 = pause
-    for s in audio:
-        frames[s] = torch.zeros(len(audio[s]) // hop + 1, dtype=torch.long)
-        for a, b, p in phones[s]:
-            frames[s][round(a * data.SR / hop):round(b * data.SR / hop)] = names.index(p)
-    pieces = [(s, start) for s in audio for start in range(0, len(audio[s]) - n + 1, n)]
-    if not pieces:
-        raise ValueError(f"pretraining tiny needs stories of at least {chunk:g} s; pass --tiny-pretrain 0")
-    readout = nn.Linear(TINY["encoder_embed_dim"], len(names))
-    opt = torch.optim.AdamW([*model.parameters(), *readout.parameters()], lr=1e-3)
-    model.train()
-    step, accuracy = 0, float("nan")
-    for epoch in range(epochs):
-        right = total = 0
-        for idx in data.progress(torch.randperm(len(pieces)).split(batch_size), f"tiny pretraining, epoch {epoch + 1}"):
-            wave = torch.stack([torch.from_numpy(np.array(audio[s][a:a + n])) for s, a in map(pieces.__getitem__, idx)])
-            labels = torch.stack([frames[s][a // hop:(a + n) // hop] for s, a in map(pieces.__getitem__, idx)])
-            h = hidden(model, wave, TINY["encoder_num_layers"])  # (batch, frames, dim)
-            f = min(h.shape[1], labels.shape[1])
-            logits, y = readout(h[:, :f]), labels[:, :f]
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            right, total, step = right + (logits.argmax(-1) == y).sum().item(), total + y.numel(), step + 1
-            if step == max_steps:
-                break
-        accuracy = right / total
-        if step == max_steps:
-            break
-    return model.state_dict(), accuracy
-
-
 def tiny_pretrained(args, windows, max_steps=300):
     """tiny's phone-pretrained weights for the training stories of `windows` (pretrain_tiny), cached."""
-    grids = [data.textgrid_path(args.data, s) for s in windows.stories]
-    for path in grids:
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such file; tiny's phone pretraining reads the training stories' TextGrids "
-                             "(--tiny-pretrain 0 uses random weights, --weights PATH your own)")
+    grids = [data.textgrid_path(args.data, s) for s in windows.stories]  # there: check() saw them
     t0 = time.time()
 
     def build():
@@ -174,49 +61,6 @@ def tiny_pretrained(args, windows, max_steps=300):
     return e["state"]
 
 
-def hidden(backbone, wave, layer, layer_weights=None, normalize=False):
-    """(batch, samples) -> (batch, frames, dim): transformer layer `layer` (1-based; layers above it
-    are not computed), or the softmax-weighted sum of all layers (Li et al.)."""
-    if normalize:
-        wave = F.layer_norm(wave, wave.shape[-1:])
-    if layer_weights is None:
-        return backbone.extract_features(wave, num_layers=layer)[0][-1]
-    layers = torch.stack(backbone.extract_features(wave)[0])  # (layers, batch, frames, dim)
-    return torch.einsum("l,lbfd->bfd", layer_weights.softmax(0), layers)
-
-
-def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
-    """(batch, samples) -> (batch, history * dim): frames averaged in TR bins, bin k = the audio
-    heard k..k+1 TRs before the fMRI frame."""
-    return data.pool_frames(hidden(backbone, wave, layer, layer_weights, normalize), history).flatten(1)
-
-
-def feature_key(backbone, layer, layer_weights, normalize):
-    """What pooled() computes, for the feature cache: the backbone's weights (adapters included)."""
-    return dict(backbone=data.digest(backbone.state_dict()), layer=layer, layer_weights=layer_weights,
-                normalize=normalize, torch=torch.__version__)
-
-
-class BrainModel(nn.Module):
-    """wave -> backbone -> TR bins -> z-score (training statistics) -> a head per subject -> voxels."""
-
-    def __init__(self, backbone, heads, mu, sd, layer, history, n_layers=0, normalize=False):
-        super().__init__()
-        self.backbone, self.layer, self.history, self.normalize = backbone, layer, history, normalize
-        self.heads = nn.ModuleList(heads)
-        self.register_buffer("mu", mu)
-        self.register_buffer("sd", sd)
-        self.layer_weights = nn.Parameter(torch.zeros(n_layers)) if n_layers else None  # uniform at start
-
-    def features(self, wave):  # (batch, samples) -> (batch, history * dim)
-        x = pooled(self.backbone, wave, self.layer, self.history, self.layer_weights, self.normalize)
-        return (x - self.mu) / self.sd
-
-    def forward(self, wave):  # (batch, samples) -> [(batch, voxels of subject k)]: one forward, every head
-        x = self.features(wave)
-        return [head(x) for head in self.heads]
-
-
 # -----------------------------------------------------------------------------
 # ridge regression and correlation
 
@@ -226,6 +70,21 @@ def pearson(a, b):
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-12)
 
 
+def full_float32(fn):
+    """fn with TF32 off for CUDA matmuls, whatever the rest of the run uses: a 10-bit mantissa would
+    move the lambdas that cross-validation chooses and the weights."""
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return fn(*a, **k)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return wrapped
+
+
+@full_float32
 def fit_ridge(X, Y, alphas, groups, voxel_batch=None, return_cv=False):
     """Ridge ||XW - Y||^2 + lambda ||W||^2 with its own lambda per voxel, chosen by cross-validation.
 
@@ -256,7 +115,7 @@ def fit_ridge(X, Y, alphas, groups, voxel_batch=None, return_cv=False):
     e, V = torch.linalg.eigh(G)
     e, V = e.clamp_min(0).to(dt), V.to(dt)
     v = Y.shape[1]
-    vb = voxel_batch or max(256, min(16384, 2 ** 26 // max(n, p)))
+    vb = voxel_batch or max(256, min(16384, 2 ** 26 // (n + (len(folds) + 5) * p)))  # about 256 MB a batch
     W, best, cv = torch.empty(p, v, dtype=dt), torch.empty(v, dtype=torch.long), torch.empty(v, dtype=dt)
     for j in data.progress(range(0, v, vb), f"ridge, {v} voxels", total=-(-v // vb)):
         Yb = torch.as_tensor(Y[:, j:j + vb]).to(dev, dt)  # (n, vb)
@@ -285,22 +144,6 @@ def story_folds(lengths, k):
 def layer_of(args, n_layers):
     """The transformer layer read (1-based): --layer, or 3/4 of the depth; all of them if weighted."""
     return n_layers if args.layer == "weighted" else int(args.layer or round(0.75 * n_layers))
-
-
-def make_head(W, bottleneck=0):
-    """Linear(p -> v) holding the ridge weights W (p, v); with a bottleneck K, two Linears through K
-    units holding the best rank-K approximation of W (Eckart-Young), split evenly by sqrt(s)."""
-    p, v = W.shape
-    if not bottleneck:
-        head = nn.Linear(p, v)
-        head.weight.data, head.bias.data = W.T.contiguous(), torch.zeros(v)
-        return head
-    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
-    k = min(bottleneck, len(s))
-    down, up = nn.Linear(p, k, bias=False), nn.Linear(k, v)
-    down.weight.data = (U[:, :k] * s[:k].sqrt()).T.contiguous()
-    up.weight.data, up.bias.data = (Vh[:k].T * s[:k].sqrt()).contiguous(), torch.zeros(v)
-    return nn.Sequential(down, up)
 
 
 # -----------------------------------------------------------------------------
@@ -408,6 +251,7 @@ def format_table(tests):
 
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
+STEP = ["starting"]  # what the run is doing, for an error that cannot be foreseen (out of memory)
 
 
 def log(msg):
@@ -460,13 +304,17 @@ def train_stage2(args, model, ds, shared, run, device, ckpt=None):
     for epoch in range(state["epoch"], args.epochs):
         if state["bad_epochs"] >= args.patience:
             break
-        t0, model_losses = time.time(), []
+        t0, model_losses, STEP[0] = time.time(), [], f"stage 2, epoch {epoch + 1}"
         net.train()
         perm = torch.randperm(len(shared["train"]), generator=torch.Generator().manual_seed(args.seed + epoch))
         B = args.batch_size
+        if 0 < len(perm) % B < WORLD:  # a last batch smaller than the number of processes: left out this epoch
+            perm = perm[:len(perm) - len(perm) % B]
+        n = -(-len(perm) // B)  # batches this epoch
         note = lambda: f"loss {model_losses[-1]:.4f}, {len(model_losses) * B / (time.time() - t0):.1f} windows/s"
         for i, start in enumerate(data.progress(range(0, len(perm), B), f"epoch {epoch + 1}", note=note)):
-            idx = perm[start:start + B][RANK::WORLD]  # this process's share of the global batch
+            batch = perm[start:start + B]
+            idx = batch[RANK::WORLD]  # this process's share of the global batch
             wave = torch.stack([shared["train"][j][0] for j in idx.tolist()]).to(device)
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
                 preds = net(wave)  # every head on the one forward of the shared windows
@@ -484,7 +332,9 @@ def train_stage2(args, model, ds, shared, run, device, ckpt=None):
             if not torch.isfinite(loss):
                 raise ValueError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped, and "
                                  f"the last good checkpoint in {run} is kept (try a lower --lr)")
-            (loss / args.accum).backward()
+            share = len(idx) * WORLD / len(batch)  # DDP averages the processes: weigh by the windows each had
+            group = min(args.accum, n - i // args.accum * args.accum)  # an epoch's last group may be short
+            (loss * share / group).backward()
             if (i + 1) % args.accum == 0 or start + B >= len(perm):
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 opt.step()
@@ -541,7 +391,8 @@ def parser():
     a("--sound-start", type=float, default=data.SOUND_START, help="seconds from run start to audio start")
     a("--test-stories", default=None, help="comma-separated test stories (default: wheretheressmoke)")
     a("--val-stories", default=None, help="comma-separated validation stories (default: one training story)")
-    a("--cv-folds", type=int, default=5, help="ridge cross-validation folds, each a group of whole stories")
+    a("--cv-folds", type=int, default=None, help="ridge cross-validation folds, each a group of whole stories "
+                                                  "(default 5, or one per training story if there are fewer)")
     a("--alphas", default="1e-1,1e8,19", help="ridge lambda grid: first,last,count (log-spaced)")
     a("--bottleneck", type=int, default=0, help="head through K units, initialised by rank-K ridge weights")
     a("--lora-rank", type=int, default=4, help="LoRA rank (BrainWavLM: 4); 0 = tune the whole transformer")
@@ -571,14 +422,20 @@ def parser():
 
 
 def parse(argv=None):
+    """The flags, each checked alone and against the others (not yet against the dataset: check())."""
     p = parser()
     first = p.parse_args(argv)
     if first.resume:
         cfg = os.path.join(first.resume, "config.json")
-        if not os.path.isfile(cfg):
-            raise ValueError(f"{cfg}: no such file; --resume takes the folder of an earlier run")
-        with open(cfg) as f:
-            args = argparse.Namespace(**json.load(f)["args"])
+        try:
+            with open(cfg) as f:
+                saved = json.load(f)["args"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--resume {first.resume}: {cfg} is not the config of a run ({type(e).__name__}); "
+                             "--resume takes the folder of an earlier run") from None
+        if not {"data", "subject", "model", "roi"} <= set(saved):
+            raise ValueError(f"--resume {first.resume}: {cfg} lacks the run's data, subject, model or roi")
+        args = argparse.Namespace(**dict(vars(p.parse_args([])), **saved))  # flags newer than the run: defaults
         args.resume, args.force = first.resume, False
         return args
     if first.recipe is None and (first.model == "tiny" or (first.model is None and first.data is None)):
@@ -591,14 +448,71 @@ def parse(argv=None):
     args.model = args.model or ("tiny" if args.synthetic else "wavlm_base_plus")
     for k in ("test_stories", "val_stories"):
         setattr(args, k, getattr(args, k).split(",") if isinstance(getattr(args, k), str) else getattr(args, k))
-    lo, hi, n = args.alphas.split(",")
-    args.alphas = np.logspace(np.log10(float(lo)), np.log10(float(hi)), int(n)).tolist()
-    for flag, ok in (("--history", args.history >= 1), ("--batch-size", args.batch_size >= WORLD),
-                     ("--accum", args.accum >= 1), ("--epochs", args.epochs >= 0), ("--cv-folds", args.cv_folds >= 2),
-                     ("--lora-rank", args.lora_rank >= 0), ("--lora-targets", set(args.lora_targets) <= set("qkvo"))):
+    try:
+        lo, hi, n = (float(x) for x in args.alphas.split(","))
+        assert 0 < lo <= hi and n >= 1 and n == int(n)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--alphas {args.alphas}: expected first,last,count with 0 < first <= last, e.g. 1e-1,1e8,19") from None
+    args.alphas = np.logspace(np.log10(lo), np.log10(hi), int(n)).tolist()
+    if args.model != "tiny" and args.model not in BUNDLES:
+        raise ValueError(f"--model {args.model}: unknown; choose tiny or one of {', '.join(BUNDLES)}")
+    depth = (TINY if args.model == "tiny" else getattr(torchaudio.pipelines, BUNDLES[args.model])._params)["encoder_num_layers"]
+    if args.layer not in (None, "weighted") and not (args.layer.isdigit() and 1 <= int(args.layer) <= depth):
+        raise ValueError(f"--layer {args.layer}: {args.model} has layers 1..{depth} (or 'weighted')")
+    m = re.fullmatch(r"top(\d+)", args.roi)
+    if args.roi.startswith("top") and not (m and int(m[1]) >= 1):
+        raise ValueError(f"--roi {args.roi}: expected topN with a whole number N >= 1, all, an ROI name or a .npy file")
+    if "," in args.subject and args.roi.endswith(".npy"):
+        raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with several subjects "
+                         "use all, topN or an ROI name found in each subject's ROI file")
+    if args.weights and not os.path.isfile(args.weights):
+        raise ValueError(f"--weights {args.weights}: no such file")
+    for flag, ok, want in (
+            ("--history", args.history >= 1, "at least 1"), ("--tr", args.tr > 0, "positive"),
+            ("--trim-start", args.trim_start >= 0, "0 or more"), ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
+            ("--bottleneck", args.bottleneck >= 0, "0 (none) or more"), ("--lora-rank", args.lora_rank >= 0, "0 or more"),
+            ("--lora-alpha", args.lora_alpha > 0, "positive"), ("--lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
+            ("--lora-targets", set(args.lora_targets) <= set("qkvo") and args.lora_targets, "letters of qkvo"),
+            ("--backbone-dropout", args.backbone_dropout is None or 0 <= args.backbone_dropout < 1, "in [0, 1)"),
+            ("--l2", args.l2 >= 0, "0 or more"), ("--lr", args.lr > 0, "positive"), ("--head-lr", args.head_lr > 0, "positive"),
+            ("--warmup", args.warmup >= 0, "0 or more"), ("--clip", args.clip > 0, "positive"),
+            ("--batch-size", args.batch_size >= WORLD, f"at least the number of processes, {WORLD}"),
+            ("--accum", args.accum >= 1, "at least 1"), ("--epochs", args.epochs >= 0, "0 or more"),
+            ("--patience", args.patience >= 1, "at least 1"), ("--tiny-pretrain", args.tiny_pretrain >= 0, "0 or more")):
         if not ok:
-            raise ValueError(f"{flag}: invalid value")
+            raise ValueError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {want}")
+    if args.device:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device}: not a device; try cpu, cuda or cuda:1") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             "use --device cpu")
     return args
+
+
+def check(args):
+    """The flags against the dataset, from listings and headers alone (data.check) and each subject's
+    ROI file, before anything is loaded. Returns data.check's {subject: (voxels, splits)}."""
+    found = data.check(args.data, args.subject.split(","), args.test_stories, args.val_stories, args.cv_folds,
+                       tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
+    n_train = min(len(train) for _, (_, (train, _, _)) in found.items())
+    args.cv_folds = args.cv_folds or min(5, n_train)  # the default: 5 folds, or one per training story
+    if args.cv_folds < 2:
+        raise ValueError(f"{args.data}: ridge's cross-validation needs two training stories or more; there is one")
+    for subj, (voxels, (train, _, _)) in found.items():
+        if args.roi.startswith("top") and int(args.roi[3:]) > voxels:
+            raise ValueError(f"--roi {args.roi}: {subj} has {voxels} voxels")
+        if not args.roi.startswith("top"):
+            data.load_roi(args.data, subj, args.roi, voxels)
+        if args.model == "tiny" and args.weights is None and args.tiny_pretrain > 0:
+            for s in train:
+                if not os.path.isfile(data.textgrid_path(args.data, s)):
+                    raise ValueError(f"{data.textgrid_path(args.data, s)}: no such file; tiny's phone pretraining "
+                                     "reads the training stories' TextGrids (--tiny-pretrain 0 uses random weights, "
+                                     "--weights PATH your own)")
+    return found
 
 
 def run_folder(args):
@@ -622,39 +536,41 @@ def brain_tune(args):
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == "cpu":
         keep_freed_memory()
     if args.synthetic and not os.path.isdir(args.data) and RANK == 0:
         log(f"making the synthetic dataset in {args.data} (once)")
         data.make_demo(args.data + ".tmp")
         os.replace(args.data + ".tmp", args.data)
-    if "," in args.subject and args.roi.endswith(".npy"):
-        raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with several subjects "
-                         "use all, topN or an ROI name found in each subject's ROI file")
     run = [run_folder(args) if RANK == 0 else None]
     if WORLD > 1:
         torch.distributed.broadcast_object_list(run)  # every process needs the folder's name
     run = run[0]
+    check(args)  # every mistake the flags and listings show, before any costly work
+    pretraining = args.model == "tiny" and args.weights is None and args.tiny_pretrain > 0
+    if not pretraining:  # a failed download or a bad --weights file, before the data are read
+        backbone, normalize = load_backbone(args.model, args.weights, args.seed, args.backbone_dropout)
     if WORLD > 1 and RANK > 0:
         torch.distributed.barrier()  # rank 0 fills the caches (data, tiny, stage 1) first; the others read them
+    STEP[0] = "loading the data"
     ds, shared = prepare(args, args.subject.split(","))
-    pretrained = None
-    if args.model == "tiny" and args.weights is None and getattr(args, "tiny_pretrain", 0) > 0:
+    for d in ds:
+        if args.roi.startswith("top") and int(args.roi[3:]) > d["good"].sum():
+            raise ValueError(f"--roi {args.roi}: {d['subject']} has {d['good'].sum()} usable voxels")
+    if pretraining:
+        STEP[0] = "tiny's pretraining"
         pretrained = tiny_pretrained(args, shared["train"])
-    backbone, normalize = load_backbone(args.model, pretrained or args.weights, args.seed, args.backbone_dropout)
+        backbone, normalize = load_backbone(args.model, pretrained, args.seed, args.backbone_dropout)
     n_layers = len(backbone.encoder.transformer.layers)
     weighted = args.layer == "weighted"
     layer = layer_of(args, n_layers)
-    if not 1 <= layer <= n_layers:
-        raise ValueError(f"--layer {layer}: {args.model} has layers 1..{n_layers}")
     backbone.to(device)
     if RANK == 0:
         os.makedirs(run, exist_ok=True)
     log(f"{'+'.join(d['subject'] for d in ds)}: model {args.model} (recipe {args.recipe or 'none'}), layer "
         f"{args.layer if weighted else layer}, {len(shared['train'])} training windows of {args.history} TRs from "
         f"{len(shared['train'].stories)} stories; run folder {run}")
-    if pretrained is not None:  # the run keeps its own copy; resume and eval.py load it from there
+    if pretraining:  # the run keeps its own copy; resume and eval.py load it from there
         args.weights = os.path.abspath(os.path.join(run, "tiny_pretrained.pt"))
         if RANK == 0:
             save_atomic(pretrained, args.weights)
@@ -665,7 +581,7 @@ def brain_tune(args):
 
     def features(bb, lw):  # each shared window forwarded once, then each subject takes its rows
         fn = lambda w: pooled(bb, w, layer, args.history, lw, normalize)
-        key = feature_key(bb, layer, lw, normalize)
+        key = feature_key(args.model, bb, layer, lw, normalize)
         X = {s: data.features(fn, shared[s], key, args.batch_size, device, s) for s in ("train", "test")}
         stats = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)  # one z-scoring for every head
         own = lambda x, take: x if len(take) == len(x) and bool((take == torch.arange(len(x))).all()) else x[take]
@@ -675,6 +591,7 @@ def brain_tune(args):
     if args.resume and os.path.exists(stage1_path):
         mu, sd, fits = load_checkpoint(stage1_path)
     else:
+        STEP[0] = "stage 1"
         _, (mu, sd), X = features(backbone, torch.zeros(n_layers, device=device) if weighted else None)
         fits = [stage1(args, x, d, device, (mu, sd))[2:] for x, d in zip(X, ds)]  # (W, cv, r) per subject
         if RANK == 0:
@@ -697,6 +614,7 @@ def brain_tune(args):
             os.path.join(run, "checkpoint.pt")) else None
         state = train_stage2(args, model, ds, shared, run, device, ckpt)
         model.eval()
+        STEP[0] = "the refit"
         Xs, stats, X = features(model.backbone, model.layer_weights)
         for x, d, r in zip(X, ds, heads_r(model, (Xs["test"] - mu) / sd, ds, "test", device)):
             d["res"]["tuned_r"] = np.full(len(d["good"]), np.nan, np.float32)
@@ -722,3 +640,6 @@ if __name__ == "__main__":
         main()
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        sys.exit(f"error: out of memory in {STEP[0]} ({str(e).splitlines()[0][:100]}); try a smaller --batch-size "
+                 "or --device cpu; what was finished is kept (the cache, the run folder's last checkpoint)")

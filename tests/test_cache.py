@@ -1,5 +1,5 @@
-import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -62,7 +62,6 @@ def test_cold_warm_and_off_give_the_same_stage1(demo, fresh, tmp_path, monkeypat
 
 def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
     root = tmp_path / "ds"
-    import shutil
     shutil.copytree(demo, root)
     root = str(root)
     story = "souls"
@@ -92,7 +91,7 @@ def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
     def extract(bb=model, layer=2, history=3, normalize=False, **timing):
         w = data.Windows(waves, {story: 10}, [story], history=history, keys=keys, **timing)
         fn = lambda x: train.pooled(bb, x, layer, history, None, normalize)
-        return data.features(fn, w, train.feature_key(bb, layer, None, normalize), 4, cpu)
+        return data.features(fn, w, train.feature_key("tiny", bb, layer, None, normalize), 4, cpu)
     first = extract()
     n = len(entries("features"))
     assert torch.equal(extract(), first) and len(entries("features")) == n
@@ -102,7 +101,7 @@ def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
         assert len(entries("features")) == n + 1, change
         n += 1
     # stage 1: other lambdas or folds refit; the same settings hit
-    run = stage1_run(root, tmp_path / "a")
+    stage1_run(root, tmp_path / "a")
     n = len(entries("stage1"))
     stage1_run(root, tmp_path / "b")
     assert len(entries("stage1")) == n
@@ -124,7 +123,13 @@ def test_a_killed_write_is_never_trusted_and_a_broken_entry_is_rebuilt(demo, fre
     monkeypatch.setattr(np, "save", real)
     assert entries("responses") == [] and not os.listdir(os.path.join(fresh, "responses"))
     good = np.array(data.story_responses(demo, "UTS01", "souls")["data"])
-    entry = os.path.join(fresh, "responses", entries("responses")[0], "data.npy")
+    folder = os.path.join(fresh, "responses", entries("responses")[0])
+    shutil.rmtree(folder)  # a process killed by SIGKILL before its rename leaves only its temporary folder
+    os.makedirs(folder + ".tmp999999")
+    open(os.path.join(folder + ".tmp999999", "data.npy"), "wb").write(b"\x93NUMPY half")
+    np.testing.assert_array_equal(data.story_responses(demo, "UTS01", "souls")["data"], good)
+    assert not os.path.exists(folder + ".tmp999999")  # its writer is gone: removed
+    entry = os.path.join(folder, "data.npy")
     with open(entry, "r+b") as f:
         f.truncate(os.path.getsize(entry) // 2)  # a disk that filled up, say
     with warnings.catch_warnings(record=True) as caught:

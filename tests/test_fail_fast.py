@@ -1,0 +1,143 @@
+"""Every mistake a user can make on the command line is refused in one clear line, before any costly
+work: non-zero exit, no traceback, the flag or file named, nothing written."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_all(cmds, env, cwd=ROOT, at_once=4):
+    """Each command's (exit status, stdout, stderr), a few processes at a time."""
+    out = []
+    for i in range(0, len(cmds), at_once):
+        procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c in cmds[i:i + at_once]]
+        out += [(p.returncode, *p.communicate()) if p.wait() is not None else None for p in procs]
+    return out
+
+
+def assert_refused(results, cases, made=()):
+    for (code, stdout, stderr), (_, message) in zip(results, cases):
+        lines = stderr.strip().splitlines()
+        assert code != 0 and "Traceback" not in stderr, (message, stderr[-1500:])
+        assert len(lines) == 1 and message in lines[0], (message, stderr)
+        assert "ridge" not in stdout and "windows of" not in stdout  # refused before extraction and ridge
+    for path in made:
+        assert not os.path.exists(path), f"{path} was written"
+
+
+@pytest.fixture(scope="module")
+def ds(demo, tmp_path_factory):
+    """The demo dataset, and copies of it broken the ways a user's can be."""
+    base = tmp_path_factory.mktemp("broken")
+    nogrids = shutil.copytree(demo, base / "nogrids")
+    shutil.rmtree(nogrids / "derivative" / "TextGrids")
+    unfetched = shutil.copytree(demo, base / "unfetched")
+    hf5 = unfetched / "derivative" / "preprocessed_data" / "UTS01" / "souls.hf5"
+    os.remove(hf5)
+    os.symlink("../../../.git/annex/objects/Xx/Yy/SHA256E-s1--0.hf5/SHA256E-s1--0.hf5", hf5)  # datalad, not got
+    pointer = shutil.copytree(demo, base / "pointer")
+    (pointer / "stimuli" / "avatar.wav").write_text("/annex/objects/SHA256E-s123--abc.wav\n")
+    return {"demo": demo, "nogrids": str(nogrids), "unfetched": str(unfetched), "pointer": str(pointer)}
+
+
+def test_train_refuses_each_mistake_before_any_work(ds, tmp_path):
+    np_roi = tmp_path / "mine.npy"
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    cases = [  # (flags, what the one line must say)
+        (["--roi", "V7"], "unknown ROI 'V7' for UTS01"),
+        (["--roi", "topx"], "--roi topx: expected topN"),
+        (["--roi", "top0"], "--roi top0: expected topN"),
+        (["--roi", "top100000"], "--roi top100000: UTS01 has 90 voxels"),
+        (["--roi", str(np_roi)], f"{np_roi}: no such ROI file"),
+        (["--subject", "S01,S02", "--roi", "mine.npy"], "a .npy file holds one subject's voxel indices"),
+        (["--subject", "S07"], "unknown subject 'S07'"),
+        (["--model", "nosuch"], "--model nosuch: unknown"),
+        (["--layer", "9"], "--layer 9: tiny has layers 1..4"),
+        (["--layer", "abc"], "--layer abc: tiny has layers 1..4"),
+        (["--alphas", "1,2"], "--alphas 1,2: expected first,last,count"),
+        (["--lr", "-1"], "--lr -1.0: must be positive"),
+        (["--bottleneck", "-5"], "--bottleneck -5: must be 0 (none) or more"),
+        (["--tr", "0"], "--tr 0.0: must be positive"),
+        (["--sound-start", "-100"], "audio is 60.0 s long but its last fMRI frame needs"),
+        (["--lora-targets", "qxz"], "--lora-targets qxz: must be letters of qkvo"),
+        (["--lora-dropout", "1.5"], "--lora-dropout 1.5: must be in [0, 1)"),
+        (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "CUDA device(s); use --device cpu"),
+        (["--val-stories", "wheretheressmoke"], "--val-stories wheretheressmoke and --test-stories wheretheressmoke"),
+        (["--val-stories", "nosuchstory"], "story 'nosuchstory' has no responses for UTS01"),
+        (["--cv-folds", "12"], "--cv-folds 12: UTS01 has 4 training stories"),
+        (["--weights", str(tmp_path / "nope.pt")], "nope.pt: no such file"),
+        (["--data", ds["nogrids"], "--tiny-pretrain", "4"], "alternateithicatom.TextGrid: no such file; tiny's phone pretraining"),
+        (["--data", ds["unfetched"]], "souls.hf5: not fetched yet (a datalad placeholder); run `datalad get"),
+        (["--data", ds["pointer"]], "avatar.wav: not fetched yet"),
+        (["--data", str(tmp_path / "nodata")], "preprocessed_data: no such folder"),
+        (["--out", str(tmp_path / "taken")], "already exists; use --resume"),
+    ]
+    env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
+    base = [sys.executable, "train.py", "--data", ds["demo"], "--model", "tiny", "--tiny-pretrain", "0",
+            "--epochs", "0", "--out", str(tmp_path / "run")]
+    results = run_all([base + flags for flags, _ in cases], env)
+    assert_refused(results, cases, made=[tmp_path / "run", tmp_path / "cache"])
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+
+
+def test_a_resumed_or_moved_run_works_from_anywhere_and_a_broken_one_is_refused(ds, tmp_path):
+    env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
+    here = os.path.dirname(ds["demo"])  # the dataset given as a relative path, from its parent folder
+    made = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", os.path.basename(ds["demo"]),
+                           "--model", "tiny", "--tiny-pretrain", "0", "--epochs", "1", "--batch-size", "8",
+                           "--out", str(tmp_path / "run")], cwd=here, env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+    cfg = json.load(open(tmp_path / "run" / "config.json"))
+    assert cfg["args"]["data"] == ds["demo"]  # recorded absolute
+    elsewhere = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), str(tmp_path / "run"), "--subject",
+                                "S02"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert elsewhere.returncode == 0 and "cross-subject transfer to S02" in elsewhere.stdout, elsewhere.stderr[-2000:]
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "run", old)
+    kept = {k: v for k, v in cfg["args"].items() if k not in ("tiny_pretrain", "backbone_dropout", "no_cache")}
+    (old / "config.json").write_text(json.dumps(dict(cfg, args=kept)))  # a run made before these flags
+    assert train.parse(["--resume", str(old)]).backbone_dropout is None  # today's default, not a KeyError
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    results = run_all([[sys.executable, "train.py", "--resume", str(broken)]], env)
+    assert_refused(results, [(None, f"--resume {broken}: {broken}/config.json is not the config of a run")])
+
+
+def test_eval_refuses_each_mistake(ds, tmp_path):
+    env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
+    run = train.main(["--data", ds["demo"], "--model", "tiny", "--tiny-pretrain", "0", "--epochs", "0",
+                      "--out", str(tmp_path / "run")])
+    ev = [sys.executable, "eval.py", run]
+    cases = [
+        ([sys.executable, "eval.py", str(tmp_path / "nope")], "nope: no such run folder"),
+        (ev + ["--export", str(tmp_path / "nodir" / "x.pt")], f"--export {tmp_path}/nodir/x.pt: no folder"),
+        (ev + ["--export", os.path.join(run, "config.json")], "config.json: already exists"),
+        (ev + ["--seeds", str(tmp_path)], f"--seeds {tmp_path}: not the folder of a finished run"),
+        (ev + ["--vs", run], "--vs compares with the runs of --seeds"),
+        (ev + ["--subject", "S09"], "unknown subject 'S09'"),
+        (ev + ["--probe", "semantic", "--embeddings", str(tmp_path / "no.txt")], "--embeddings"),
+    ]
+    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir", os.path.join(run, "analyses.json")])
+
+
+def test_data_and_bench_refuse_each_mistake(ds, tmp_path):
+    cases = [
+        ([sys.executable, "data.py", "demo", ds["demo"]], "already exists"),
+        ([sys.executable, "data.py", "demo", str(tmp_path / "d"), "--voxels", "0"], "--voxels 0: must be at least 3"),
+        ([sys.executable, "data.py", "demo", str(tmp_path / "d"), "--seconds", "5"], "--seconds 5.0: must be at least 30"),
+        ([sys.executable, "bench.py", "--only", "ridge,nosuch"], "--only ridge,nosuch: unknown part 'nosuch'"),
+        ([sys.executable, "bench.py", "--out", str(tmp_path / "nodir" / "b.json")], "--out"),
+    ]
+    env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
+    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "d", tmp_path / "d.tmp", tmp_path / "nodir"])
