@@ -604,6 +604,7 @@ def brain_tune(args):
             data.load_roi(args.data, d["subject"], args.roi, len(d["good"])), d["sets"]["all"])
         d["res"] = {"baseline_r": r.numpy()}
     if args.epochs > 0:
+        torch.manual_seed(args.seed)  # the adapters' init must not depend on what the caches spared (DataLoaders draw seeds)
         lora.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
         if args.lora_rank == 0 and not weighted:  # layers above the one read get no gradient
             backbone.encoder.transformer.layers[layer:].requires_grad_(False)

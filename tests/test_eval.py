@@ -10,6 +10,7 @@ import torch
 import data
 import eval as ev
 import train
+from model import hidden
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,32 @@ def test_lowlevel_removes_what_band_energies_explain(run):
     assert resid.mean().abs() < 0.08
     res, table = ev.lowlevel(run)  # the whole analysis on the run's own voxels
     assert res["pretrained"]["AC"]["residual_r"] < res["pretrained"]["AC"]["full_r"]
+    # the top voxels are chosen by stage-1 cross-validated r on training stories, not by the test r
+    cv = train.load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1].numpy()
+    top = [k for k in res["sets"] if k.startswith("top")][0]
+    assert sorted(res["sets"][top]) == sorted(np.argsort(-cv)[:int(top[3:])].tolist())
+    assert set(res["pretrained"]) == set(res["tuned"]) == set(res["sets"])
     assert "lowlevel" in json.load(open(os.path.join(run, "analyses.json")))
+
+
+def test_evals_rebuilt_tuned_model_reproduces_the_runs_refit(run):
+    args, layer, pre, tuned, lw = ev.load_run(run)
+    d = train.prepare(args, [args.subject])[0][0]
+    with data.no_cache():  # features extracted again from the rebuilt backbone, not read back
+        refit = ev.fit(args, layer, tuned, lw, d)[4].numpy()
+    np.testing.assert_allclose(refit, np.load(os.path.join(run, "voxel_r.npz"))["refit_r"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_probe_segment_longer_than_the_context_is_heard_whole(run):
+    args, layer, pre, *_ = ev.load_run(run)
+    wave = np.random.default_rng(0).standard_normal(10 * data.SR).astype(np.float32)
+    segments = [(1.0, 9.0), (6.0, 8.0)]  # 8 s and 2 s, context 4 s
+    got = ev.segment_features(args, layer, pre, None, wave, segments, context=4.0)
+    with torch.no_grad():
+        whole = hidden(pre, torch.from_numpy(wave[data.SR:9 * data.SR])[None], layer)[0].mean(0)
+        frames = hidden(pre, torch.from_numpy(wave[4 * data.SR:8 * data.SR])[None], layer)[0]
+    torch.testing.assert_close(got[0], whole, rtol=1e-4, atol=1e-5)  # every frame of the 8 s
+    torch.testing.assert_close(got[1], frames[frames.shape[0] // 2:].mean(0), rtol=1e-4, atol=1e-5)  # its last 2 of 4 s
 
 
 def test_bad_run_folders_are_clear_errors(run, tmp_path):
@@ -121,10 +147,13 @@ def test_bad_run_folders_are_clear_errors(run, tmp_path):
 
 def test_probes_and_cross_subject_run_and_are_saved(run):
     out, table = ev.probe(run, "phones")
-    # 13 phone classes, the commonest 13% of phones; measured on this small dataset: 0.27 (tuned 0.25)
-    assert out["pretrained"] > 0.2 and 0 <= out["tuned"] <= 1
+    phones = [p for _, _, p in data.words_and_phones(data.textgrid_path(ev.load_run(run)[0].data, data.TEST_STORY))[0]]
+    majority = max(phones.count(p) for p in set(phones)) / len(phones)  # always guessing the commonest phone
+    # measured on this small dataset: majority 0.13, pretrained 0.58, tuned 0.59 (phone-pretrained tiny)
+    assert out["pretrained"] > majority + 0.2 and out["tuned"] > majority + 0.2
     out, table = ev.probe(run, "semantic")
-    assert -1 <= out["pretrained"] <= 1 and "semantic probe" in table
+    # the word vectors are random: they are read as well as the words are recognised; measured 0.21 / 0.21
+    assert out["pretrained"] > 0.1 and out["tuned"] > 0.1 and "semantic probe" in table
     table = ev.cross_subject(run, "S02")
     saved = json.load(open(os.path.join(run, "analyses.json")))
     assert {"probe_phones", "probe_semantic", "transfer_UTS02"} <= set(saved)

@@ -152,29 +152,90 @@ def test_existing_run_folder_is_never_overwritten(demo, tmp_path):
     assert (tmp_path / "r" / "mine.txt").read_text() == "keep"
 
 
-def test_main_job_tuned_beats_baseline(demo, tmp_path):
-    # the random tiny: 96 windows leave it room to learn; the phone-pretrained one needs more data
-    # to gain (test_eval's semantic test)
-    run = train.main(quick(demo, tmp_path / "r", "--epochs", "3", "--lr", "1e-2", "--tiny-pretrain", "0"))
+def test_main_job_tunes_the_backbone_and_keeps_the_model_sound(demo, tmp_path):
+    # Whether tuning beats the baseline on these 96 windows is a coin toss (tuned r with its own head
+    # minus baseline r, seeds 0-3: +0.0013, +0.0026, +0.0030, -0.0009); the gain is measured on data
+    # made for it (test_eval's semantic test) and in the README. Here: stage 2 fits its training
+    # windows, moves every adapter, and leaves a model that predicts the brain as well as before.
+    run = train.main(quick(demo, tmp_path / "r", "--epochs", "3", "--lr", "1e-2"))
+    m = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert m[0]["train_loss"] > m[1]["train_loss"] > m[2]["train_loss"]
+    trained = train.load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
+    assert all(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at 0
+    r = np.load(os.path.join(run, "voxel_r.npz"))
+    assert np.corrcoef(r["baseline_r"], r["refit_r"])[0, 1] > 0.9
     t = json.load(open(os.path.join(run, "results.json")))["test"]
-    # measured (this 4-story dataset; features so collinear that float32 rounding of the ridge moves
-    # the best epoch): tuned with its head - baseline 0.0007 / 0.0028 / 0.0025 (seeds 0 / 1 / 2)
-    assert t["all"]["tuned_r"] > t["all"]["baseline_r"]
-    assert t["AC"]["refit_r"] > t["AC"]["baseline_r"]  # measured 0.3796 against 0.3748
+    assert abs(t["all"]["refit_r"] - t["all"]["baseline_r"]) < 0.02  # measured: 0.1619 and 0.1595
+
+
+def torchrun(flags, port):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "train.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_torchrun_two_processes_match_one(demo, tmp_path):
-    flags = quick(demo, tmp_path / "one", "--epochs", "1", "--lora-dropout", "0")
+    # 96 windows in batches of 7: shares of 4 and 3, and a last batch of 5 (3 and 2); the gradient is
+    # the mean over the global batch only if the unequal shares are weighed (unweighed: tuned r off by 0.048)
+    flags = quick(demo, tmp_path / "one", "--epochs", "1", "--lora-dropout", "0", "--batch-size", "7")
     one = train.main(flags)
     two = str(tmp_path / "two")
     flags[flags.index("--out") + 1] = two
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "train.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = torchrun(flags, 29517)
     assert out.returncode == 0, out.stderr[-2000:]
     a, b = np.load(os.path.join(one, "voxel_r.npz")), np.load(os.path.join(two, "voxel_r.npz"))
     np.testing.assert_allclose(a["baseline_r"], b["baseline_r"], atol=1e-5)
-    np.testing.assert_allclose(a["tuned_r"], b["tuned_r"], atol=1e-3)
+    np.testing.assert_allclose(a["tuned_r"], b["tuned_r"], atol=1e-5)  # measured 6e-7
+    np.testing.assert_allclose(a["refit_r"], b["refit_r"], atol=2e-4)  # measured 3e-5
+
+
+def test_torchrun_with_a_last_batch_smaller_than_the_processes(demo, tmp_path):
+    out = torchrun(quick(demo, tmp_path / "r", "--epochs", "1", "--batch-size", "5"), 29518)  # 96 = 19 x 5 + 1
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())["epoch"] == 1
+
+
+def test_accumulated_batches_equal_one_large_batch(demo, tmp_path):
+    # 96 windows: 24 batches of 4 in groups of 5, the last group of 4 batches (16 windows), against
+    # batches of 20 whose last has 16: the same windows, the same mean gradients
+    small = train.main(quick(demo, tmp_path / "a", "--epochs", "1", "--batch-size", "4", "--accum", "5"))
+    large = train.main(quick(demo, tmp_path / "b", "--epochs", "1", "--batch-size", "20"))
+    a, b = (train.load_checkpoint(os.path.join(r, "adapter.pt"))["trainable"] for r in (small, large))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_corr_loss_is_minus_the_mean_correlation_across_voxels():
+    rng = np.random.default_rng(3)
+    pred, y = rng.standard_normal((6, 40)), rng.standard_normal((6, 40))
+    want = -np.mean([np.corrcoef(pred[t], y[t])[0, 1] for t in range(6)])  # BrainWavLM: per TR, across voxels
+    assert train.loss_fn(torch.tensor(pred), torch.tensor(y), "corr").item() == pytest.approx(want, rel=1e-9)
+    assert train.loss_fn(torch.tensor(pred), torch.tensor(y), "mse").item() == pytest.approx(np.mean((pred - y) ** 2))
+
+
+def test_l2_shrinks_the_head(demo, tmp_path):
+    norm = {}
+    for l2 in ("0", "1"):
+        run = train.main(quick(demo, tmp_path / l2, "--epochs", "1", "--head-lr", "1e-2", "--l2", l2))
+        norm[l2] = train.load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]["heads.0.weight"].norm()
+    assert norm["1"] < 0.9 * norm["0"]
+
+
+@pytest.mark.parametrize("recipe", sorted(train.RECIPES))
+def test_each_recipe_sets_its_flags_and_the_command_line_wins(recipe):
+    args = train.parse(["--recipe", recipe, "--data", "somewhere"])
+    for k, v in train.RECIPES[recipe].items():
+        assert getattr(args, k) == (v.split(",") if k.endswith("_stories") else v), k
+    assert train.parse(["--recipe", recipe, "--data", "somewhere", "--lr", "0.123"]).lr == 0.123
+
+
+def test_the_ridge_runs_in_full_float32_whatever_training_uses(monkeypatch):
+    seen, real = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(a))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    train.fit_ridge(torch.randn(40, 5), torch.randn(40, 3), [1.0], np.repeat(np.arange(2), 20))
+    assert seen and not any(seen)  # TF32 off while it runs
+    assert torch.backends.cuda.matmul.allow_tf32  # and the run's own setting back afterwards
 
 
 def test_bottleneck_head_is_the_best_rank_k_approximation():
