@@ -189,9 +189,11 @@ def stage1(args, X, d, device, stats=None):
     mu, sd = stats or (X["train"].mean(0), X["train"].std(0).clamp_min(1e-6))
     Z = {s: (x - mu) / sd for s, x in X.items()}
     groups = story_folds([len(e) for e in d["train"].ends], args.cv_folds)
+    fitted = []
 
     def fit():
         t0 = time.time()
+        fitted.append(t0)
         W, lambdas, cv = fit_ridge(Z["train"].to(device), d["Ytrain"], args.alphas, groups, return_cv=True)
         r = torch.cat([pearson(Z["test"] @ W[:, j:j + 16384], d["Ytest"][:, j:j + 16384])
                        for j in range(0, W.shape[1], 16384)])
@@ -205,6 +207,8 @@ def stage1(args, X, d, device, stats=None):
     key = dict(X=Z, Y=[d["Y" + s].keys for s in ("train", "test")], good=d["good"], alphas=args.alphas,
                groups=groups, device=device.type, v=1)
     e = data.cached("stage1", key, fit, d["subject"]) if d["Ytrain"].keys else fit()
+    if not fitted:
+        log(f"{d['subject']} ridge: read from the cache (the same features, responses and settings as an earlier run)")
     return (mu, sd, *(torch.from_numpy(np.asarray(e[k])) for k in ("W", "cv", "r")))
 
 
