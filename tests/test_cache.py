@@ -104,15 +104,19 @@ def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
         extract(**change)
         assert len(entries("features")) == n + 1, change
         n += 1
-    # stage 1: other lambdas or folds refit; the same settings hit
+    # stage 1: other lambdas, folds or training stories refit from the same features; the same settings hit
     stage1_run(root, tmp_path / "a")
-    n = len(entries("stage1"))
+    n, kept = len(entries("stage1")), {k: len(entries(k)) for k in ("features", "responses", "audio")}
     stage1_run(root, tmp_path / "b")
     assert len(entries("stage1")) == n
     stage1_run(root, tmp_path / "c", "--alphas", "1,1e6,7")
     stage1_run(root, tmp_path / "d", "--cv-folds", "3")
+    assert len(entries("stage1")) == n + 2 and {k: len(entries(k)) for k in kept} == kept  # features reused
     stage1_run(root, tmp_path / "e", "--val-stories", "avatar")  # other training stories
     assert len(entries("stage1")) == n + 3
+    stage1_run(root, tmp_path / "f", "--layer", "2")  # another backbone read: new features, the same data
+    assert len(entries("features")) > kept["features"] and len(entries("responses")) == kept["responses"]
+    assert len(entries("audio")) == kept["audio"]
 
 
 def test_a_killed_write_is_never_trusted_and_a_broken_entry_is_rebuilt(demo, fresh, monkeypatch):

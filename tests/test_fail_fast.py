@@ -131,13 +131,21 @@ def test_eval_refuses_each_mistake(ds, tmp_path):
     assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir", os.path.join(run, "analyses.json")])
 
 
-def test_data_and_bench_refuse_each_mistake(ds, tmp_path):
+def test_data_refuses_each_mistake(ds, tmp_path):
     cases = [
         ([sys.executable, "data.py", "demo", ds["demo"]], "already exists"),
         ([sys.executable, "data.py", "demo", str(tmp_path / "d"), "--voxels", "0"], "--voxels 0: must be at least 3"),
         ([sys.executable, "data.py", "demo", str(tmp_path / "d"), "--seconds", "5"], "--seconds 5.0: must be at least 30"),
-        ([sys.executable, "bench.py", "--only", "ridge,nosuch"], "--only ridge,nosuch: unknown part 'nosuch'"),
-        ([sys.executable, "bench.py", "--out", str(tmp_path / "nodir" / "b.json")], "--out"),
+        ([sys.executable, "data.py", "demo", str(tmp_path / "d"), "--channels", "0"], "--channels 0: must be 1 to 8"),
     ]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
-    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "d", tmp_path / "d.tmp", tmp_path / "nodir"])
+    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "d", tmp_path / "d.tmp"])
+
+
+def test_bench_refuses_each_mistake(tmp_path):
+    cases = [
+        ([sys.executable, "bench.py", "--only", "ridge,nosuch"], "--only ridge,nosuch: unknown part 'nosuch'"),
+        ([sys.executable, "bench.py", "--out", str(tmp_path / "nodir" / "b.json")], f"--out {tmp_path}/nodir/b.json: no folder"),
+    ]
+    env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
+    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir", tmp_path / "cache"])
