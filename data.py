@@ -162,7 +162,7 @@ def cached(kind, key, build, name="entry"):
             f = k + (".npy" if isinstance(v, np.ndarray) else ".pt")
             manifest["files"][f] = os.path.getsize(os.path.join(tmp, f))
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, default=str)
+            json.dump(manifest, f, default=lambda x: f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
         try:
             os.rename(tmp, path)
         except OSError:
