@@ -12,11 +12,14 @@ A whole subject is ~20 GB of float64 and ~10 GB of 44.1 kHz audio, so each file 
 a cache of float32 .npy files ($BRAINTUNE_CACHE, default .cache) that runs memory-map.
 
     python data.py demo OUT [--subjects 3 --stories 10 --voxels 500 --seed 0]
+    python data.py fetch ds003020 --subject UTS01      # the real dataset, what braintune reads of it
 """
 import argparse
+import concurrent.futures
 import contextlib
 import glob
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -24,6 +27,8 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
 
 import h5py
@@ -497,10 +502,19 @@ def textgrid_path(root, story):
     return os.path.join(root, "derivative", "TextGrids", story + ".TextGrid")
 
 
+PHONEMES = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH UH UW V W "
+               "Y Z ZH".split())  # ARPAbet's 39
+
+
 def words_and_phones(path, skip=("sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", "")):
-    """(phones, words) of a ds003020 TextGrid (tier 0 phones, tier 1 words), pauses and noises dropped."""
-    tiers = list(read_textgrid(path).values())
-    return [[(a, b, lab) for a, b, lab in t if lab.strip().lower() not in skip] for t in tiers[:2]]
+    """(phones, words) of a ds003020 TextGrid (tier 0 phones, tier 1 words), read as the Huth lab's
+    dsutils does: labels lower-cased and stripped of braces ({BR}, {NS}, ...) before the pauses and
+    noises in `skip` are dropped; phones stripped of their stress digits (AH0 -> AH), keeping
+    ARPAbet's 39 phonemes and nothing else."""
+    phones, words = list(read_textgrid(path).values())[:2]
+    words = [(a, b, lab) for a, b, lab in words if lab.strip().lower().strip("{}") not in skip]
+    phones = [(a, b, re.sub(r"\d", "", lab.strip().upper())) for a, b, lab in phones]
+    return [p for p in phones if p[2] in PHONEMES], words
 
 
 # -----------------------------------------------------------------------------
@@ -623,10 +637,113 @@ def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
 
 
 # -----------------------------------------------------------------------------
+# fetching the real dataset, pinned to OpenNeuro's version 2.2.0
+
+MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds003020-v2.2.0-manifest.json")
+OPENNEURO = "https://s3.amazonaws.com/openneuro.org/ds003020"  # every address in the manifest starts so
+REAL_SUBJECTS = [f"UTS0{i}" for i in range(1, 9)]
+
+
+def fetch_list(manifest, subjects, pycortex=False):
+    """The manifest's paths that braintune reads for these subjects: their responses, the audio and
+    TextGrids of the stories they heard, the English1000 word vectors, and (pycortex) their pycortex
+    database. Nothing else."""
+    wanted = {"derivative/english1000sm.hf5"}
+    for s in subjects:
+        stories = [p.rsplit("/", 1)[1][:-4] for p in manifest if p.startswith(f"derivative/preprocessed_data/{s}/")]
+        wanted |= {f"derivative/preprocessed_data/{s}/{t}.hf5" for t in stories}
+        wanted |= {f"stimuli/{t}.wav" for t in stories} | {f"derivative/TextGrids/{t}.TextGrid" for t in stories}
+        wanted |= {p for p in manifest if pycortex and p.startswith(f"derivative/pycortex-db/{s}/")}
+    return sorted(p for p in wanted if p in manifest)
+
+
+def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
+    """Download fetch_list's files into `out` in ds003020's layout, each from the manifest's address
+    (the object's version id included, so every user gets the same bytes) under `base_url` (a mirror;
+    default OpenNeuro's, or $BRAINTUNE_MIRROR). A file goes to <name>.part, resumed with an HTTP Range
+    after an interruption, is checked against the size the server announces, then renamed: a file
+    under its real name is complete, and a second run downloads nothing."""
+    manifest = manifest or json.load(open(MANIFEST))
+    base = (base_url or os.environ.get("BRAINTUNE_MIRROR") or OPENNEURO).rstrip("/")
+    subjects = ["UT" + s if "UT" + s in REAL_SUBJECTS else s for s in subjects]
+    for s in subjects:
+        if s not in REAL_SUBJECTS:
+            raise ValueError(f"--subject {s}: not a subject of ds003020; they are {', '.join(REAL_SUBJECTS)}")
+    other = sorted(set(os.listdir(out)) - {"derivative", "stimuli"}) if os.path.isdir(out) else []
+    if os.path.exists(out) and (other or not os.path.isdir(out)):
+        raise ValueError(f"{out}: already holds {', '.join(other) or 'a file'}; fetch into a new folder or an earlier fetch's")
+    paths = fetch_list(manifest, subjects, pycortex)
+    url = lambda p: base + manifest[p][len(OPENNEURO):]
+    done = lambda: sum(os.path.isfile(os.path.join(out, p)) for p in paths)
+
+    def failed(p, e):  # the one line for a network or server error
+        if isinstance(e, urllib.error.HTTPError):
+            return ValueError(f"{p}: HTTP {e.code} {e.reason} from {url(p).split('?')[0]}")
+        return ValueError(f"cannot reach {base} ({getattr(e, 'reason', e)}); {done()} of {len(paths)} files are "
+                          "complete, run the same command again to resume")
+
+    def size(p):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url(p), method="HEAD"), timeout=60) as r:
+                return int(r.headers["Content-Length"])
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise failed(p, e) from None
+    print(f"ds003020 2.2.0 for {', '.join(subjects)}: {len(paths)} files into {out}", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        sizes = dict(zip(paths, pool.map(size, paths)))
+    todo = [p for p in paths if not os.path.isfile(os.path.join(out, p)) or os.path.getsize(os.path.join(out, p)) != sizes[p]]
+    part = lambda p: os.path.join(out, p) + ".part"
+    need = sum(sizes[p] - (os.path.getsize(part(p)) if os.path.isfile(part(p)) else 0) for p in todo)
+    os.makedirs(out, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    print(f"{sum(sizes.values()) / 1e9:.1f} GB in all; {len(todo)} files, {need / 1e9:.1f} GB, to download "
+          f"({free / 1e9:.0f} GB free)", flush=True)
+    if need > free:
+        raise ValueError(f"{out}: {need / 1e9:.1f} GB to download but {free / 1e9:.1f} GB free")
+    overall = tqdm(total=need, unit="B", unit_scale=True, desc="ds003020", disable=not sys.stderr.isatty())
+    last = t0 = time.time()
+    for i, p in enumerate(todo):
+        os.makedirs(os.path.dirname(part(p)), exist_ok=True)
+        have = os.path.getsize(part(p)) if os.path.isfile(part(p)) else 0
+        if have >= sizes[p]:  # complete but not renamed (killed in between), or not this file
+            os.replace(part(p), os.path.join(out, p)) if have == sizes[p] else os.remove(part(p))
+            if have == sizes[p]:
+                continue
+            have = 0
+        request = urllib.request.Request(url(p), headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r, open(part(p), "ab" if r.status == 206 else "wb") as f:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    f.write(chunk)
+                    overall.update(len(chunk))
+                    if not sys.stderr.isatty() and time.time() - last > 30:
+                        last = time.time()
+                        print(f"fetched {overall.n / 1e9:.2f} of {need / 1e9:.2f} GB, {i} of {len(todo)} files, "
+                              f"{last - t0:.0f} s", file=sys.stderr, flush=True)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+            raise failed(p, e) from None
+        except OSError as e:
+            raise ValueError(f"{part(p)}: cannot write ({e.strerror}); free some space and run the same command "
+                             "again to resume") from None
+        got = os.path.getsize(part(p))
+        if got < sizes[p]:  # the connection dropped
+            raise ValueError(f"{p}: the transfer stopped at {got} of {sizes[p]} bytes; {done()} of {len(paths)} "
+                             "files are complete, run the same command again to resume")
+        if got > sizes[p]:
+            os.remove(part(p))
+            raise ValueError(f"{p}: {got} bytes arrived where the server announced {sizes[p]}; not kept")
+        os.replace(part(p), os.path.join(out, p))
+    overall.close()
+    print(f"{done()} of {len(paths)} files complete in {out}", flush=True)
+    return paths
+
+
+# -----------------------------------------------------------------------------
 # the synthetic dataset: speech-like audio, and responses with a known ground truth
 
+SYNTHETIC = "synthetic-v2"  # the quick start's dataset, under the cache; v2: TextGrids with braces and stress
 DEMO_SR = 22050  # not 16 kHz, so that the reader's resampling is exercised
-CONSONANTS = {"K": 1800, "T": 4200, "P": 700, "S": 6000, "SH": 3000, "F": 7000, "H": 1200}  # noise centre, Hz
+CONSONANTS = {"K": 1800, "T": 4200, "P": 700, "S": 6000, "SH": 3000, "F": 7000, "HH": 1200}  # noise centre, Hz
 VOWELS = {"AA": (730, 1090), "IY": (270, 2290), "UW": (300, 870), "EH": (530, 1840), "AO": (570, 840),
           "AE": (660, 1720)}  # formants F1, F2, Hz
 GRID = 10  # Hz: the time grid on which the true features live before the haemodynamic response
@@ -689,12 +806,13 @@ def hrf(t):
 
 
 def _textgrid(path, words, seconds):
-    """Praat's long text format: tier 1 'phone', tier 2 'word'; pauses are 'sp'."""
+    """Praat's long text format: tier 1 'phone', tier 2 'word'; pauses are 'sp', every fifth a breath
+    '{BR}', and vowels carry stress digits (1 in a word's first syllable, else 0), as in ds003020."""
     def tier(name, items):
         filled, t = [], 0.0
         for label, a, b in items:
             if a > t + 1e-9:
-                filled.append(("sp", t, a))
+                filled.append(("{BR}" if len(filled) % 5 == 4 else "sp", t, a))
             filled.append((label, a, b))
             t = b
         filled.append(("sp", t, seconds))
@@ -704,7 +822,7 @@ def _textgrid(path, words, seconds):
             lines += [f"        intervals [{i}]:", f"            xmin = {a}", f"            xmax = {b}",
                       f'            text = "{label}"']
         return lines
-    phones = [p for w in words for p in w[3]]
+    phones = [(p + ("1" if i == 1 else "0") if p in VOWELS else p, a, b) for w in words for i, (p, a, b) in enumerate(w[3])]
     lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0", f"xmax = {seconds}",
              "tiers? <exists>", "size = 2", "item []:", "    item [1]:", *tier("phone", phones),
              "    item [2]:", *tier("word", [w[:3] for w in words])]
@@ -792,6 +910,12 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
 def main(argv=None):
     p = argparse.ArgumentParser(description="braintune data tools")
     sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download what braintune reads of OpenNeuro ds003020 2.2.0")
+    f.add_argument("dataset", choices=["ds003020"], help="the dataset (ds003020, the only one)")
+    f.add_argument("--out", default=None, help="folder to fetch into (default: ./ds003020)")
+    f.add_argument("--subject", default="UTS01", help="subjects, comma-separated (UTS01..UTS08; S01 works too)")
+    f.add_argument("--pycortex", action="store_true", help="also their pycortex database (ROIs, flatmaps)")
+    f.add_argument("--base-url", default=None, help=f"a mirror of {OPENNEURO} (or $BRAINTUNE_MIRROR)")
     d = sub.add_parser("demo", help="write a synthetic dataset in the ds003020 layout")
     d.add_argument("out", help="folder to write (must not exist yet)")
     d.add_argument("--subjects", type=int, default=3, help="number of subjects")
@@ -802,6 +926,14 @@ def main(argv=None):
     d.add_argument("--channels", type=int, default=1, help="channels of the wav files (ds003020: 2)")
     d.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
+    if a.cmd == "fetch":
+        try:
+            fetch(a.out or a.dataset, a.subject.split(","), a.pycortex, base_url=a.base_url)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        except KeyboardInterrupt:
+            sys.exit("interrupted; the files under their real names are complete: run the same command again to resume")
+        return
     for flag, ok, want in (("--subjects", a.subjects >= 1, "at least 1"), ("--stories", a.stories >= 2, "at least 2"),
                            ("--voxels", a.voxels >= 3, "at least 3"), ("--seconds", a.seconds >= 30, "at least 30"),
                            ("--sr", a.sr >= 8000, "at least 8000"), ("--channels", 1 <= a.channels <= 8, "1 to 8")):

@@ -119,14 +119,31 @@ def cross_subject(run, subject):
 
 
 def load_embeddings(path):
-    """GloVe text format: `word v1 v2 ...` per line -> {word: (dim,) array}."""
+    """{word: (dim,) array} from GloVe's text format (`word v1 v2 ...` per line) or the Huth lab's
+    english1000sm.hf5 in ds003020 ("data" (dimensions, words), "vocab" the words as bytes)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such embeddings file")
+    if path.endswith(".hf5"):
+        with data.open_hf5(path) as f:
+            if "data" not in f or "vocab" not in f:
+                raise ValueError(f"{path}: expected 'data' (dimensions, words) and 'vocab'")
+            vectors, vocab = np.asarray(f["data"], np.float32), f["vocab"][:]
+        return {(w.decode() if isinstance(w, bytes) else str(w)).lower(): vectors[:, i] for i, w in enumerate(vocab)}
     out = {}
     for line in open(path, encoding="utf-8"):
         w, *v = line.rstrip().split(" ")
         out[w.lower()] = np.asarray(v, dtype=np.float32)
     return out
+
+
+def default_embeddings(root):
+    """The dataset's own word vectors: the synthetic data's embeddings.txt, else ds003020's English1000."""
+    paths = [os.path.join(root, "derivative", f) for f in ("embeddings.txt", "english1000sm.hf5")]
+    for p in paths:
+        if os.path.isfile(p):
+            return p
+    raise ValueError(f"no word vectors in {root}: neither {paths[0]} nor {paths[1]} (python data.py fetch gets "
+                     "the second; or pass --embeddings PATH)")
 
 
 @torch.inference_mode()
@@ -159,8 +176,7 @@ def probe(run, kind, embeddings=None):
     args, layer, pre, tuned, lw = load_run(run)
     subj = data.find_subject(args.data, args.subject)
     train_s, val_s, test_s = data.splits(args.data, subj, args.test_stories, args.val_stories)
-    emb = load_embeddings(embeddings or os.path.join(args.data, "derivative", "embeddings.txt")) \
-        if kind == "semantic" else None
+    emb = load_embeddings(embeddings or default_embeddings(args.data)) if kind == "semantic" else None
     items = {}  # story -> (segments, labels)
     for s in train_s + val_s + test_s:
         phones, words = data.words_and_phones(data.textgrid_path(args.data, s))

@@ -40,7 +40,7 @@ RECIPES = {  # REFERENCE section 1; every value can still be overridden on the c
                        head_lr=1e-4, batch_size=128, epochs=30, warmup=5, val_stories="stagefright"),
     "brainwavlm": dict(model="wavlm_base_plus", layer="9", history=4, lora_rank=4, lora_alpha=4.0,
                        lora_dropout=0.1, lora_targets="qkv", loss="corr", lr=1e-4, head_lr=1e-4, epochs=20,
-                       bottleneck=100, val_stories="fromboyhoodtofatherhood,onapproachtopluto"),
+                       bottleneck=100, val_stories="fromboyhoodtofatherhood,stagefright"),
 }
 
 
@@ -448,7 +448,7 @@ def parse(argv=None):
         p.set_defaults(**RECIPES[first.recipe], recipe=first.recipe)
     args = p.parse_args(argv)
     args.synthetic = args.data is None
-    args.data = os.path.abspath(args.data or os.path.join(data.cache_root(), "synthetic"))  # a run works from anywhere
+    args.data = os.path.abspath(args.data or os.path.join(data.cache_root(), data.SYNTHETIC))  # works from anywhere
     args.model = args.model or ("tiny" if args.synthetic else "wavlm_base_plus")
     for k in ("test_stories", "val_stories"):
         setattr(args, k, getattr(args, k).split(",") if isinstance(getattr(args, k), str) else getattr(args, k))

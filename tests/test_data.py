@@ -232,7 +232,11 @@ def test_textgrid_reader_reads_both_formats(tmp_path, fmt):
 
 
 def test_synthetic_textgrids_match_the_audio(demo):
-    phones, words = data.words_and_phones(os.path.join(demo, "derivative", "TextGrids", "souls.TextGrid"))
+    path = os.path.join(demo, "derivative", "TextGrids", "souls.TextGrid")
+    raw = [lab for tier in data.read_textgrid(path).values() for _, _, lab in tier]
+    assert "{BR}" in raw and any(lab[-1:] in "01" and lab[:-1] in data.PHONEMES for lab in raw)  # as ds003020's
+    phones, words = data.words_and_phones(path)
+    assert {p for _, _, p in phones} <= data.PHONEMES and not any("{" in w or w == "sp" for _, _, w in words)
     vocab = {line.split()[0] for line in open(os.path.join(demo, "derivative", "embeddings.txt"))}
     assert words and all(w[2] in vocab for w in words)
     audio = data.read_wav(os.path.join(demo, "stimuli", "souls.wav")).numpy()
