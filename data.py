@@ -711,11 +711,14 @@ def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
                 continue
             have = 0
         request = urllib.request.Request(url(p), headers={"Range": f"bytes={have}-"} if have else {})
+        one = tqdm(total=sizes[p], initial=have, unit="B", unit_scale=True, desc=os.path.basename(p), leave=False,
+                   disable=overall.disable)
         try:
             with urllib.request.urlopen(request, timeout=60) as r, open(part(p), "ab" if r.status == 206 else "wb") as f:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     f.write(chunk)
                     overall.update(len(chunk))
+                    one.update(len(chunk))
                     if not sys.stderr.isatty() and time.time() - last > 30:
                         last = time.time()
                         print(f"fetched {overall.n / 1e9:.2f} of {need / 1e9:.2f} GB, {i} of {len(todo)} files, "
@@ -725,6 +728,8 @@ def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
         except OSError as e:
             raise ValueError(f"{part(p)}: cannot write ({e.strerror}); free some space and run the same command "
                              "again to resume") from None
+        finally:
+            one.close()
         got = os.path.getsize(part(p))
         if got < sizes[p]:  # the connection dropped
             raise ValueError(f"{p}: the transfer stopped at {got} of {sizes[p]} bytes; {done()} of {len(paths)} "
