@@ -136,7 +136,8 @@ def cached(kind, key, build, name="entry"):
     """The cache entry of `key`: build() -> {name: numpy array (saved as .npy, read back memory-mapped),
     dict of tensors (.pt) or JSON value}, made once in <cache>/<kind>/<name>-<digest>. It is written
     under a temporary name and renamed, and read back only if every file has the size its manifest
-    says: a run killed while writing leaves nothing that a later run would trust."""
+    says: a run killed while writing leaves nothing that a later run would trust. build None: only
+    look (None if there is no entry)."""
     path = os.path.join(cache_root(), kind, f"{name}-{digest(key)}")
     if os.path.isdir(path):
         try:
@@ -144,6 +145,8 @@ def cached(kind, key, build, name="entry"):
         except Exception as e:  # truncated, corrupt, or from an older layout
             warnings.warn(f"{path}: broken cache entry ({type(e).__name__}: {e}); rebuilding it")
             shutil.rmtree(path, ignore_errors=True)
+    if build is None:
+        return None
     for old in glob.glob(path + ".tmp*") if os.name == "posix" else []:  # left by a killed process: never read
         try:
             os.kill(int(old.rsplit(".tmp", 1)[1]), 0)  # signal 0: is the writer still running?
@@ -571,26 +574,32 @@ def pool_frames(frames, history):
 def features(fn, windows, key, batch_size, device, desc="features"):
     """fn(wave (batch, samples)) -> (batch, p) for every window, in order: (rows, p) float32 on the
     CPU. With a key (what fn computes: backbone, layer, ...), each story's block is cached under it
-    and the story's audio, row count and timing, so a second run does not forward it again."""
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    and the story's audio, row count and timing, so a second run does not forward it again. With a
+    list of keys, fn returns a list of (batch, p), one per key (several layers of one forward): each
+    story's blocks are cached and nothing is returned, so that no caller holds every layer at once."""
+    precision, many = "bf16" if device.type == "cuda" else "fp32", isinstance(key, list)
 
-    def block(i):
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(windows, range(windows.starts[i], windows.starts[i + 1])), batch_size)
+    def blocks(i):  # [(rows, p)] of story i, one per key
         out = []
-        for wave, *_ in loader:
+        for wave, *_ in torch.utils.data.DataLoader(
+                torch.utils.data.Subset(windows, range(windows.starts[i], windows.starts[i + 1])), batch_size):
             with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
-                out.append(fn(wave.to(device)).float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+                y = fn(wave.to(device))
+            out.append([t.float().cpu() for t in (y if many else [y])])
+        return [torch.cat(c).numpy() for c in zip(*out)] if out else [np.zeros((0, 0), np.float32)]
     out = []
     for i in progress(range(len(windows.stories)), desc):
         if key is None or windows.keys is None:
-            out.append(torch.from_numpy(block(i)))
+            out.append(torch.from_numpy(blocks(i)[0]))
             continue
-        k = dict(key, audio=windows.keys[i], rows=len(windows.ends[i]), precision=precision, **windows.timing)
-        x = cached("features", k, lambda: {"x": block(i)}, windows.stories[i])["x"]
-        out.append(torch.from_numpy(np.array(x)))
-    return torch.cat(out)
+        keys = [dict(k, audio=windows.keys[i], rows=len(windows.ends[i]), precision=precision, **windows.timing)
+                for k in (key if many else [key])]
+        got = [cached("features", k, None, windows.stories[i]) for k in keys]
+        if any(g is None for g in got):  # one forward for every missing key
+            got = [cached("features", k, lambda x=x: {"x": x}, windows.stories[i]) for k, x in zip(keys, blocks(i))]
+        if not many:
+            out.append(torch.from_numpy(np.array(got[0]["x"])))
+    return None if many else torch.cat(out)
 
 
 def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):

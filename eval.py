@@ -273,6 +273,54 @@ def lowlevel(run):
     return res, "\n".join(table)
 
 
+def parse_layers(text, depth, model):
+    """--layers: 'all' or comma-separated 1-based layers within the model."""
+    try:
+        layers = list(range(1, depth + 1)) if text == "all" else [int(x) for x in text.split(",")]
+    except ValueError:
+        layers = []
+    if not layers or not all(1 <= x <= depth for x in layers):
+        raise ValueError(f"--layers {text}: expected 'all' or layers from 1..{depth} of {model}, comma-separated")
+    return sorted(set(layers))
+
+
+def profile(run, text="all"):
+    """The layer-wise encoding profile: for each layer, its features pooled into the run's TR bins,
+    ridge refit on the run's training stories (stage 1's folds, lambdas and z-scoring), the test r of
+    each voxel set (chosen by stage-1 cv r); pretrained, and tuned on layers 1..L, those that carry
+    its adapters (above L the tuned model is the pretrained one). One forward per window and backbone
+    yields every layer, each cached, then loaded one at a time."""
+    args, layer, pre, tuned, lw = load_run(run)
+    layers = parse_layers(text, len(pre.encoder.transformer.layers), args.model)
+    d = train.prepare(args, [args.subject])[0][0]
+    sets_ = train.sets(argparse.Namespace(roi="all"), d, load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1])
+    out, cpu = {str(x): {} for x in layers}, torch.device("cpu")
+    for name, bb in (("pretrained", pre), ("tuned", tuned)):
+        chosen = [x for x in layers if name == "pretrained" or x <= layer] if bb is not None else []
+        keys = [feature_key(args.model, bb, x, None, args.normalize) for x in chosen]
+
+        def every(w, bb=bb, chosen=chosen):  # (batch, samples) -> [(batch, history * dim)], one per layer
+            w = torch.nn.functional.layer_norm(w, w.shape[-1:]) if args.normalize else w
+            hs = bb.extract_features(w, num_layers=max(chosen))[0]
+            return [data.pool_frames(hs[x - 1], args.history).flatten(1) for x in chosen]
+        for s in ("train", "test") if chosen else ():
+            data.features(every, d[s], keys, args.batch_size, cpu, f"{name} layers, {s}")
+        for x, key in zip(chosen, keys):
+            fn = lambda w, bb=bb, x=x: pooled(bb, w, x, args.history, None, args.normalize)
+            X = {s: data.features(fn, d[s], key, args.batch_size, cpu, s) for s in ("train", "test")}
+            r = train.stage1(args, X, d, cpu)[4].numpy()
+            out[str(x)][name] = {k: float(np.nanmean(r[v])) for k, v in sets_.items()}
+    merge_analyses(run, "layers", out)
+    lines = [f"{'layer':>5} {'set':>12} {'pretrained':>10} {'tuned':>8} {'change':>8}"]
+    for x, row in out.items():
+        for k, base in row["pretrained"].items():
+            t = row.get("tuned", {}).get(k)
+            lines.append(f"{x:>5} {k:>12} {base:10.4f} " + (f"{t:8.4f} {t - base:+8.4f}" if t is not None else
+                                                             f"{'-':>8} {'-':>8}"))
+    note = f"(the tuned profile stops at layer {layer}, the last with adapters)" if tuned is not None else ""
+    return out, "\n".join(lines + ([note] if note and max(layers) > layer else []))
+
+
 def stability(runs, vs=None):
     """Mean and standard deviation across runs of each set's change in r (refit minus baseline)."""
     def changes(group):
@@ -344,6 +392,20 @@ def plot(run):
         ax.set(xlabel="transformer layer", ylabel="||scaling B A|| / ||W||", title="relative weight change")
         ax.legend()
         save(fig, "weight_change.png")
+
+    saved = os.path.join(run, "analyses.json")
+    layers = json.load(open(saved)).get("layers") if os.path.exists(saved) else None
+    if layers:  # eval.py --layers: mean r against layer, a panel per voxel set
+        names = list(next(iter(layers.values()))["pretrained"])
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+        for ax, k in zip(axes[0], names):
+            for model in ("pretrained", "tuned"):
+                pts = sorted((int(x), row[model][k]) for x, row in layers.items() if model in row)
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=model)
+            ax.set(xlabel="transformer layer", ylabel="mean test r", title=k)
+            ax.legend()
+        save(fig, "layers.png")
     return paths
 
 
@@ -367,6 +429,8 @@ def main(argv=None):
     p.add_argument("--lowlevel", action="store_true", help="reliance on low-level (mel band) features")
     p.add_argument("--seeds", nargs="+", help="more runs: mean and std of the change in r across runs")
     p.add_argument("--vs", nargs="+", help="a second group of runs to compare with --seeds")
+    p.add_argument("--layers", nargs="?", const="all", help="the encoding r of every layer (or of 2,5,9 ...), "
+                                                              "pretrained and tuned")
     p.add_argument("--plot", action="store_true", help="write PNG figures into the run folder")
     p.add_argument("--export", help="write the merged tuned backbone as a torchaudio state dict here")
     a = p.parse_args(argv)
@@ -379,6 +443,8 @@ def main(argv=None):
                 raise ValueError(f"{flag} {r}: not the folder of a finished run (no results.json)")
     if a.vs and not a.seeds:
         raise ValueError("--vs compares with the runs of --seeds; give --seeds too")
+    if a.layers is not None:
+        parse_layers(a.layers, len(load_run(a.run)[2].encoder.transformer.layers), args.model)
     if a.embeddings and not os.path.isfile(a.embeddings):
         raise ValueError(f"--embeddings {a.embeddings}: no such file")
     if a.export and (os.path.exists(a.export) or not os.path.isdir(os.path.dirname(os.path.abspath(a.export)))):
@@ -391,6 +457,8 @@ def main(argv=None):
         print("\n" + probe(a.run, a.probe, a.embeddings)[1])
     if a.lowlevel:
         print("\n" + lowlevel(a.run)[1])
+    if a.layers is not None:
+        print("\n" + profile(a.run, a.layers)[1])
     if a.seeds:
         out, table = stability([a.run] + a.seeds, a.vs)
         merge_analyses(a.run, "stability", out)

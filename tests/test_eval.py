@@ -199,3 +199,25 @@ def test_a_moved_run_folder_still_loads_tinys_pretrained_weights(run, tmp_path):
     pre = ev.load_run(str(moved))[2]
     want = torch.load(moved / "tiny_pretrained.pt", weights_only=True)
     assert all(torch.equal(v, want[k]) for k, v in pre.state_dict().items())
+
+
+def test_the_layer_profile_forwards_once_and_its_run_layer_is_the_baseline(run, monkeypatch):
+    forwarded, real = [], ev.load_run
+
+    def counted(r):
+        out = real(r)
+        for bb in out[2:4]:
+            bb.feature_extractor.register_forward_pre_hook(lambda m, inp: forwarded.append(len(inp[0])))
+        return out
+    monkeypatch.setattr(ev, "load_run", counted)
+    with data.no_cache():  # every layer extracted here, none read from the run's cache
+        out, table = ev.profile(run)
+    args, layer = real(run)[:2]
+    d = train.prepare(args, [args.subject])[0][0]
+    assert sum(forwarded) == 2 * (len(d["train"]) + len(d["test"]))  # one forward per window and backbone
+    assert set(out) == {"1", "2", "3", "4"} and "tuned" not in out["4"] and "tuned" in out[str(layer)]
+    baseline = json.load(open(os.path.join(run, "results.json")))["test"]
+    for k, r in out[str(layer)]["pretrained"].items():  # the run's own layer: its stage-1 baseline
+        assert r == pytest.approx(baseline[k]["baseline_r"], abs=1e-6), k
+    assert json.load(open(os.path.join(run, "analyses.json")))["layers"] == out
+    assert "layers.png" in {os.path.basename(p) for p in ev.plot(run)}

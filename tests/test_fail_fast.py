@@ -127,6 +127,9 @@ def test_eval_refuses_each_mistake(ds, tmp_path):
         (ev + ["--vs", run], "--vs compares with the runs of --seeds"),
         (ev + ["--subject", "S09"], "unknown subject 'S09'"),
         (ev + ["--probe", "semantic", "--embeddings", str(tmp_path / "no.txt")], "--embeddings"),
+        (ev + ["--layers", "2,9"], "--layers 2,9: expected 'all' or layers from 1..4 of tiny"),
+        (ev + ["--layers", ""], "--layers : expected 'all' or layers from 1..4"),
+        (ev + ["--layers", "0"], "--layers 0: expected"),
     ]
     assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir", os.path.join(run, "analyses.json")])
 
