@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import data
+import eval as analyses
 import lora
 import train
 from model import BrainModel, build_backbone, hidden, make_head, pooled
@@ -224,6 +225,21 @@ def bench_head(n_vox, p, bottleneck, batch=8):
     return {"voxels": n_vox, "p": p, "bottleneck": bottleneck, "params_mb": params, "peak_mb": peak_mb(step)}
 
 
+def bench_stats(v, rows=291, block=10, sets=4):
+    """The change's bootstrap interval (1,000 resamples, `sets` voxel sets) and every voxel's block-
+    permutation p (1,000 permutations) on a test story of `rows` TRs, at v voxels."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(rows, v, generator=g)
+    a, b = y + 2 * torch.randn(rows, v, generator=g), y + torch.randn(rows, v, generator=g)
+    sets_ = {f"set{i}": np.arange(i, v, sets) for i in range(sets)}
+    sums = lambda p: [torch.cat(s, -1) if i == 0 else s[0] for i, s in enumerate(zip(*(  # by voxel batches, as stage 1
+        analyses.block_sums(p[:, j:j + 16384], y[:, j:j + 16384], [rows], block) for j in range(0, v, 16384))))]
+    boot = lambda: analyses.change_ci(sums(a), sums(b), sets_)
+    perm = lambda: [analyses.permutation_p(a[:, j:j + 16384], y[:, j:j + 16384], block) for j in range(0, v, 16384)]
+    return {"voxels": v, "rows": rows, "bootstrap_s": timeit(boot, 1, 0), "bootstrap_peak_mb": peak_mb(boot),
+            "permutation_s": timeit(perm, 1, 0), "permutation_peak_mb": peak_mb(perm)}
+
+
 def run_measured(cmd, log, env=None, every=0.05):
     """Run cmd in a fresh process, its output to `log`: wall seconds, peak private memory (RssAnon,
     sampled every `every` s: memory-mapped file pages the kernel can drop do not count), peak
@@ -292,9 +308,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
     ap.add_argument("--out", default="bench.json", help="where to write the numbers")
     ap.add_argument("--only", default="", help="comma-separated parts to run (default all but fullscale): ridge, "
-                                               "step, subjects, extract, head, scaling, fullscale")
+                                               "step, subjects, extract, head, scaling, stats, fullscale")
     a = ap.parse_args()
-    parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "fullscale")
+    parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "stats", "fullscale")
     unknown = [x for x in a.only.split(",") if a.only and x not in parts]
     if unknown or not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         sys.exit(f"error: --only {a.only}: unknown part {unknown[0]!r}; choose from {', '.join(parts)}" if unknown else
@@ -325,6 +341,8 @@ def main():
         res["scaling_ridge_v"] = [bench_ridge(1000, 500, v, 1, peer=False) for v in ((2000, 4000) if q else (10000, 20000, 40000, 80000))]
         res["scaling_ridge_n"] = [bench_ridge(n, 500, 2000 if q else 10000, 1, peer=False) for n in ((500, 1000) if q else (2000, 4000, 8000))]
         res["scaling_step"] = [bench_step(model, b, 6, 8, 1, step_only=True) for b in ((1, 2) if q else (1, 2, 4, 8))]
+    if want("stats"):
+        res["stats"] = bench_stats(2000 if q else 81126)
     if want("fullscale"):  # about an hour, and 45 GB of disk, at the published size
         res["fullscale"] = bench_fullscale(q)
     with open(a.out, "w") as f:
@@ -365,6 +383,10 @@ def report(res):
         lines += [f"{key}: n={x['n']} p={x['p']} v={x['v']}: {x['seconds']:.2f} s, peak {x['peak_mb']:.0f} MB "
                   f"(W alone: {4 * x['p'] * x['v'] / 2 ** 20:.0f} MB)" for x in res.get(key, [])]
     lines += [f"scaling_step batch {x['batch']}: {x['step_s']:.3f} s" for x in res.get("scaling_step", [])]
+    if "stats" in res:
+        s = res["stats"]
+        lines.append(f"statistics, {s['voxels']} voxels, {s['rows']} test TRs: bootstrap interval {s['bootstrap_s']:.1f} s "
+                     f"({s['bootstrap_peak_mb']:.0f} MB), permutation p {s['permutation_s']:.1f} s ({s['permutation_peak_mb']:.0f} MB)")
     if "fullscale" in res:
         f = res["fullscale"]
         lines.append(f"fullscale dataset {f['dataset']}")

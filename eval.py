@@ -86,8 +86,79 @@ def results(run):
     return {k: v["test"] for k, v in res["subjects"].items()} if "subjects" in res else {res.get("subject", "-"): res["test"]}
 
 
+def block_sums(p, y, lengths, block=10):
+    """What a block bootstrap of r needs: ((blocks, 5, voxels) each block's sums of p, y, p^2, y^2 and
+    p*y, (blocks,) its TRs), blocks of `block` consecutive TRs within each story of `lengths` rows."""
+    edges = [e for s, n in zip(np.cumsum([0] + list(lengths[:-1])), lengths) for e in range(s, s + n, block)]
+    rows = torch.as_tensor(np.diff(edges + [int(sum(lengths))]))
+    ids = torch.repeat_interleave(torch.arange(len(rows)), rows)  # (TRs,) the block of each TR
+    p, y = p.double(), y.double()
+    sums = [torch.zeros(len(rows), p.shape[1], dtype=torch.float64).index_add_(0, ids, x)
+            for x in (p, y, p * p, y * y, p * y)]  # one (TRs, voxels) product at a time
+    return torch.stack(sums, 1), rows.double()
+
+
+def change_ci(a, b, sets_, resamples=1000, seed=0, chunk=20):
+    """The 95% percentile interval of each set's relative change in mean r (percent), b against a, by
+    a block bootstrap: the test story's blocks of TRs drawn with replacement (neighbouring TRs are
+    correlated), the same draws for both models, every voxel's r recomputed from the block sums."""
+    (sa, n), (sb, _) = a, b
+    draws = np.random.default_rng(seed).integers(0, len(n), (resamples, len(n)))
+    counts = torch.as_tensor(np.stack([np.bincount(d, minlength=len(n)) for d in draws]), dtype=torch.float64)
+    changes = {k: [] for k in sets_}
+    for c in counts.split(chunk):  # (chunk, blocks)
+        rs = []
+        for s in (sa, sb):
+            S, N = torch.einsum("rb,bkv->rkv", c, s), (c @ n)[:, None]  # (chunk, 5, voxels), (chunk, 1)
+            var = (N * S[:, 2] - S[:, 0] ** 2) * (N * S[:, 3] - S[:, 1] ** 2)
+            rs.append((N * S[:, 4] - S[:, 0] * S[:, 1]) / var.clamp_min(1e-300).sqrt())
+        for k, idx in sets_.items():
+            ma, mb = (r[:, torch.as_tensor(idx)].mean(1) for r in rs)
+            changes[k].append(100 * (mb - ma) / ma.abs())
+    return {k: np.percentile(torch.cat(v).numpy(), [2.5, 97.5]).tolist() for k, v in changes.items()}
+
+
+def summarize(res, sets_, ceiling, blocks=None):
+    """{set: {"n_voxels", "baseline_r", ...}}: the mean of each per-voxel r in res over each set;
+    the *_norm keys divide by the noise ceiling (cc_max) where there is one; with blocks
+    {"baseline", "refit"} (stage 1's block sums of the test story), change_ci: the 95% interval of
+    the relative change in mean r, percent."""
+    ci = change_ci(blocks["baseline"], blocks["refit"], sets_) if blocks and len(blocks) == 2 else {}
+    out = {}
+    for name, idx in sets_.items():
+        row = {"n_voxels": int(len(idx))}
+        for key in ("baseline_r", "tuned_r", "refit_r"):
+            if key in res:
+                v = res[key][idx]
+                row[key] = float(np.nanmean(v)) if np.isfinite(v).any() else None
+                if ceiling is not None and key != "tuned_r":
+                    ok = idx[np.isfinite(ceiling[idx])]
+                    row[key + "_norm"] = float(np.nanmean(res[key][ok] / ceiling[ok])) if len(ok) else None
+        if name in ci:
+            row["change_ci"] = ci[name]
+        out[name] = row
+    return out
+
+
+def format_table(tests):
+    """{subject: summarize(...)} -> the results table; a subject column when there are several."""
+    multi, norm = len(tests) > 1, any("baseline_r_norm" in r for t in tests.values() for r in t.values())
+    fmt = lambda x, w=8: f"{x:{w}.4f}" if x is not None else f"{'-':>{w}}"
+    lines = [(f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
+             f"{'refit r':>8} {'change [95% interval]':>24}" + (f" {'base r/cc':>9} {'refit r/cc':>10}" if norm else "")]
+    for subject, test in tests.items():
+        for name, row in test.items():
+            base, refit = row.get("baseline_r"), row.get("refit_r")
+            change = f"{100 * (refit - base) / abs(base):+.1f}%" if refit is not None and base else "-"
+            change += " [{:+.1f}, {:+.1f}]".format(*row["change_ci"]) if "change_ci" in row else ""
+            lines.append((f"{subject:>8} " if multi else "") + f"{name:>12} {row['n_voxels']:7d} {fmt(base, 11)} "
+                         f"{fmt(row.get('tuned_r'))} {fmt(refit)} {change:>24}" + (
+                             f" {fmt(row.get('baseline_r_norm'), 9)} {fmt(row.get('refit_r_norm'), 10)}" if norm else ""))
+    return "\n".join(lines)
+
+
 def show(run):
-    return train.format_table(results(run))
+    return format_table(results(run))
 
 
 def split_features(args, layer, backbone, lw, d):
@@ -113,9 +184,10 @@ def cross_subject(run, subject):
         print(f"note: {d['subject']} was tuned on in {run}; this is not transfer to a new subject")
     base, new = fit(args, layer, pre, None, d), fit(args, layer, tuned, lw, d)
     res = {"baseline_r": base[4].numpy(), "refit_r": new[4].numpy()}
-    out = train.summarize(res, train.sets(argparse.Namespace(roi="all"), d, base[3]), d["ceiling"])
+    out = summarize(res, train.sets(argparse.Namespace(roi="all"), d, base[3]), d["ceiling"],
+                    {"baseline": base[5], "refit": new[5]})
     merge_analyses(run, f"transfer_{d['subject']}", out)
-    return train.format_table({d["subject"]: out})
+    return format_table({d["subject"]: out})
 
 
 def load_embeddings(path):
@@ -321,6 +393,68 @@ def profile(run, text="all"):
     return out, "\n".join(lines + ([note] if note and max(layers) > layer else []))
 
 
+def permutation_p(p, y, block=10, permutations=1000, seed=0, chunk=25):
+    """One-sided p-value of each voxel's r > 0 by a block permutation (the Huth lab's test): whole
+    blocks of `block` TRs of y shuffled against p (rows after the last whole block left out);
+    (1 + #{permuted r >= r}) / (1 + permutations). p, y: (rows, voxels)."""
+    nb = len(y) // block
+
+    def unit(x):  # each column centred and of unit norm, so that r is a plain sum of products
+        x = x[:nb * block].double()
+        x = x - x.mean(0)
+        return (x / x.norm(dim=0).clamp_min(1e-300)).reshape(nb, block, -1)
+    C = torch.einsum("itv,jtv->ijv", unit(p), unit(y))  # (blocks, blocks, voxels): block i of p, block j of y
+    r = C.diagonal(dim1=0, dim2=1).sum(-1)  # (voxels,)
+    rng = np.random.default_rng(seed)
+    orders = torch.as_tensor(np.stack([rng.permutation(nb) for _ in range(permutations)]))
+    exceed = torch.zeros_like(r)
+    for o in orders.split(chunk):  # (chunk, blocks): block i of p against block o[i] of y
+        exceed += (C[torch.arange(nb)[None], o].sum(1) >= r - 1e-12).sum(0)
+    return (1 + exceed) / (1 + permutations)
+
+
+def fdr(p, q=0.05):
+    """Benjamini-Hochberg: which p-values (NaN: none) are discoveries at false discovery rate q."""
+    p = np.where(np.isfinite(p), p, np.inf)
+    order, m = np.argsort(p), np.isfinite(p).sum()
+    passed = np.flatnonzero(p[order][:m] <= q * np.arange(1, m + 1) / max(m, 1))
+    out = np.zeros(len(p), bool)
+    out[order[:passed[-1] + 1] if len(passed) else []] = True
+    return out
+
+
+def significance(run, permutations=1000, q=0.05, block=None):
+    """Each voxel's baseline and refit test r against zero, by block permutation of the test story's
+    TRs (blocks of `block` TRs, default the run's --block), the false discovery rate held at q over
+    the voxels (Benjamini-Hochberg); per voxel set, how many voxels pass. The p-values go into
+    voxel_r.npz (baseline_p, refit_p)."""
+    args, layer, pre, tuned, lw = load_run(run)
+    args.block = block or args.block
+    d = train.prepare(args, [args.subject])[0][0]
+    sets_ = train.sets(argparse.Namespace(roi="all"), d, load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1])
+    good, out, pvals = np.flatnonzero(d["good"]), {}, {}
+    for name, bb, w in (("baseline", pre, None), ("refit", tuned, lw)):
+        if bb is None:
+            continue
+        X = split_features(args, layer, bb, w, d)  # from the cache, as is the fit
+        mu, sd, W, *_ = train.stage1(args, X, d, torch.device("cpu"))
+        Z, p = (X["test"] - mu) / sd, np.full(len(d["good"]), np.nan)
+        for j in range(0, len(good), 16384):
+            idx = good[j:j + 16384]
+            p[idx] = permutation_p(Z @ W[:, idx], d["Ytest"][:, idx], args.block, permutations).numpy()
+        pvals[name + "_p"], passed = p, fdr(p, q)
+        out[name] = {k: int(passed[v].sum()) for k, v in sets_.items()}
+    npz = os.path.join(run, "voxel_r.npz")
+    old = dict(np.load(npz))
+    prefix = f"{d['subject']}." if any("." in k for k in old) else ""
+    train.save_atomic(dict(old, **{prefix + k: v for k, v in pvals.items()}), npz)
+    merge_analyses(run, "significance", dict(out, q=q, permutations=permutations, block=args.block))
+    lines = [f"voxels whose test r > 0 at a false discovery rate of {q} ({permutations} block permutations of "
+             f"{args.block} TRs)", f"{'set':>12} {'voxels':>7} " + " ".join(f"{k:>9}" for k in out)]
+    lines += [f"{k:>12} {len(v):7d} " + " ".join(f"{out[m][k]:9d}" for m in out) for k, v in sets_.items()]
+    return out, "\n".join(lines)
+
+
 def stability(runs, vs=None):
     """Mean and standard deviation across runs of each set's change in r (refit minus baseline)."""
     def changes(group):
@@ -431,6 +565,9 @@ def main(argv=None):
     p.add_argument("--vs", nargs="+", help="a second group of runs to compare with --seeds")
     p.add_argument("--layers", nargs="?", const="all", help="the encoding r of every layer (or of 2,5,9 ...), "
                                                               "pretrained and tuned")
+    p.add_argument("--significance", action="store_true", help="each voxel's r against zero by block "
+                                                                 "permutation, false discovery rate 0.05")
+    p.add_argument("--block", type=int, help="TRs per block of --significance's permutations (default: the run's)")
     p.add_argument("--plot", action="store_true", help="write PNG figures into the run folder")
     p.add_argument("--export", help="write the merged tuned backbone as a torchaudio state dict here")
     a = p.parse_args(argv)
@@ -443,6 +580,8 @@ def main(argv=None):
                 raise ValueError(f"{flag} {r}: not the folder of a finished run (no results.json)")
     if a.vs and not a.seeds:
         raise ValueError("--vs compares with the runs of --seeds; give --seeds too")
+    if a.block is not None and a.block < 1:
+        raise ValueError(f"--block {a.block}: must be at least 1")
     if a.layers is not None:
         parse_layers(a.layers, len(load_run(a.run)[2].encoder.transformer.layers), args.model)
     if a.embeddings and not os.path.isfile(a.embeddings):
@@ -459,6 +598,8 @@ def main(argv=None):
         print("\n" + lowlevel(a.run)[1])
     if a.layers is not None:
         print("\n" + profile(a.run, a.layers)[1])
+    if a.significance:
+        print("\n" + significance(a.run, block=a.block)[1])
     if a.seeds:
         out, table = stability([a.run] + a.seeds, a.vs)
         merge_analyses(a.run, "stability", out)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import torchaudio
 
 import data
+import eval as analyses  # the results table and its statistics live with the analyses (eval imports train)
 import lora
 from model import BUNDLES, TINY, BrainModel, feature_key, load_backbone, load_checkpoint, make_head, pooled, pretrain_tiny
 
@@ -184,7 +185,7 @@ def prepare(args, subjects):
 def stage1(args, X, d, device, stats=None):
     """Frozen features X {"train", "test"} (rows, p) of one subject -> per-voxel ridge. The features
     are z-scored by stats (mu, sd), by default the training rows' own. Returns mu, sd, W (p, voxels),
-    cv r, test r (NaN for unusable voxels). The fit is cached under all that it depends on (the
+    cv r, test r (NaN for unusable voxels), the test story's block sums (eval.block_sums). The fit is cached under all that it depends on (the
     features themselves, the responses' files, lambdas, folds), so a second run does not redo it."""
     mu, sd = stats or (X["train"].mean(0), X["train"].std(0).clamp_min(1e-6))
     Z = {s: (x - mu) / sd for s, x in X.items()}
@@ -195,21 +196,27 @@ def stage1(args, X, d, device, stats=None):
         t0 = time.time()
         fitted.append(t0)
         W, lambdas, cv = fit_ridge(Z["train"].to(device), d["Ytrain"], args.alphas, groups, return_cv=True)
-        r = torch.cat([pearson(Z["test"] @ W[:, j:j + 16384], d["Ytest"][:, j:j + 16384])
-                       for j in range(0, W.shape[1], 16384)])
+        r, sums = [], []  # test r, and each block of test TRs' sums for the bootstrap (eval.block_sums)
+        for j in range(0, W.shape[1], 16384):
+            pred, y = Z["test"] @ W[:, j:j + 16384], d["Ytest"][:, j:j + 16384]
+            r.append(pearson(pred, y))
+            sums.append(analyses.block_sums(pred, y, [len(e) for e in d["test"].ends], args.block))
+        r, rows = torch.cat(r), sums[0][1]
         good = torch.as_tensor(d["good"])
         edge = ((lambdas == min(args.alphas)) | (lambdas == max(args.alphas)))[good].float()
         fit = cv[good] > 0.1  # unresponsive voxels rightly take the largest lambda
         log(f"{d['subject']} ridge: {good.sum()} voxels in {time.time() - t0:.1f} s; at an edge of the lambda grid: "
             f"{100 * edge.mean():.1f}% of voxels, {100 * edge[fit].mean() if fit.any() else 0:.1f}% of those with cv r > 0.1")
         cv[~good], r[~good] = float("nan"), float("nan")
-        return {"W": W.numpy(), "cv": cv.numpy(), "r": r.numpy()}
+        return {"W": W.numpy(), "cv": cv.numpy(), "r": r.numpy(), "sums": torch.cat([s for s, _ in sums], -1).numpy(),
+                "rows": rows.numpy()}
     key = dict(X=Z, Y=[d["Y" + s].keys for s in ("train", "test")], good=d["good"], alphas=args.alphas,
-               groups=groups, device=device.type, v=1)
+               groups=groups, block=args.block, device=device.type, v=1)
     e = data.cached("stage1", key, fit, d["subject"]) if d["Ytrain"].keys else fit()
     if not fitted:
         log(f"{d['subject']} ridge: read from the cache (the same features, responses and settings as an earlier run)")
-    return (mu, sd, *(torch.from_numpy(np.asarray(e[k])) for k in ("W", "cv", "r")))
+    W, cv, r, sums, rows = (torch.from_numpy(np.asarray(e[k])) for k in ("W", "cv", "r", "sums", "rows"))
+    return mu, sd, W, cv, r, (sums, rows)
 
 
 def sets(args, d, cv):
@@ -218,39 +225,6 @@ def sets(args, d, cv):
     n_top = int(args.roi[3:]) if args.roi.startswith("top") else max(1, len(good) // 10)
     top = good[np.argsort(-cv.numpy()[good], kind="stable")[:n_top]]
     return {"all": good, **{k: np.intersect1d(v, good) for k, v in d["rois"].items()}, f"top{n_top}": top}
-
-
-def summarize(res, sets_, ceiling):
-    """{set: {"n_voxels", "baseline_r", ...}}: the mean of each per-voxel r in res over each set;
-    the *_norm keys divide by the noise ceiling (cc_max) where there is one."""
-    out = {}
-    for name, idx in sets_.items():
-        row = {"n_voxels": int(len(idx))}
-        for key in ("baseline_r", "tuned_r", "refit_r"):
-            if key in res:
-                v = res[key][idx]
-                row[key] = float(np.nanmean(v)) if np.isfinite(v).any() else None
-                if ceiling is not None and key != "tuned_r":
-                    ok = idx[np.isfinite(ceiling[idx])]
-                    row[key + "_norm"] = float(np.nanmean(res[key][ok] / ceiling[ok])) if len(ok) else None
-        out[name] = row
-    return out
-
-
-def format_table(tests):
-    """{subject: summarize(...)} -> the results table; a subject column when there are several."""
-    multi, norm = len(tests) > 1, any("baseline_r_norm" in r for t in tests.values() for r in t.values())
-    fmt = lambda x, w=8: f"{x:{w}.4f}" if x is not None else f"{'-':>{w}}"
-    lines = [(f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
-             f"{'refit r':>8} {'change':>8}" + (f" {'base r/cc':>9} {'refit r/cc':>10}" if norm else "")]
-    for subject, test in tests.items():
-        for name, row in test.items():
-            base, refit = row.get("baseline_r"), row.get("refit_r")
-            change = f"{100 * (refit - base) / abs(base):+7.1f}%" if refit is not None and base else f"{'-':>8}"
-            lines.append((f"{subject:>8} " if multi else "") + f"{name:>12} {row['n_voxels']:7d} {fmt(base, 11)} "
-                         f"{fmt(row.get('tuned_r'))} {fmt(refit)} {change}" + (
-                             f" {fmt(row.get('baseline_r_norm'), 9)} {fmt(row.get('refit_r_norm'), 10)}" if norm else ""))
-    return "\n".join(lines)
 
 
 RANK = int(os.environ.get("RANK", 0))
@@ -395,6 +369,7 @@ def parser():
     a("--sound-start", type=float, default=data.SOUND_START, help="seconds from run start to audio start")
     a("--test-stories", default=None, help="comma-separated test stories (default: wheretheressmoke)")
     a("--val-stories", default=None, help="comma-separated validation stories (default: one training story)")
+    a("--block", type=int, default=10, help="TRs per block of the test story's bootstrap (the change's interval)")
     a("--cv-folds", type=int, default=None, help="ridge cross-validation folds, each a group of whole stories "
                                                   "(default 5, or one per training story if there are fewer)")
     a("--alphas", default="1e-1,1e8,19", help="ridge lambda grid: first,last,count (log-spaced)")
@@ -473,7 +448,7 @@ def parse(argv=None):
         raise ValueError(f"--weights {args.weights}: no such file")
     for flag, ok, want in (
             ("--history", args.history >= 1, "at least 1"), ("--tr", args.tr > 0, "positive"),
-            ("--trim-start", args.trim_start >= 0, "0 or more"), ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
+            ("--trim-start", args.trim_start >= 0, "0 or more"), ("--block", args.block >= 1, "at least 1"), ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
             ("--bottleneck", args.bottleneck >= 0, "0 (none) or more"), ("--lora-rank", args.lora_rank >= 0, "0 or more"),
             ("--lora-alpha", args.lora_alpha > 0, "positive"), ("--lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
             ("--lora-targets", set(args.lora_targets) <= set("qkvo") and args.lora_targets, "letters of qkvo"),
@@ -597,13 +572,13 @@ def brain_tune(args):
     else:
         STEP[0] = "stage 1"
         _, (mu, sd), X = features(backbone, torch.zeros(n_layers, device=device) if weighted else None)
-        fits = [stage1(args, x, d, device, (mu, sd))[2:] for x, d in zip(X, ds)]  # (W, cv, r) per subject
+        fits = [stage1(args, x, d, device, (mu, sd))[2:] for x, d in zip(X, ds)]  # (W, cv, r, blocks) each
         if RANK == 0:
             save_atomic((mu, sd, fits), stage1_path)
     if WORLD > 1 and RANK == 0:
         torch.distributed.barrier()
-    for d, (W, cv, r) in zip(ds, fits):
-        d["sets"] = sets(args, d, cv)
+    for d, (W, cv, r, *blocks) in zip(ds, fits):  # a run resumed from before the bootstrap has no blocks
+        d["sets"], d["blocks"] = sets(args, d, cv), {"baseline": blocks[0]} if blocks else {}
         d["roi"] = d["sets"][args.roi] if args.roi.startswith("top") else np.intersect1d(
             data.load_roi(args.data, d["subject"], args.roi, len(d["good"])), d["sets"]["all"])
         d["res"] = {"baseline_r": r.numpy()}
@@ -612,7 +587,7 @@ def brain_tune(args):
         lora.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
         if args.lora_rank == 0 and not weighted:  # layers above the one read get no gradient
             backbone.encoder.transformer.layers[layer:].requires_grad_(False)
-        heads = [make_head(W[:, d["roi"]], args.bottleneck) for d, (W, _, _) in zip(ds, fits)]
+        heads = [make_head(W[:, d["roi"]], args.bottleneck) for d, (W, *_) in zip(ds, fits)]
         model = BrainModel(backbone, heads, mu, sd, layer, args.history, n_layers if weighted else 0,
                            normalize).to(device)
         ckpt = load_checkpoint(os.path.join(run, "checkpoint.pt")) if args.resume and os.path.exists(
@@ -624,11 +599,12 @@ def brain_tune(args):
         for x, d, r in zip(X, ds, heads_r(model, (Xs["test"] - mu) / sd, ds, "test", device)):
             d["res"]["tuned_r"] = np.full(len(d["good"]), np.nan, np.float32)
             d["res"]["tuned_r"][d["roi"]] = r.numpy()  # the tuned model with its own head
-            d["res"]["refit_r"] = stage1(args, x, d, device, stats)[4].numpy()  # the field's protocol
+            *_, refit, d["blocks"]["refit"] = stage1(args, x, d, device, stats)  # the field's protocol
+            d["res"]["refit_r"] = refit.numpy()
         if RANK == 0:
             save_atomic(dict(trainable=state["best"], args=vars(args)), os.path.join(run, "adapter.pt"))
     if RANK == 0:
-        tests = {d["subject"]: summarize(d["res"], d["sets"], d["ceiling"]) for d in ds}
+        tests = {d["subject"]: analyses.summarize(d["res"], d["sets"], d["ceiling"], d["blocks"]) for d in ds}
         per = {d["subject"]: dict(subject=d["subject"], model=args.model, roi=args.roi, n_voxels=int(len(d["roi"])),
                                   test=tests[d["subject"]]) for d in ds}
         one = len(ds) == 1
@@ -636,7 +612,7 @@ def brain_tune(args):
         save_atomic(json.dumps(out, indent=1), os.path.join(run, "results.json"))
         save_atomic({(k if one else f"{d['subject']}.{k}"): v for d in ds for k, v in d["res"].items()},
                     os.path.join(run, "voxel_r.npz"))
-        print(format_table(tests))
+        print(analyses.format_table(tests))
     return run
 
 

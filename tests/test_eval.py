@@ -221,3 +221,58 @@ def test_the_layer_profile_forwards_once_and_its_run_layer_is_the_baseline(run, 
         assert r == pytest.approx(baseline[k]["baseline_r"], abs=1e-6), k
     assert json.load(open(os.path.join(run, "analyses.json")))["layers"] == out
     assert "layers.png" in {os.path.basename(p) for p in ev.plot(run)}
+
+
+def bootstrap_numpy(p, y, block, sets_, a_col, b_col, resamples, seed):
+    """The oracle: each resample's rows put together block by block, r by numpy, the percentiles."""
+    edges = list(range(0, len(y), block)) + [len(y)]
+    blocks = [np.arange(s, e) for s, e in zip(edges[:-1], edges[1:])]
+    draws = np.random.default_rng(seed).integers(0, len(blocks), (resamples, len(blocks)))
+    out = {k: [] for k in sets_}
+    for d in draws:
+        rows = np.concatenate([blocks[i] for i in d])
+        r = {m: np.array([np.corrcoef(p[m][rows, v], y[rows, v])[0, 1] for v in range(y.shape[1])]) for m in (a_col, b_col)}
+        for k, idx in sets_.items():
+            ma, mb = r[a_col][idx].mean(), r[b_col][idx].mean()
+            out[k].append(100 * (mb - ma) / abs(ma))
+    return {k: np.percentile(v, [2.5, 97.5]) for k, v in out.items()}
+
+
+def test_the_bootstrap_interval_equals_numpy_and_sees_a_known_effect():
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((53, 6))  # 53 TRs: five blocks of 10 and one of 3
+    p = {"a": y + 2.0 * rng.standard_normal(y.shape), "b": y + 0.7 * rng.standard_normal(y.shape)}
+    sums = {m: ev.block_sums(torch.tensor(p[m]), torch.tensor(y), [53], 10) for m in p}
+    sets_ = {"all": np.arange(6), "two": np.array([1, 4])}
+    got = ev.change_ci(sums["a"], sums["b"], sets_, resamples=200, seed=3)
+    want = bootstrap_numpy(p, y, 10, sets_, "a", "b", 200, 3)
+    for k in sets_:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9)
+    assert got["all"][0] > 0  # b predicts better: the interval excludes zero
+    same = ev.change_ci(sums["a"], sums["a"], sets_, resamples=200)
+    assert all(v == [0.0, 0.0] for v in same.values())  # two identical models: [0, 0]
+
+
+def test_block_permutation_p_is_uniform_for_noise_and_small_for_a_real_effect():
+    rng = np.random.default_rng(1)
+    y = torch.tensor(rng.standard_normal((200, 600)))
+    noise = ev.permutation_p(torch.tensor(rng.standard_normal((200, 600))), y, block=10, permutations=200)
+    assert abs(noise.mean() - 0.5) < 0.05 and abs((noise < 0.1).double().mean() - 0.1) < 0.04
+    real = ev.permutation_p(y[:, :5] + torch.tensor(rng.standard_normal((200, 5))), y[:, :5], 10, 200)
+    assert (real == 1 / 201).all()
+    # Benjamini-Hochberg by hand, m = 4 p-values, thresholds 0.0125, 0.025, 0.0375, 0.05: the largest k
+    # with p_(k) <= its threshold and every smaller p pass (step-up), NaN never does
+    assert ev.fdr(np.array([0.001, 0.01, 0.04, 0.5, np.nan])).tolist() == [True, True, False, False, False]
+    assert ev.fdr(np.array([0.03, 0.034, 0.04, 0.045])).tolist() == [True] * 4
+
+
+def test_significance_counts_voxels_and_keeps_their_p_values(run):
+    out, table = ev.significance(run, permutations=999, block=2)  # this test story has 24 TRs: blocks of 2
+    npz = np.load(os.path.join(run, "voxel_r.npz"))
+    kind = np.load(os.path.join(ev.load_run(run)[0].data, "derivative", "ground_truth", "UTS01.npz"))["kind"]
+    assert npz["baseline_p"].shape == npz["refit_p"].shape == (90,) and np.isfinite(npz["refit_p"]).all()
+    # measured on this 24-TR test story: median p 0.015 for AC voxels, 0.36 for those that follow
+    # nothing; 7 AC voxels pass the false discovery rate, no semantic one
+    assert np.median(npz["baseline_p"][kind == 0]) < 0.05 < np.median(npz["baseline_p"][kind == 2])
+    assert 0 < out["baseline"]["AC"] <= out["baseline"]["all"] and out["baseline"]["all"] < 30
+    assert "significance" in json.load(open(os.path.join(run, "analyses.json")))
