@@ -359,8 +359,8 @@ def parse_layers(text, depth, model):
 def profile(run, text="all"):
     """The layer-wise encoding profile: for each layer, its features pooled into the run's TR bins,
     ridge refit on the run's training stories (stage 1's folds, lambdas and z-scoring), the test r of
-    each voxel set (chosen by stage-1 cv r); pretrained, and tuned on layers 1..L, those that carry
-    its adapters (above L the tuned model is the pretrained one). One forward per window and backbone
+    each voxel set (chosen by stage-1 cv r); pretrained, and tuned on layers 1..L, those that were
+    tuned (above L the tuned model's weights are the pretrained ones). One forward per window and backbone
     yields every layer, each cached, then loaded one at a time."""
     args, layer, pre, tuned, lw = load_run(run)
     layers = parse_layers(text, len(pre.encoder.transformer.layers), args.model)
@@ -389,7 +389,7 @@ def profile(run, text="all"):
             t = row.get("tuned", {}).get(k)
             lines.append(f"{x:>5} {k:>12} {base:10.4f} " + (f"{t:8.4f} {t - base:+8.4f}" if t is not None else
                                                              f"{'-':>8} {'-':>8}"))
-    note = f"(the tuned profile stops at layer {layer}, the last with adapters)" if tuned is not None else ""
+    note = f"(the tuned profile stops at layer {layer}, the last that was tuned)" if tuned is not None else ""
     return out, "\n".join(lines + ([note] if note and max(layers) > layer else []))
 
 
