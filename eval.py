@@ -7,6 +7,8 @@ RUN/analyses.json (other keys are kept).
     python eval.py RUN --probe semantic     # word meaning from features (BrainWavLM)
     python eval.py RUN --probe phones       # phone identity from features (Moussa et al.)
     python eval.py RUN --lowlevel           # reliance on low-level features (Moussa et al.)
+    python eval.py RUN --layers [2,5,9]     # the encoding r of each layer, pretrained and tuned
+    python eval.py RUN --significance       # each voxel's r against zero (block permutation, FDR)
     python eval.py RUN --seeds RUN2 RUN3 [--vs RUN4 RUN5]   # stability across runs
     python eval.py RUN --plot               # figures in RUN
     python eval.py RUN --export tuned.pt    # merged plain torchaudio state dict
