@@ -602,6 +602,72 @@ def features(fn, windows, key, batch_size, device, desc="features"):
     return None if many else torch.cat(out)
 
 
+# -----------------------------------------------------------------------------
+# the papers' evaluation features: a sliding context, Lanczos to the TRs, FIR delays
+
+PROTOCOLS = {  # what stage 1's baseline, the refit and eval's fits see; the training input stays the windows
+    "windows": dict(delays=(), test_skip=0),
+    "moussa2025": dict(context=16.0, stride=0.1, delays=(1, 2, 3, 4), test_skip=40),
+    "brainwavlm": dict(context=3.75, stride=0.25, delays=(1, 2, 3, 4), test_skip=40),
+}
+
+
+def lanczos(x, old_times, new_times, tr, window=3):
+    """x (old samples, p) at old_times resampled to new_times (s) by the Huth lab's Lanczos filter:
+    weight sinc(t) sinc(t / window) for |t| <= window, t = (new time - old time) / tr, so the cutoff
+    is the new rate's Nyquist frequency; two-sided, not normalised (z-scoring follows). (new, p)."""
+    t = (np.asarray(new_times, np.float64)[:, None] - np.asarray(old_times, np.float64)[None, :]) / tr
+    return torch.as_tensor(np.sinc(t) * np.sinc(t / window) * (np.abs(t) <= window), dtype=x.dtype) @ x
+
+
+def delayed(x, delays):
+    """(rows, p) -> (rows, len(delays) * p): row t holds rows t - d of x for each delay d, zeros before
+    the story starts (the finite-impulse-response model)."""
+    return torch.cat([F.pad(x, (0, 0, d, 0))[:len(x)] for d in delays], 1)
+
+
+@torch.inference_mode()
+def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device):
+    """Frame features of a whole story, each frame heard with `context` s of audio before its stride:
+    the story cut into chunks of context + stride seconds ending every `stride` s, each forwarded once
+    (in batches; zeros before the story starts and after it ends), the frames of its last stride kept.
+    frames_fn: (batch, samples) -> (batch, frames, dim); hop: samples per frame.
+    Returns the frames' times (s) and features (frames, dim)."""
+    n_ctx, n_str = round(context * SR), round(stride * SR)
+    chunk, ends = n_ctx + n_str, np.arange(n_str, len(wave) + n_str, n_str)  # chunk ends, in samples
+    times, feats = [], []
+    for i in range(0, len(ends), batch_size):
+        waves = [np.array(wave[max(e - chunk, 0):min(e, len(wave))], np.float32) for e in ends[i:i + batch_size]]
+        waves = [np.pad(w, (max(chunk - e, 0), chunk - max(chunk - e, 0) - len(w))) for w, e in zip(waves, ends[i:])]
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            h = frames_fn(torch.from_numpy(np.stack(waves)).to(device)).float().cpu()  # (batch, frames, dim)
+        at = (np.arange(h.shape[1]) + 0.5) * hop  # each frame's centre, samples into the chunk
+        keep = np.flatnonzero((at > chunk - n_str) & (at <= chunk))  # the chunk's last stride
+        times.append((ends[i:i + len(waves), None] - chunk + at[keep]) / SR)
+        feats.append(h[:, keep].reshape(-1, h.shape[2]))
+    return np.concatenate(times).ravel(), torch.cat(feats)
+
+
+def protocol_features(frames_fn, hop, windows, key, protocol, batch_size, device, desc="features"):
+    """Each story's features under a paper's protocol (PROTOCOLS: context, stride, delays), at its
+    fMRI rows: stride_frames, Lanczos to the rows' times, z-scored per story, delayed. (rows, p),
+    the resampled frames cached per story under key and the protocol."""
+    out = []
+    for i in progress(range(len(windows.stories)), desc):
+        t_rows = row_times(len(windows.ends[i]), windows.timing["tr"], windows.timing["trim_start"],
+                           windows.timing["sound_start"])
+
+        def build():
+            times, x = stride_frames(frames_fn, windows.waves[i], hop, protocol["context"], protocol["stride"],
+                                     batch_size, device)
+            return {"x": lanczos(x, times, t_rows, windows.timing["tr"]).numpy()}
+        k = dict(key, audio=windows.keys[i], rows=len(t_rows), context=protocol["context"], stride=protocol["stride"],
+                 lanczos=3, **windows.timing) if key is not None and windows.keys else None
+        x = torch.from_numpy(np.array((cached("protocol", k, build, windows.stories[i]) if k else build())["x"]))
+        out.append(delayed((x - x.mean(0)) / x.std(0).clamp_min(1e-6), protocol["delays"]))
+    return torch.cat(out)
+
+
 def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
     """Each subject's splits, responses, usable voxels, ROIs and noise ceiling, and the windows the
     subjects share: one per (story, row), however many subjects heard it, so each is forwarded once.

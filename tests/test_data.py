@@ -262,3 +262,61 @@ def test_prepare_shares_windows_between_subjects(demo, tmp_path):
         assert heard.sum() == len(d["train"]) and set(d["take_train"].tolist()) == set(torch.nonzero(heard)[:, 0].tolist())
     with pytest.raises(ValueError, match="UTS01 is given twice"):
         data.prepare(str(root), ["S01", "UTS01"])
+
+
+def test_lanczos_is_the_huth_labs_formula_and_a_low_pass_filter():
+    rng = np.random.default_rng(0)
+    old = np.sort(rng.uniform(0, 60, 500))
+    new = data.row_times(20, tr=2.0, trim_start=0, sound_start=0.0)
+    x = rng.standard_normal((500, 3))
+
+    def lanczosfun(t, window=3):  # the Huth lab's lanczosfun, cutoff 1 / TR
+        t = t / 2.0
+        val = window * np.sin(np.pi * t) * np.sin(np.pi * t / window) / (np.pi ** 2 * t ** 2)
+        val[t == 0], val[np.abs(t) > window] = 1.0, 0.0
+        return val
+    want = np.stack([lanczosfun(n - old) for n in new]) @ x
+    np.testing.assert_allclose(data.lanczos(torch.tensor(x), old, new, 2.0).numpy(), want, rtol=1e-10, atol=1e-12)
+    grid, trs = np.arange(0, 300, 0.1), data.row_times(140, tr=2.0, trim_start=0, sound_start=0.0)
+    for hz, survives in ((0.05, True), (0.4, False)):  # the TR's Nyquist frequency is 0.25 Hz
+        y = data.lanczos(torch.tensor(np.sin(2 * np.pi * hz * grid))[:, None], grid, trs, 2.0)[10:-10, 0].numpy()
+        truth = np.sin(2 * np.pi * hz * trs[10:-10])
+        if survives:
+            assert np.corrcoef(y, truth)[0, 1] > 0.999
+        else:  # 20 samples a TR add up to about 20 times the amplitude of what passes
+            assert y.std() < 0.02 * 20 * truth.std()
+
+
+def test_delays_shift_whole_rows_with_zeros_before_the_story():
+    x = torch.arange(1.0, 13.0).reshape(6, 2)
+    d = data.delayed(x, (1, 2, 3, 4))  # (6, 8)
+    for t in range(6):
+        for k, lag in enumerate((1, 2, 3, 4)):
+            want = x[t - lag] if t - lag >= 0 else torch.zeros(2)
+            assert torch.equal(d[t, 2 * k:2 * k + 2], want)
+
+
+@pytest.mark.parametrize("protocol", ["moussa2025", "brainwavlm"])
+def test_a_click_reaches_the_rows_the_stride_lanczos_and_delays_imply(tmp_path, protocol):
+    """With a local feature (each frame's energy), a click at c becomes one frame, Lanczos spreads it
+    over 3 TRs each way, and the delays put TR r-d into row r: the undelayed peak is at the row
+    nearest c, and the first row reached is the first within 2 TRs (plus a stride) before c."""
+    click, hop, p = 61.3, 320, data.PROTOCOLS[protocol]
+    write_story(tmp_path, "story", 150.0, 60, click=click)
+    waves = data.load_audio(str(tmp_path), ["story"])
+    win = data.Windows(waves, {"story": 60}, ["story"], history=1)
+    energy = lambda w: w[:, :w.shape[1] // hop * hop].abs().reshape(len(w), -1, hop).mean(-1, keepdim=True)
+    times, frames = data.stride_frames(energy, waves["story"], hop, p["context"], p["stride"], 64, torch.device("cpu"))
+    gaps = np.diff(times) * data.SR / hop  # 1 frame apart, or 1.5 where a stride is not whole frames (0.25 s)
+    assert set(np.round(gaps, 6)) <= {1.0, 1.5} and times[int(frames[:, 0].argmax())] == pytest.approx(click, abs=0.02)
+    t = data.row_times(60)
+    undelayed = data.lanczos(frames - frames.mean(), times, t, data.TR)[:, 0]
+    assert abs(t[int(undelayed.argmax())] - click) <= data.TR / 2
+    x = data.protocol_features(energy, hop, win, None, p, 64, torch.device("cpu"))
+    x0 = data.protocol_features(lambda w: torch.zeros(len(w), w.shape[1] // hop, 1), hop, win, None, p, 64,
+                                torch.device("cpu"))
+    assert x.shape == (60, 4) and torch.equal(x0, torch.zeros(60, 4))
+    silence = x[1, 0]  # row 0's delayed blocks are the zeros before the story; row 1 holds TR 0: silence
+    reached = np.flatnonzero((x[1:, 0] - silence).abs().numpy() > 1e-6) + 1  # delay 1: TR r-1 in row r
+    first = t[reached[0]]
+    assert click - 2 * data.TR - p["stride"] <= first < click - 2 * data.TR + data.TR
