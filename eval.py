@@ -25,7 +25,7 @@ import torch
 import data
 import lora
 import train
-from model import feature_key, hidden, load_backbone, load_checkpoint, pooled
+from model import feature_key, frame_hop, hidden, load_backbone, load_checkpoint, pooled
 
 
 def load_run(run):
@@ -57,7 +57,7 @@ def load_run(run):
         tuned.load_state_dict(mine, strict=False)
         tuned.eval()
         lw = state.get("layer_weights")
-    args.normalize = normalize
+    args.normalize, args.test_skip = normalize, args.test_skip or 0  # runs from before --test-skip: none
     args.subjects = args.subject.split(",")  # a multi-subject run: the analyses of one subject use the first
     args.subject = args.subjects[0]
     return args, layer, pre, tuned, lw
@@ -142,11 +142,23 @@ def summarize(res, sets_, ceiling, blocks=None):
     return out
 
 
-def format_table(tests):
-    """{subject: summarize(...)} -> the results table; a subject column when there are several."""
+def protocol(args):
+    """The features a run's baseline and refit are scored with (train.py --protocol), for results.json."""
+    return dict(name=getattr(args, "protocol", "windows"), history=args.history, context=getattr(args, "context", None),
+                stride=getattr(args, "stride", None), delays=getattr(args, "delays", None) or [],
+                test_skip=getattr(args, "test_skip", None) or 0)
+
+
+def format_table(tests, scored=None):
+    """{subject: summarize(...)} -> the results table, under a line naming the protocol `scored`
+    (protocol()); a subject column when there are several."""
     multi, norm = len(tests) > 1, any("baseline_r_norm" in r for t in tests.values() for r in t.values())
     fmt = lambda x, w=8: f"{x:{w}.4f}" if x is not None else f"{'-':>{w}}"
-    lines = [(f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
+    p = scored or {"name": "windows", "history": "the run's"}
+    how = (f"{p['history']} TRs of audio before each row, in TR bins" if p["name"] == "windows" else
+           f"{p['context']:g} s heard before each {p['stride']:g} s stride, Lanczos to the TRs, delays "
+           f"{','.join(map(str, p['delays']))}")
+    lines = [f"protocol {p['name']}: {how}" + (f"; test rows from {p['test_skip']} on" if p.get("test_skip") else ""), (f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
              f"{'refit r':>8} {'change [95% interval]':>24}" + (f" {'base r/cc':>9} {'refit r/cc':>10}" if norm else "")]
     for subject, test in tests.items():
         for name, row in test.items():
@@ -160,7 +172,7 @@ def format_table(tests):
 
 
 def show(run):
-    return format_table(results(run))
+    return format_table(results(run), json.load(open(os.path.join(run, "results.json"))).get("protocol"))
 
 
 def split_features(args, layer, backbone, lw, d):
@@ -170,9 +182,23 @@ def split_features(args, layer, backbone, lw, d):
     return {s: data.features(fn, d[s], key, args.batch_size, torch.device("cpu"), s) for s in ("train", "test")}
 
 
+def scored_features(args, layer, backbone, lw, d):
+    """{"train", "test"}: the features of one subject that the run's --protocol scores with: its
+    windows (split_features), or a paper's sliding context, Lanczos and delays (data.protocol_features)."""
+    if args.protocol == "windows":
+        return split_features(args, layer, backbone, lw, d)
+    weights = layer_weights(args, backbone, lw)
+    fn = lambda w: hidden(backbone, w, layer, weights, args.normalize)
+    key = feature_key(args.model, backbone, layer, weights, args.normalize)
+    scored = dict(context=args.context, stride=args.stride, delays=args.delays)
+    return {s: data.protocol_features(fn, frame_hop(backbone), d[s], key, scored, args.batch_size, torch.device("cpu"), s)
+            for s in ("train", "test")}
+
+
 def fit(args, layer, backbone, lw, d):
-    """Stage 1 on one subject with this backbone: (mu, sd, W, cv r, test r)."""
-    return train.stage1(args, split_features(args, layer, backbone, lw, d), d, torch.device("cpu"))
+    """Stage 1 on one subject with this backbone, under the run's protocol: (mu, sd, W, cv r, test r,
+    the test story's block sums)."""
+    return train.stage1(args, scored_features(args, layer, backbone, lw, d), d, torch.device("cpu"), skip=args.test_skip)
 
 
 def cross_subject(run, subject):
@@ -188,8 +214,8 @@ def cross_subject(run, subject):
     res = {"baseline_r": base[4].numpy(), "refit_r": new[4].numpy()}
     out = summarize(res, train.sets(argparse.Namespace(roi="all"), d, base[3]), d["ceiling"],
                     {"baseline": base[5], "refit": new[5]})
-    merge_analyses(run, f"transfer_{d['subject']}", out)
-    return format_table({d["subject"]: out})
+    merge_analyses(run, f"transfer_{d['subject']}", dict(out, protocol=protocol(args)))
+    return format_table({d["subject"]: out}, protocol(args))
 
 
 def load_embeddings(path):
@@ -438,12 +464,12 @@ def significance(run, permutations=1000, q=0.05, block=None):
     for name, bb, w in (("baseline", pre, None), ("refit", tuned, lw)):
         if bb is None:
             continue
-        X = split_features(args, layer, bb, w, d)  # from the cache, as is the fit
-        mu, sd, W, *_ = train.stage1(args, X, d, torch.device("cpu"))
-        Z, p = (X["test"] - mu) / sd, np.full(len(d["good"]), np.nan)
+        X = scored_features(args, layer, bb, w, d)  # from the cache, as is the fit
+        mu, sd, W, *_ = train.stage1(args, X, d, torch.device("cpu"), skip=args.test_skip)
+        Z, p, rows = (X["test"] - mu) / sd, np.full(len(d["good"]), np.nan), train.scored_rows(d, args.test_skip)
         for j in range(0, len(good), 16384):
             idx = good[j:j + 16384]
-            p[idx] = permutation_p(Z @ W[:, idx], d["Ytest"][:, idx], args.block, permutations).numpy()
+            p[idx] = permutation_p(Z[rows] @ W[:, idx], d["Ytest"][rows, idx], args.block, permutations).numpy()
         pvals[name + "_p"], passed = p, fdr(p, q)
         out[name] = {k: int(passed[v].sum()) for k, v in sets_.items()}
     npz = os.path.join(run, "voxel_r.npz")

@@ -147,6 +147,12 @@ def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
     return data.pool_frames(hidden(backbone, wave, layer, layer_weights, normalize), history).flatten(1)
 
 
+def frame_hop(backbone):
+    """Samples per output frame: the product of the CNN front end's strides (320 for the bundles,
+    640 for tiny)."""
+    return math.prod(block.conv.stride[0] for block in backbone.feature_extractor.conv_layers)
+
+
 def feature_key(name, backbone, layer, layer_weights, normalize):
     """What pooled() computes, for the feature cache: the architecture and the backbone's weights
     (adapters included), the layer read, the wave's normalisation."""

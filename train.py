@@ -29,7 +29,8 @@ import torchaudio
 import data
 import eval as analyses  # the results table and its statistics live with the analyses (eval imports train)
 import lora
-from model import BUNDLES, TINY, BrainModel, feature_key, load_backbone, load_checkpoint, make_head, pooled, pretrain_tiny
+from model import (BUNDLES, TINY, BrainModel, feature_key, frame_hop, hidden, load_backbone, load_checkpoint, make_head,
+                   pooled, pretrain_tiny)
 
 RECIPES = {  # REFERENCE section 1; every value can still be overridden on the command line
     # the laptop demo (the default with the tiny model): a small model needs larger steps
@@ -38,10 +39,11 @@ RECIPES = {  # REFERENCE section 1; every value can still be overridden on the c
     "li2024": dict(model="wav2vec2_base", layer="weighted", history=6, lora_rank=0, loss="mse", l2=1e-4,
                    lr=1e-5, head_lr=1e-4),
     "moussa2025": dict(model="hubert_base", layer="12", history=5, lora_rank=0, loss="mse", l2=0.0, lr=5e-5,
-                       head_lr=1e-4, batch_size=128, epochs=30, warmup=5, val_stories="stagefright"),
+                       head_lr=1e-4, batch_size=128, epochs=30, warmup=5, val_stories="stagefright",
+                       protocol="moussa2025"),
     "brainwavlm": dict(model="wavlm_base_plus", layer="9", history=4, lora_rank=4, lora_alpha=4.0,
                        lora_dropout=0.1, lora_targets="qkv", loss="corr", lr=1e-4, head_lr=1e-4, epochs=20,
-                       bottleneck=100, val_stories="fromboyhoodtofatherhood,stagefright"),
+                       bottleneck=100, val_stories="fromboyhoodtofatherhood,stagefright", protocol="brainwavlm"),
 }
 
 
@@ -182,14 +184,21 @@ def prepare(args, subjects):
                         tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
 
 
-def stage1(args, X, d, device, stats=None):
+def scored_rows(d, skip):
+    """The test rows a score counts: each test story's from row `skip` on (the papers drop 40)."""
+    return np.concatenate([np.arange(s + skip, s + len(e)) for s, e in zip(d["Ytest"].starts, d["test"].ends)])
+
+
+def stage1(args, X, d, device, stats=None, skip=0):
     """Frozen features X {"train", "test"} (rows, p) of one subject -> per-voxel ridge. The features
     are z-scored by stats (mu, sd), by default the training rows' own. Returns mu, sd, W (p, voxels),
-    cv r, test r (NaN for unusable voxels), the test story's block sums (eval.block_sums). The fit is cached under all that it depends on (the
+    cv r, test r (NaN for unusable voxels) and the test story's block sums (eval.block_sums), both
+    from each test story's row `skip` on. The fit is cached under all that it depends on (the
     features themselves, the responses' files, lambdas, folds), so a second run does not redo it."""
     mu, sd = stats or (X["train"].mean(0), X["train"].std(0).clamp_min(1e-6))
     Z = {s: (x - mu) / sd for s, x in X.items()}
     groups = story_folds([len(e) for e in d["train"].ends], args.cv_folds)
+    lengths, scored = [len(e) - skip for e in d["test"].ends], scored_rows(d, skip)
     fitted = []
 
     def fit():
@@ -198,9 +207,9 @@ def stage1(args, X, d, device, stats=None):
         W, lambdas, cv = fit_ridge(Z["train"].to(device), d["Ytrain"], args.alphas, groups, return_cv=True)
         r, sums = [], []  # test r, and each block of test TRs' sums for the bootstrap (eval.block_sums)
         for j in range(0, W.shape[1], 16384):
-            pred, y = Z["test"] @ W[:, j:j + 16384], d["Ytest"][:, j:j + 16384]
+            pred, y = Z["test"][scored] @ W[:, j:j + 16384], d["Ytest"][scored, j:j + 16384]
             r.append(pearson(pred, y))
-            sums.append(analyses.block_sums(pred, y, [len(e) for e in d["test"].ends], args.block))
+            sums.append(analyses.block_sums(pred, y, lengths, args.block))
         r, rows = torch.cat(r), sums[0][1]
         good = torch.as_tensor(d["good"])
         edge = ((lambdas == min(args.alphas)) | (lambdas == max(args.alphas)))[good].float()
@@ -211,7 +220,7 @@ def stage1(args, X, d, device, stats=None):
         return {"W": W.numpy(), "cv": cv.numpy(), "r": r.numpy(), "sums": torch.cat([s for s, _ in sums], -1).numpy(),
                 "rows": rows.numpy()}
     key = dict(X=Z, Y=[d["Y" + s].keys for s in ("train", "test")], good=d["good"], alphas=args.alphas,
-               groups=groups, block=args.block, device=device.type, v=1)
+               groups=groups, block=args.block, skip=skip, device=device.type, v=1)
     e = data.cached("stage1", key, fit, d["subject"]) if d["Ytrain"].keys else fit()
     if not fitted:
         log(f"{d['subject']} ridge: read from the cache (the same features, responses and settings as an earlier run)")
@@ -244,18 +253,20 @@ def loss_fn(pred, y, kind):
     return -pearson(pred.T, y.T).mean()
 
 
-def heads_r(model, Z, ds, split, device, block=16384):
+def heads_r(model, Z, ds, split, device, block=16384, skip=0):
     """Each subject's r over its trained voxels, from z-scored features Z (shared windows, p); the
-    predictions and responses are taken a block of voxels at a time."""
+    predictions and responses are taken a block of voxels at a time; on the test split, from each
+    story's row `skip` on."""
     out = []
     with torch.no_grad():
         for head, d in zip(model.heads, ds):
             *first, last = head if isinstance(head, nn.Sequential) else [head]  # a bottleneck: down, up
-            h = Z[d["take_" + split]].to(device)
+            rows = scored_rows(d, skip) if split == "test" else slice(None)
+            h = Z[d["take_" + split]][rows].to(device)
             for m in first:
                 h = m(h)
             out.append(torch.cat([pearson(F.linear(h, last.weight[j:j + block], last.bias[j:j + block]).float().cpu(),
-                                          d["Y" + split][:, d["roi"][j:j + block]]) for j in range(0, len(d["roi"]), block)]))
+                                          d["Y" + split][rows, d["roi"][j:j + block]]) for j in range(0, len(d["roi"]), block)]))
     return out
 
 
@@ -369,6 +380,14 @@ def parser():
     a("--sound-start", type=float, default=data.SOUND_START, help="seconds from run start to audio start")
     a("--test-stories", default=None, help="comma-separated test stories (default: wheretheressmoke)")
     a("--val-stories", default=None, help="comma-separated validation stories (default: one training story)")
+    a("--protocol", choices=sorted(data.PROTOCOLS), default="windows", help="the features that stage 1's baseline, "
+      "the refit and eval.py's fits are scored with: windows (the training input) or a paper's (moussa2025, "
+      "brainwavlm: a sliding context, Lanczos to the TRs, delays 1-4)")
+    a("--context", type=float, default=None, help="seconds heard before each stride (moussa2025 16, brainwavlm 3.75)")
+    a("--stride", type=float, default=None, help="seconds between the ends of the feature windows (0.1, 0.25)")
+    a("--delays", default=None, help="TR delays of the protocol's features, comma-separated (the papers: 1,2,3,4)")
+    a("--test-skip", type=int, default=None, help="rows left out of each test story's score at its start "
+                                                 "(the papers: 40; windows: 0)")
     a("--block", type=int, default=10, help="TRs per block of the test story's bootstrap (the change's interval)")
     a("--cv-folds", type=int, default=None, help="ridge cross-validation folds, each a group of whole stories "
                                                   "(default 5, or one per training story if there are fewer)")
@@ -444,11 +463,25 @@ def parse(argv=None):
     if "," in args.subject and args.roi.endswith(".npy"):
         raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with several subjects "
                          "use all, topN or an ROI name found in each subject's ROI file")
+    given = {k: getattr(args, k) for k in ("context", "stride", "delays", "test_skip") if getattr(args, k) is not None}
+    if args.protocol == "windows" and set(given) - {"test_skip"}:
+        raise ValueError(f"--{sorted(set(given) - {'test_skip'})[0]}: a setting of moussa2025 or brainwavlm, not of "
+                         "--protocol windows")
+    try:
+        protocol = dict(data.PROTOCOLS[args.protocol], **given)
+        protocol["delays"] = [int(x) for x in str(protocol["delays"]).strip("()[]").split(",") if x.strip()]
+        assert all(x >= 0 for x in protocol["delays"]) and (protocol["delays"] or args.protocol == "windows")
+    except (ValueError, AssertionError):
+        raise ValueError(f"--delays {args.delays}: expected TR delays, comma-separated (e.g. 1,2,3,4)") from None
+    args.context, args.stride, args.delays, args.test_skip = (protocol.get(k) for k in ("context", "stride", "delays",
+                                                                                         "test_skip"))
     if args.weights and not os.path.isfile(args.weights):
         raise ValueError(f"--weights {args.weights}: no such file")
     for flag, ok, want in (
             ("--history", args.history >= 1, "at least 1"), ("--tr", args.tr > 0, "positive"),
-            ("--trim-start", args.trim_start >= 0, "0 or more"), ("--block", args.block >= 1, "at least 1"), ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
+            ("--trim-start", args.trim_start >= 0, "0 or more"), ("--block", args.block >= 1, "at least 1"),
+            ("--context", (args.context or 0) >= 0, "0 or more"), ("--stride", args.stride is None or args.stride > 0,
+                                                                    "positive"), ("--test-skip", args.test_skip >= 0, "0 or more"), ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
             ("--bottleneck", args.bottleneck >= 0, "0 (none) or more"), ("--lora-rank", args.lora_rank >= 0, "0 or more"),
             ("--lora-alpha", args.lora_alpha > 0, "positive"), ("--lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
             ("--lora-targets", set(args.lora_targets) <= set("qkvo") and args.lora_targets, "letters of qkvo"),
@@ -480,7 +513,12 @@ def check(args):
     args.cv_folds = args.cv_folds or min(5, n_train)  # the default: 5 folds, or one per training story
     if args.cv_folds < 2:
         raise ValueError(f"{args.data}: ridge's cross-validation needs two training stories or more; there is one")
-    for subj, (voxels, (train, _, _)) in found.items():
+    for subj, (voxels, (train, _, test)) in found.items():
+        for s in test:
+            with data.open_hf5(data.response_path(args.data, subj, s)) as f:
+                if f["data"].shape[0] <= (args.test_skip or 0):
+                    raise ValueError(f"--test-skip {args.test_skip}: the test story {s!r} of {subj} has "
+                                     f"{f['data'].shape[0]} rows")
         if args.roi.startswith("top") and int(args.roi[3:]) > voxels:
             raise ValueError(f"--roi {args.roi}: {subj} has {voxels} voxels")
         if not args.roi.startswith("top"):
@@ -558,27 +596,40 @@ def brain_tune(args):
                    torchaudio=torchaudio.__version__, numpy=np.__version__)
         save_atomic(json.dumps(cfg, indent=1), os.path.join(run, "config.json"))
 
-    def features(bb, lw):  # each shared window forwarded once, then each subject takes its rows
-        fn = lambda w: pooled(bb, w, layer, args.history, lw, normalize)
+    protocol = dict(context=args.context, stride=args.stride, delays=args.delays) if args.protocol != "windows" else None
+    skip = args.test_skip or 0
+
+    def features(bb, lw, protocol=None, splits=("train", "test")):  # each shared window or story forwarded once
         key = feature_key(args.model, bb, layer, lw, normalize)
-        X = {s: data.features(fn, shared[s], key, args.batch_size, device, s) for s in ("train", "test")}
-        stats = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)  # one z-scoring for every head
+        if protocol:  # a paper's: frames with their context, Lanczos to the rows, delays
+            fn = lambda w: hidden(bb, w, layer, lw, normalize)
+            X = {s: data.protocol_features(fn, frame_hop(bb), shared[s], key, protocol, args.batch_size, device, s)
+                 for s in splits}
+        else:
+            fn = lambda w: pooled(bb, w, layer, args.history, lw, normalize)
+            X = {s: data.features(fn, shared[s], key, args.batch_size, device, s) for s in splits}
+        stats = X[splits[0]].mean(0), X[splits[0]].std(0).clamp_min(1e-6)  # one z-scoring for every head
         own = lambda x, take: x if len(take) == len(x) and bool((take == torch.arange(len(x))).all()) else x[take]
         return X, stats, [{s: own(X[s], d["take_" + s]) for s in X} for d in ds]  # no copy if it heard them all
 
     stage1_path = os.path.join(run, "stage1.pt")
     if args.resume and os.path.exists(stage1_path):
-        mu, sd, fits = load_checkpoint(stage1_path)
+        mu, sd, fits, *scored = load_checkpoint(stage1_path)
     else:
         STEP[0] = "stage 1"
-        _, (mu, sd), X = features(backbone, torch.zeros(n_layers, device=device) if weighted else None)
-        fits = [stage1(args, x, d, device, (mu, sd))[2:] for x, d in zip(X, ds)]  # (W, cv, r, blocks) each
+        lw0 = torch.zeros(n_layers, device=device) if weighted else None
+        _, (mu, sd), X = features(backbone, lw0)  # the head's initialisation, topN, and the windows' baseline
+        fits = [stage1(args, x, d, device, (mu, sd), skip)[2:] for x, d in zip(X, ds)]  # (W, cv, r, blocks) each
+        scored = []  # the baseline under a paper's protocol
+        if protocol:
+            _, stats, X = features(backbone, lw0, protocol)
+            scored = [[stage1(args, x, d, device, stats, skip)[2:] for x, d in zip(X, ds)]]
         if RANK == 0:
-            save_atomic((mu, sd, fits), stage1_path)
+            save_atomic((mu, sd, fits, *scored), stage1_path)
     if WORLD > 1 and RANK == 0:
         torch.distributed.barrier()
-    for d, (W, cv, r, *blocks) in zip(ds, fits):  # a run resumed from before the bootstrap has no blocks
-        d["sets"], d["blocks"] = sets(args, d, cv), {"baseline": blocks[0]} if blocks else {}
+    for d, (W, cv, *_), (_, _, r, *blocks) in zip(ds, fits, scored[0] if scored else fits):
+        d["sets"], d["blocks"] = sets(args, d, cv), {"baseline": blocks[0]} if blocks else {}  # none: an older run
         d["roi"] = d["sets"][args.roi] if args.roi.startswith("top") else np.intersect1d(
             data.load_roi(args.data, d["subject"], args.roi, len(d["good"])), d["sets"]["all"])
         d["res"] = {"baseline_r": r.numpy()}
@@ -595,24 +646,27 @@ def brain_tune(args):
         state = train_stage2(args, model, ds, shared, run, device, ckpt)
         model.eval()
         STEP[0] = "the refit"
-        Xs, stats, X = features(model.backbone, model.layer_weights)
-        for x, d, r in zip(X, ds, heads_r(model, (Xs["test"] - mu) / sd, ds, "test", device)):
+        Xs, stats, X = features(model.backbone, model.layer_weights, splits=("test",) if protocol else ("train", "test"))
+        if protocol:
+            _, stats, X = features(model.backbone, model.layer_weights, protocol)
+        for x, d, r in zip(X, ds, heads_r(model, (Xs["test"] - mu) / sd, ds, "test", device, skip=skip)):
             d["res"]["tuned_r"] = np.full(len(d["good"]), np.nan, np.float32)
             d["res"]["tuned_r"][d["roi"]] = r.numpy()  # the tuned model with its own head
-            *_, refit, d["blocks"]["refit"] = stage1(args, x, d, device, stats)  # the field's protocol
+            *_, refit, d["blocks"]["refit"] = stage1(args, x, d, device, stats, skip)  # the field's protocol
             d["res"]["refit_r"] = refit.numpy()
         if RANK == 0:
             save_atomic(dict(trainable=state["best"], args=vars(args)), os.path.join(run, "adapter.pt"))
     if RANK == 0:
         tests = {d["subject"]: analyses.summarize(d["res"], d["sets"], d["ceiling"], d["blocks"]) for d in ds}
+        scored = analyses.protocol(args)
         per = {d["subject"]: dict(subject=d["subject"], model=args.model, roi=args.roi, n_voxels=int(len(d["roi"])),
-                                  test=tests[d["subject"]]) for d in ds}
+                                  protocol=scored, test=tests[d["subject"]]) for d in ds}
         one = len(ds) == 1
-        out = per[ds[0]["subject"]] if one else dict(model=args.model, roi=args.roi, subjects=per)
+        out = per[ds[0]["subject"]] if one else dict(model=args.model, roi=args.roi, protocol=scored, subjects=per)
         save_atomic(json.dumps(out, indent=1), os.path.join(run, "results.json"))
         save_atomic({(k if one else f"{d['subject']}.{k}"): v for d in ds for k, v in d["res"].items()},
                     os.path.join(run, "voxel_r.npz"))
-        print(analyses.format_table(tests))
+        print(analyses.format_table(tests, scored))
     return run
 
 

@@ -180,7 +180,7 @@ def test_multi_subject_run_transfers_to_a_left_out_subject(demo, tmp_path):
     run = train.main(["--data", demo, "--model", "tiny", "--out", str(tmp_path / "m"), "--batch-size", "8",
                       "--epochs", "1", "--lr", "1e-2", "--subject", "S01,S02"])
     table = ev.show(run)
-    assert table.splitlines()[0].split()[0] == "subject" and sum(l.split()[0] == "UTS02" for l in table.splitlines()) == 4
+    assert table.splitlines()[0].startswith("protocol windows") and table.splitlines()[1].split()[0] == "subject" and sum(l.split()[0] == "UTS02" for l in table.splitlines()) == 4
     ev.cross_subject(run, "S03")  # S03 was not tuned on
     t = json.load(open(os.path.join(run, "analyses.json")))["transfer_UTS03"]
     assert t["AC"]["baseline_r"] > 0.2 and t["AC"]["refit_r"] > 0.2 and t["AC"]["n_voxels"] > 0

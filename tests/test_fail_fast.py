@@ -81,6 +81,10 @@ def test_train_refuses_each_mistake_before_any_work(ds, tmp_path):
         (["--data", ds["pointer"]], "avatar.wav: not fetched yet"),
         (["--data", str(tmp_path / "nodata")], "preprocessed_data: no such folder"),
         (["--out", str(tmp_path / "taken")], "already exists; use --resume"),
+        (["--context", "3"], "--context: a setting of moussa2025 or brainwavlm, not of --protocol windows"),
+        (["--protocol", "brainwavlm", "--delays", "a,b"], "--delays a,b: expected TR delays"),
+        (["--protocol", "moussa2025", "--stride", "0"], "--stride 0.0: must be positive"),
+        (["--protocol", "moussa2025"], "--test-skip 40: the test story 'wheretheressmoke' of UTS01 has 24 rows"),
     ]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
     base = [sys.executable, "train.py", "--data", ds["demo"], "--model", "tiny", "--tiny-pretrain", "0",

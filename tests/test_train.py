@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import eval as ev
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,3 +347,22 @@ def test_tiny_pretraining_learns_to_name_phones(demo):
     model, _ = train.load_backbone("tiny", state)  # loads strictly into the tiny architecture
     assert torch.equal(model.state_dict()["encoder.feature_projection.projection.weight"],
                        state["encoder.feature_projection.projection.weight"])
+
+
+def test_a_papers_protocol_scores_the_baseline_and_the_refit_while_the_windows_train(demo, tmp_path):
+    flags = ["--epochs", "1", "--tiny-pretrain", "0", "--protocol", "brainwavlm", "--context", "1.0", "--stride", "0.5",
+             "--test-skip", "4"]
+    run = train.main(quick(demo, tmp_path / "p", *flags))
+    windows = train.main(quick(demo, tmp_path / "w", "--epochs", "1", "--tiny-pretrain", "0"))
+    res, win = (json.load(open(os.path.join(r, "results.json"))) for r in (run, windows))
+    assert res["protocol"] == {"name": "brainwavlm", "history": 6, "context": 1.0, "stride": 0.5, "delays": [1, 2, 3, 4],
+                               "test_skip": 4}
+    assert res["test"]["all"]["baseline_r"] != pytest.approx(win["test"]["all"]["baseline_r"], abs=1e-3)
+    mu, sd, fits, scored = train.load_checkpoint(os.path.join(run, "stage1.pt"))
+    assert scored[0][0].shape[0] == 4 * 64  # the protocol's ridge: 4 delays of tiny's 64 dimensions
+    assert fits[0][0].shape[0] == 6 * 64  # the head's: the windows' 6 TR bins
+    assert int(scored[0][3][1].sum()) == 24 - 4  # the test story's rows from 4 on
+    a, b = (train.load_checkpoint(os.path.join(r, "adapter.pt"))["trainable"] for r in (run, windows))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the training is the windows', whatever scores it
+    table = ev.show(run)
+    assert table.splitlines()[0].startswith("protocol brainwavlm: 1 s heard before each 0.5 s stride")
