@@ -476,7 +476,8 @@ def significance(run, permutations=1000, q=0.05, block=None):
     old = dict(np.load(npz))
     prefix = f"{d['subject']}." if any("." in k for k in old) else ""
     train.save_atomic(dict(old, **{prefix + k: v for k, v in pvals.items()}), npz)
-    merge_analyses(run, "significance", dict(out, q=q, permutations=permutations, block=args.block))
+    merge_analyses(run, "significance", dict(out, q=q, permutations=permutations, block=args.block,
+                                             protocol=protocol(args)))
     lines = [f"voxels whose test r > 0 at a false discovery rate of {q} ({permutations} block permutations of "
              f"{args.block} TRs)", f"{'set':>12} {'voxels':>7} " + " ".join(f"{k:>9}" for k in out)]
     lines += [f"{k:>12} {len(v):7d} " + " ".join(f"{out[m][k]:9d}" for m in out) for k, v in sets_.items()]
