@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import cache
 import data
-import eval as analyses
 import lora
-import train
-from model import BrainModel, build_backbone, hidden, make_head, pooled
+import ridge
+from model import (BrainModel, build_backbone, hidden, keep_freed_memory, layer_of, make_head, pooled,
+                   window_features)
 
 
 def timeit(fn, reps=3, warmup=1):
@@ -65,7 +66,7 @@ def peak_mb(fn):
     before = _status("VmRSS:")
     fn()
     peak = (_status("VmHWM:") - before) / 1024
-    train.keep_freed_memory()
+    keep_freed_memory()
     return peak
 
 
@@ -87,11 +88,11 @@ def ridge_flops(n, p, v, n_alphas=10, folds=5):
 
 def bench_ridge(n, p, v, reps, peer=True):
     X, Y, alphas, groups = ridge_problem(n, p, v)
-    out = {"n": n, "p": p, "v": v, "seconds": timeit(lambda: train.fit_ridge(X, Y, alphas, groups), reps)}
-    out["peak_mb"] = peak_mb(lambda: train.fit_ridge(X, Y, alphas, groups))
+    out = {"n": n, "p": p, "v": v, "seconds": timeit(lambda: ridge.fit_ridge(X, Y, alphas, groups), reps)}
+    out["peak_mb"] = peak_mb(lambda: ridge.fit_ridge(X, Y, alphas, groups))
     out["gflops"] = ridge_flops(n, p, v) / out["seconds"] / 1e9
     with torch.profiler.profile() as prof:
-        W, best = train.fit_ridge(X, Y, alphas, groups)
+        W, best = ridge.fit_ridge(X, Y, alphas, groups)
     ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(ops.values())
     dec = sum(t for k, t in ops.items() if "eigh" in k or "svd" in k)
@@ -193,7 +194,7 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, su
 def bench_extract(name, n_windows, history, batch, reps):
     """Stage-1 feature extraction (slicing, pooling, z-scoring) against the bare forward."""
     model = backbone(name).eval()
-    L = train.layer_of(argparse.Namespace(layer=None), len(model.encoder.transformer.layers))
+    L = layer_of(None, len(model.encoder.transformer.layers))
     seconds = n_windows * data.TR + history * data.TR
     wave = torch.randn(round(seconds * data.SR))
     rows = n_windows
@@ -206,7 +207,7 @@ def bench_extract(name, n_windows, history, batch, reps):
         with torch.inference_mode():
             for i in range(0, len(waves), batch):
                 model.extract_features(waves[i:i + batch], num_layers=L)
-    t_full = timeit(lambda: data.features(fn, win, None, batch, torch.device("cpu")), reps)
+    t_full = timeit(lambda: window_features(fn, win, None, batch, torch.device("cpu")), reps)
     t_bare = timeit(bare, reps)
     return {"model": name, "windows": n_windows, "audio_s_per_s": n_windows * history * data.TR / t_full,
             "overhead": t_full / t_bare - 1}
@@ -233,9 +234,9 @@ def bench_stats(v, rows=291, block=10, sets=4):
     a, b = y + 2 * torch.randn(rows, v, generator=g), y + torch.randn(rows, v, generator=g)
     sets_ = {f"set{i}": np.arange(i, v, sets) for i in range(sets)}
     sums = lambda p: [torch.cat(s, -1) if i == 0 else s[0] for i, s in enumerate(zip(*(  # by voxel batches, as stage 1
-        analyses.block_sums(p[:, j:j + 16384], y[:, j:j + 16384], [rows], block) for j in range(0, v, 16384))))]
-    boot = lambda: analyses.change_ci(sums(a), sums(b), sets_)
-    perm = lambda: [analyses.permutation_p(a[:, j:j + 16384], y[:, j:j + 16384], block) for j in range(0, v, 16384)]
+        ridge.block_sums(p[:, j:j + 16384], y[:, j:j + 16384], [rows], block) for j in range(0, v, 16384))))]
+    boot = lambda: ridge.change_ci(sums(a), sums(b), sets_)
+    perm = lambda: [ridge.permutation_p(a[:, j:j + 16384], y[:, j:j + 16384], block) for j in range(0, v, 16384)]
     return {"voxels": v, "rows": rows, "bootstrap_s": timeit(boot, 1, 0), "bootstrap_peak_mb": peak_mb(boot),
             "permutation_s": timeit(perm, 1, 0), "permutation_peak_mb": peak_mb(perm)}
 
@@ -273,13 +274,13 @@ def bench_fullscale(quick):
     command in a fresh process with a fresh run cache: stage 1 cold, again warm with another ROI, one
     epoch of stage 2 on the whole cortex, and three subjects (S02 and S03 link to S01's files)."""
     size = dict(stories=3, seconds=60, voxels=3000) if quick else dict(stories=84, seconds=650, voxels=81126)
-    home = os.path.join(data.cache_root(), "fullscale-quick" if quick else "fullscale")
-    ds, cache, out = (os.path.join(home, k) for k in ("dataset", "cache", "runs"))
-    py, env = sys.executable, dict(os.environ, BRAINTUNE_CACHE=cache)
+    home = os.path.join(cache.cache_root(), "fullscale-quick" if quick else "fullscale")
+    ds, fresh, out = (os.path.join(home, k) for k in ("dataset", "cache", "runs"))
+    py, env = sys.executable, dict(os.environ, BRAINTUNE_CACHE=fresh)
     res = {"dataset": {**size, "gb": None}}
     if not os.path.isdir(ds):
         os.makedirs(home, exist_ok=True)
-        res["dataset"]["make"] = run_measured([py, "data.py", "demo", ds, "--subjects", "1", "--sr", "44100",
+        res["dataset"]["make"] = run_measured([py, "synthetic.py", ds, "--subjects", "1", "--sr", "44100",
                                                "--channels", "2", *(f"--{k}={v}" for k, v in size.items())],
                                               os.path.join(home, "make.log"))
     for s in ("UTS02", "UTS03"):
@@ -288,7 +289,7 @@ def bench_fullscale(quick):
             os.symlink("UTS01", link)
             shutil.copy(os.path.join(ds, "derivative", "rois", "UTS01.npz"), os.path.join(ds, "derivative", "rois", s + ".npz"))
     res["dataset"]["gb"] = du_gb(ds)
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(fresh, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     common = [py, "train.py", "--data", ds, "--model", "tiny"]
     runs = {"stage1_cold": ["--subject", "S01", "--roi", "all", "--epochs", "0"],
@@ -298,7 +299,7 @@ def bench_fullscale(quick):
     for name, flags in runs.items():
         r = run_measured(common + flags + ["--out", os.path.join(out, name)], os.path.join(home, name + ".log"), env)
         assert r["exit"] == 0, f"{name} failed: see {os.path.join(home, name + '.log')}"
-        res[name] = dict(r, cache_gb=du_gb(cache))
+        res[name] = dict(r, cache_gb=du_gb(fresh))
         print(f"fullscale {name}: {r['seconds']:.0f} s, private {r['private_gb']:.2f} GB", flush=True)
     return res
 
@@ -319,7 +320,7 @@ def main():
     q = a.quick
     reps = 2 if q else 3
     if not torch.cuda.is_available():
-        train.keep_freed_memory()  # as train.py runs on a CPU
+        keep_freed_memory()  # as train.py runs on a CPU
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "cuda": torch.cuda.is_available(), "quick": q}}
     res["matmul_gflops"] = matmul_gflops(1024 if q else 4096, reps)

@@ -22,10 +22,13 @@ import sys
 import numpy as np
 import torch
 
+import config
 import data
 import lora
-import train
-from model import feature_key, frame_hop, hidden, load_backbone, load_checkpoint, pooled
+import ridge
+from cache import save_atomic
+from model import (feature_key, hidden, layer_of, load_backbone, load_checkpoint, pool_frames, pooled, split_features,
+                   window_features)
 
 
 def load_run(run):
@@ -35,7 +38,7 @@ def load_run(run):
     for f in ("config.json", "results.json", "stage1.pt"):
         if not os.path.isfile(os.path.join(run, f)):
             raise ValueError(f"{run} is incomplete: {f} is missing (did the run finish?)")
-    args = train.parse(["--resume", run])  # the run's flags, with today's defaults for newer ones
+    args = config.parse(["--resume", run])  # the run's flags, with today's defaults for newer ones
     if not os.path.isdir(args.data):
         raise ValueError(f"{args.data}: the run's dataset (--data in {run}/config.json) is not there")
     own = os.path.join(run, "tiny_pretrained.pt")  # tiny's pretrained weights travel with the run folder
@@ -43,7 +46,7 @@ def load_run(run):
         args.weights = own
     pre, normalize = load_backbone(args.model, args.weights, args.seed)
     n_layers = len(pre.encoder.transformer.layers)
-    layer = train.layer_of(args, n_layers)
+    layer = layer_of(args.layer, n_layers)
     tuned, lw = None, None
     if os.path.isfile(os.path.join(run, "adapter.pt")):
         state = load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
@@ -70,16 +73,11 @@ def layer_weights(args, backbone, lw=None):
     return lw if lw is not None else torch.zeros(len(backbone.encoder.transformer.layers))
 
 
-def features_fn(args, layer, backbone, lw=None):
-    weights = layer_weights(args, backbone, lw)
-    return lambda w: pooled(backbone, w, layer, args.history, weights, args.normalize)
-
-
 def merge_analyses(run, key, value):
     path = os.path.join(run, "analyses.json")
     old = json.load(open(path)) if os.path.exists(path) else {}
     old[key] = value
-    train.save_atomic(json.dumps(old, indent=1), path)
+    save_atomic(json.dumps(old, indent=1), path)
 
 
 def results(run):
@@ -88,117 +86,38 @@ def results(run):
     return {k: v["test"] for k, v in res["subjects"].items()} if "subjects" in res else {res.get("subject", "-"): res["test"]}
 
 
-def block_sums(p, y, lengths, block=10):
-    """What a block bootstrap of r needs: ((blocks, 5, voxels) each block's sums of p, y, p^2, y^2 and
-    p*y, (blocks,) its TRs), blocks of `block` consecutive TRs within each story of `lengths` rows."""
-    edges = [e for s, n in zip(np.cumsum([0] + list(lengths[:-1])), lengths) for e in range(s, s + n, block)]
-    rows = torch.as_tensor(np.diff(edges + [int(sum(lengths))]))
-    ids = torch.repeat_interleave(torch.arange(len(rows)), rows)  # (TRs,) the block of each TR
-    p, y = p.double(), y.double()
-    sums = [torch.zeros(len(rows), p.shape[1], dtype=torch.float64).index_add_(0, ids, x)
-            for x in (p, y, p * p, y * y, p * y)]  # one (TRs, voxels) product at a time
-    return torch.stack(sums, 1), rows.double()
-
-
-def change_ci(a, b, sets_, resamples=1000, seed=0, chunk=20):
-    """The 95% percentile interval of each set's relative change in mean r (percent), b against a, by
-    a block bootstrap: the test story's blocks of TRs drawn with replacement (neighbouring TRs are
-    correlated), the same draws for both models, every voxel's r recomputed from the block sums."""
-    (sa, n), (sb, _) = a, b
-    draws = np.random.default_rng(seed).integers(0, len(n), (resamples, len(n)))
-    counts = torch.as_tensor(np.stack([np.bincount(d, minlength=len(n)) for d in draws]), dtype=torch.float64)
-    changes = {k: [] for k in sets_}
-    for c in counts.split(chunk):  # (chunk, blocks)
-        rs = []
-        for s in (sa, sb):
-            S, N = torch.einsum("rb,bkv->rkv", c, s), (c @ n)[:, None]  # (chunk, 5, voxels), (chunk, 1)
-            var = (N * S[:, 2] - S[:, 0] ** 2) * (N * S[:, 3] - S[:, 1] ** 2)
-            rs.append((N * S[:, 4] - S[:, 0] * S[:, 1]) / var.clamp_min(1e-300).sqrt())
-        for k, idx in sets_.items():
-            ma, mb = (r[:, torch.as_tensor(idx)].mean(1) for r in rs)
-            changes[k].append(100 * (mb - ma) / ma.abs())
-    return {k: np.percentile(torch.cat(v).numpy(), [2.5, 97.5]).tolist() for k, v in changes.items()}
-
-
-def summarize(res, sets_, ceiling, blocks=None):
-    """{set: {"n_voxels", "baseline_r", ...}}: the mean of each per-voxel r in res over each set;
-    the *_norm keys divide by the noise ceiling (cc_max) where there is one; with blocks
-    {"baseline", "refit"} (stage 1's block sums of the test story), change_ci: the 95% interval of
-    the relative change in mean r, percent."""
-    ci = change_ci(blocks["baseline"], blocks["refit"], sets_) if blocks and len(blocks) == 2 else {}
-    out = {}
-    for name, idx in sets_.items():
-        row = {"n_voxels": int(len(idx))}
-        for key in ("baseline_r", "tuned_r", "refit_r"):
-            if key in res:
-                v = res[key][idx]
-                row[key] = float(np.nanmean(v)) if np.isfinite(v).any() else None
-                if ceiling is not None and key != "tuned_r":
-                    ok = idx[np.isfinite(ceiling[idx])]
-                    row[key + "_norm"] = float(np.nanmean(res[key][ok] / ceiling[ok])) if len(ok) else None
-        if name in ci:
-            row["change_ci"] = ci[name]
-        out[name] = row
-    return out
-
-
-def protocol(args):
-    """The features a run's baseline and refit are scored with (train.py --protocol), for results.json."""
-    return dict(name=getattr(args, "protocol", "windows"), history=args.history, context=getattr(args, "context", None),
-                stride=getattr(args, "stride", None), delays=getattr(args, "delays", None) or [],
-                test_skip=getattr(args, "test_skip", None) or 0)
-
-
-def format_table(tests, scored=None):
-    """{subject: summarize(...)} -> the results table, under a line naming the protocol `scored`
-    (protocol()); a subject column when there are several."""
-    multi, norm = len(tests) > 1, any("baseline_r_norm" in r for t in tests.values() for r in t.values())
-    fmt = lambda x, w=8: f"{x:{w}.4f}" if x is not None else f"{'-':>{w}}"
-    p = scored or {"name": "windows", "history": "the run's"}
-    how = (f"{p['history']} TRs of audio before each row, in TR bins" if p["name"] == "windows" else
-           f"{p['context']:g} s heard before each {p['stride']:g} s stride, Lanczos to the TRs, delays "
-           f"{','.join(map(str, p['delays']))}")
-    lines = [f"protocol {p['name']}: {how}" + (f"; test rows from {p['test_skip']} on" if p.get("test_skip") else ""), (f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
-             f"{'refit r':>8} {'change [95% interval]':>24}" + (f" {'base r/cc':>9} {'refit r/cc':>10}" if norm else "")]
-    for subject, test in tests.items():
-        for name, row in test.items():
-            base, refit = row.get("baseline_r"), row.get("refit_r")
-            change = f"{100 * (refit - base) / abs(base):+.1f}%" if refit is not None and base else "-"
-            change += " [{:+.1f}, {:+.1f}]".format(*row["change_ci"]) if "change_ci" in row else ""
-            lines.append((f"{subject:>8} " if multi else "") + f"{name:>12} {row['n_voxels']:7d} {fmt(base, 11)} "
-                         f"{fmt(row.get('tuned_r'))} {fmt(refit)} {change:>24}" + (
-                             f" {fmt(row.get('baseline_r_norm'), 9)} {fmt(row.get('refit_r_norm'), 10)}" if norm else ""))
-    return "\n".join(lines)
-
-
 def show(run):
-    return format_table(results(run), json.load(open(os.path.join(run, "results.json"))).get("protocol"))
+    return ridge.format_table(results(run), json.load(open(os.path.join(run, "results.json"))).get("protocol"))
 
 
-def split_features(args, layer, backbone, lw, d):
-    """{"train", "test"}: this backbone's pooled features of one subject's windows, (rows, p)."""
-    fn = features_fn(args, layer, backbone, lw)
-    key = feature_key(args.model, backbone, layer, layer_weights(args, backbone, lw), args.normalize)
-    return {s: data.features(fn, d[s], key, args.batch_size, torch.device("cpu"), s) for s in ("train", "test")}
+def load_subject(args, name):
+    """One subject's data (data.Subject), held out on the run's test and validation stories."""
+    return data.prepare(args.data, [name], args.test_stories, args.val_stories, history=args.history, tr=args.tr,
+                        trim_start=args.trim_start, sound_start=args.sound_start)[0][0]
 
 
-def scored_features(args, layer, backbone, lw, d):
-    """{"train", "test"}: the features of one subject that the run's --protocol scores with: its
-    windows (split_features), or a paper's sliding context, Lanczos and delays (data.protocol_features)."""
-    if args.protocol == "windows":
-        return split_features(args, layer, backbone, lw, d)
-    weights = layer_weights(args, backbone, lw)
-    fn = lambda w: hidden(backbone, w, layer, weights, args.normalize)
-    key = feature_key(args.model, backbone, layer, weights, args.normalize)
-    scored = dict(context=args.context, stride=args.stride, delays=args.delays)
-    return {s: data.protocol_features(fn, frame_hop(backbone), d[s], key, scored, args.batch_size, torch.device("cpu"), s)
-            for s in ("train", "test")}
+def stage1_cv(run):
+    """The run's stage-1 cross-validated r of its first subject: what chooses the voxel sets."""
+    return load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1]
+
+
+def features(args, layer, backbone, lw, d, protocol=None):
+    """{"train", "test"}: this backbone's features of one subject's rows, (rows, p): its windows, or,
+    with a protocol (config.scoring), a paper's sliding context, Lanczos and delays."""
+    return split_features(args.model, backbone, layer, layer_weights(args, backbone, lw), args.normalize,
+                          {s: d.windows[s] for s in ("train", "test")}, args.history, args.batch_size,
+                          torch.device("cpu"), protocol)
+
+
+def stage1(args, X, d):
+    """ridge.stage1 with the run's lambdas, folds and blocks, scored from the run's --test-skip row."""
+    return ridge.stage1(X, d, args.alphas, args.cv_folds, args.block, torch.device("cpu"), skip=args.test_skip)
 
 
 def fit(args, layer, backbone, lw, d):
     """Stage 1 on one subject with this backbone, under the run's protocol: (mu, sd, W, cv r, test r,
     the test story's block sums)."""
-    return train.stage1(args, scored_features(args, layer, backbone, lw, d), d, torch.device("cpu"), skip=args.test_skip)
+    return stage1(args, features(args, layer, backbone, lw, d, config.scoring(args)), d)
 
 
 def cross_subject(run, subject):
@@ -207,15 +126,14 @@ def cross_subject(run, subject):
     args, layer, pre, tuned, lw = load_run(run)
     if tuned is None:
         raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
-    d = train.prepare(args, [subject])[0][0]
-    if d["subject"] in [data.find_subject(args.data, s) for s in args.subjects]:
-        print(f"note: {d['subject']} was tuned on in {run}; this is not transfer to a new subject")
+    d = load_subject(args, subject)
+    if d.name in [data.find_subject(args.data, s) for s in args.subjects]:
+        print(f"note: {d.name} was tuned on in {run}; this is not transfer to a new subject")
     base, new = fit(args, layer, pre, None, d), fit(args, layer, tuned, lw, d)
     res = {"baseline_r": base[4].numpy(), "refit_r": new[4].numpy()}
-    out = summarize(res, train.sets(argparse.Namespace(roi="all"), d, base[3]), d["ceiling"],
-                    {"baseline": base[5], "refit": new[5]})
-    merge_analyses(run, f"transfer_{d['subject']}", dict(out, protocol=protocol(args)))
-    return format_table({d["subject"]: out}, protocol(args))
+    out = ridge.summarize(res, ridge.sets(d, base[3]), d.ceiling, {"baseline": base[5], "refit": new[5]})
+    merge_analyses(run, f"transfer_{d.name}", dict(out, protocol=config.protocol(args)))
+    return ridge.format_table({d.name: out}, config.protocol(args))
 
 
 def load_embeddings(path):
@@ -297,12 +215,12 @@ def probe(run, kind, embeddings=None):
         X = {s: segment_features(args, layer, bb, w, audio[s], items[s][0]) for s in items}
         Xtr = torch.cat([X[s] for s in fit_s])
         mu, sd = Xtr.mean(0), Xtr.std(0).clamp_min(1e-6)
-        groups = train.story_folds([len(X[s]) for s in fit_s], args.cv_folds)
-        Wp, _ = train.fit_ridge((Xtr - mu) / sd, torch.cat([target[s] for s in fit_s]), args.alphas, groups)
+        groups = ridge.story_folds([len(X[s]) for s in fit_s], args.cv_folds)
+        Wp, _ = ridge.fit_ridge((Xtr - mu) / sd, torch.cat([target[s] for s in fit_s]), args.alphas, groups)
         pred = torch.cat([(X[s] - mu) / sd @ Wp for s in test_s])
         truth = torch.cat([target[s] for s in test_s])
         if kind == "semantic":
-            out[name] = float(train.pearson(pred, truth).mean())
+            out[name] = float(ridge.pearson(pred, truth).mean())
         else:
             out[name] = float((pred.argmax(1) == truth.argmax(1)).float().mean())
     merge_analyses(run, f"probe_{kind}", out)
@@ -318,7 +236,7 @@ def mel_features(windows, history, n_mels=32):
     for wave, *_ in torch.utils.data.DataLoader(windows, batch_size=64):
         spec = torch.stft(wave, 400, 320, window=torch.hann_window(400), return_complex=True).abs() ** 2
         mel = torch.log(1e-6 + (spec.transpose(1, 2) @ fb))  # (batch, frames, n_mels)
-        out.append(data.pool_frames(mel, history).flatten(1))
+        out.append(pool_frames(mel, history).flatten(1))
     return torch.cat(out)
 
 
@@ -336,8 +254,8 @@ def lowlevel_r(X, L, Ytrain, Ytest, groups, alphas):
     B = torch.linalg.solve(G + 1e-6 * G.diagonal().mean() * torch.eye(len(G)), L["train"].T @ X["train"])
     out = []
     for F_ in (X, {k: X[k] - L[k] @ B for k in X}):
-        W, _ = train.fit_ridge(F_["train"], Ytrain, alphas, groups)
-        out.append(train.pearson(F_["test"] @ W, Ytest))
+        W, _ = ridge.fit_ridge(F_["train"], Ytrain, alphas, groups)
+        out.append(ridge.pearson(F_["test"] @ W, Ytest))
     return out
 
 
@@ -345,24 +263,23 @@ def lowlevel(run):
     """Moussa et al.'s test of reliance on low-level features: encoding r refit on the backbone's
     features after removing what mel band energies predict, per voxel set, pretrained vs tuned."""
     args, layer, pre, tuned, lw = load_run(run)
-    d = train.prepare(args, [args.subject])[0][0]
-    L = {s: mel_features(d[s], args.history) for s in ("train", "test")}
+    d = load_subject(args, args.subject)
+    L = {s: mel_features(d.windows[s], args.history) for s in ("train", "test")}
     mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)
     L = {s: (v - mu) / sd for s, v in L.items()}
-    groups = train.story_folds([len(e) for e in d["train"].ends], args.cv_folds)
+    groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], args.cv_folds)
     # the voxel sets by stage-1 cross-validated r on training stories: the same for both backbones,
     # and not chosen by the test r they report
-    cv = load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1]
-    sets_ = train.sets(argparse.Namespace(roi="all"), d, cv)
+    sets_ = ridge.sets(d, stage1_cv(run))
     res, table = {"sets": {k: v.tolist() for k, v in sets_.items()}}, []
     for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
         if bb is None:
             continue
-        X = split_features(args, layer, bb, w, d)
+        X = features(args, layer, bb, w, d)
         m, s_ = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
         X = {k: (v - m) / s_ for k, v in X.items()}
-        r = dict(zip(("full", "residual"), lowlevel_r(X, L, d["Ytrain"], d["Ytest"][:, :], groups, args.alphas)))
-        r = {k: np.where(d["good"], v.numpy(), np.nan) for k, v in r.items()}
+        r = dict(zip(("full", "residual"), lowlevel_r(X, L, d.Y["train"], d.Y["test"][:, :], groups, args.alphas)))
+        r = {k: np.where(d.good, v.numpy(), np.nan) for k, v in r.items()}
         res[name] = {k: {"full_r": float(np.nanmean(r["full"][v])), "residual_r": float(np.nanmean(r["residual"][v]))}
                      for k, v in sets_.items()}
         res[name + "_voxel_r"] = {k: v.tolist() for k, v in r.items()}
@@ -392,8 +309,8 @@ def profile(run, text="all"):
     yields every layer, each cached, then loaded one at a time."""
     args, layer, pre, tuned, lw = load_run(run)
     layers = parse_layers(text, len(pre.encoder.transformer.layers), args.model)
-    d = train.prepare(args, [args.subject])[0][0]
-    sets_ = train.sets(argparse.Namespace(roi="all"), d, load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1])
+    d = load_subject(args, args.subject)
+    sets_ = ridge.sets(d, stage1_cv(run))
     out, cpu = {str(x): {} for x in layers}, torch.device("cpu")
     for name, bb in (("pretrained", pre), ("tuned", tuned)):
         chosen = [x for x in layers if name == "pretrained" or x <= layer] if bb is not None else []
@@ -402,13 +319,13 @@ def profile(run, text="all"):
         def every(w, bb=bb, chosen=chosen):  # (batch, samples) -> [(batch, history * dim)], one per layer
             w = torch.nn.functional.layer_norm(w, w.shape[-1:]) if args.normalize else w
             hs = bb.extract_features(w, num_layers=max(chosen))[0]
-            return [data.pool_frames(hs[x - 1], args.history).flatten(1) for x in chosen]
+            return [pool_frames(hs[x - 1], args.history).flatten(1) for x in chosen]
         for s in ("train", "test") if chosen else ():
-            data.features(every, d[s], keys, args.batch_size, cpu, f"{name} layers, {s}")
+            window_features(every, d.windows[s], keys, args.batch_size, cpu, f"{name} layers, {s}")
         for x, key in zip(chosen, keys):
             fn = lambda w, bb=bb, x=x: pooled(bb, w, x, args.history, None, args.normalize)
-            X = {s: data.features(fn, d[s], key, args.batch_size, cpu, s) for s in ("train", "test")}
-            r = train.stage1(args, X, d, cpu)[4].numpy()
+            X = {s: window_features(fn, d.windows[s], key, args.batch_size, cpu, s) for s in ("train", "test")}
+            r = ridge.stage1(X, d, args.alphas, args.cv_folds, args.block, cpu)[4].numpy()
             out[str(x)][name] = {k: float(np.nanmean(r[v])) for k, v in sets_.items()}
     merge_analyses(run, "layers", out)
     lines = [f"{'layer':>5} {'set':>12} {'pretrained':>10} {'tuned':>8} {'change':>8}"]
@@ -421,36 +338,6 @@ def profile(run, text="all"):
     return out, "\n".join(lines + ([note] if note and max(layers) > layer else []))
 
 
-def permutation_p(p, y, block=10, permutations=1000, seed=0, chunk=25):
-    """One-sided p-value of each voxel's r > 0 by a block permutation (the Huth lab's test): whole
-    blocks of `block` TRs of y shuffled against p (rows after the last whole block left out);
-    (1 + #{permuted r >= r}) / (1 + permutations). p, y: (rows, voxels)."""
-    nb = len(y) // block
-
-    def unit(x):  # each column centred and of unit norm, so that r is a plain sum of products
-        x = x[:nb * block].double()
-        x = x - x.mean(0)
-        return (x / x.norm(dim=0).clamp_min(1e-300)).reshape(nb, block, -1)
-    C = torch.einsum("itv,jtv->ijv", unit(p), unit(y))  # (blocks, blocks, voxels): block i of p, block j of y
-    r = C.diagonal(dim1=0, dim2=1).sum(-1)  # (voxels,)
-    rng = np.random.default_rng(seed)
-    orders = torch.as_tensor(np.stack([rng.permutation(nb) for _ in range(permutations)]))
-    exceed = torch.zeros_like(r)
-    for o in orders.split(chunk):  # (chunk, blocks): block i of p against block o[i] of y
-        exceed += (C[torch.arange(nb)[None], o].sum(1) >= r - 1e-12).sum(0)
-    return (1 + exceed) / (1 + permutations)
-
-
-def fdr(p, q=0.05):
-    """Benjamini-Hochberg: which p-values (NaN: none) are discoveries at false discovery rate q."""
-    p = np.where(np.isfinite(p), p, np.inf)
-    order, m = np.argsort(p), np.isfinite(p).sum()
-    passed = np.flatnonzero(p[order][:m] <= q * np.arange(1, m + 1) / max(m, 1))
-    out = np.zeros(len(p), bool)
-    out[order[:passed[-1] + 1] if len(passed) else []] = True
-    return out
-
-
 def significance(run, permutations=1000, q=0.05, block=None):
     """Each voxel's baseline and refit test r against zero, by block permutation of the test story's
     TRs (blocks of `block` TRs, default the run's --block), the false discovery rate held at q over
@@ -458,26 +345,26 @@ def significance(run, permutations=1000, q=0.05, block=None):
     voxel_r.npz (baseline_p, refit_p)."""
     args, layer, pre, tuned, lw = load_run(run)
     args.block = block or args.block
-    d = train.prepare(args, [args.subject])[0][0]
-    sets_ = train.sets(argparse.Namespace(roi="all"), d, load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1])
-    good, out, pvals = np.flatnonzero(d["good"]), {}, {}
+    d = load_subject(args, args.subject)
+    sets_ = ridge.sets(d, stage1_cv(run))
+    good, out, pvals = np.flatnonzero(d.good), {}, {}
     for name, bb, w in (("baseline", pre, None), ("refit", tuned, lw)):
         if bb is None:
             continue
-        X = scored_features(args, layer, bb, w, d)  # from the cache, as is the fit
-        mu, sd, W, *_ = train.stage1(args, X, d, torch.device("cpu"), skip=args.test_skip)
-        Z, p, rows = (X["test"] - mu) / sd, np.full(len(d["good"]), np.nan), train.scored_rows(d, args.test_skip)
+        X = features(args, layer, bb, w, d, config.scoring(args))  # from the cache, as is the fit
+        mu, sd, W, *_ = stage1(args, X, d)
+        Z, p, rows = (X["test"] - mu) / sd, np.full(len(d.good), np.nan), ridge.scored_rows(d, args.test_skip)
         for j in range(0, len(good), 16384):
             idx = good[j:j + 16384]
-            p[idx] = permutation_p(Z[rows] @ W[:, idx], d["Ytest"][rows, idx], args.block, permutations).numpy()
-        pvals[name + "_p"], passed = p, fdr(p, q)
+            p[idx] = ridge.permutation_p(Z[rows] @ W[:, idx], d.Y["test"][rows, idx], args.block, permutations).numpy()
+        pvals[name + "_p"], passed = p, ridge.fdr(p, q)
         out[name] = {k: int(passed[v].sum()) for k, v in sets_.items()}
     npz = os.path.join(run, "voxel_r.npz")
     old = dict(np.load(npz))
-    prefix = f"{d['subject']}." if any("." in k for k in old) else ""
-    train.save_atomic(dict(old, **{prefix + k: v for k, v in pvals.items()}), npz)
+    prefix = f"{d.name}." if any("." in k for k in old) else ""
+    save_atomic(dict(old, **{prefix + k: v for k, v in pvals.items()}), npz)
     merge_analyses(run, "significance", dict(out, q=q, permutations=permutations, block=args.block,
-                                             protocol=protocol(args)))
+                                             protocol=config.protocol(args)))
     lines = [f"voxels whose test r > 0 at a false discovery rate of {q} ({permutations} block permutations of "
              f"{args.block} TRs)", f"{'set':>12} {'voxels':>7} " + " ".join(f"{k:>9}" for k in out)]
     lines += [f"{k:>12} {len(v):7d} " + " ".join(f"{out[m][k]:9d}" for m in out) for k, v in sets_.items()]
@@ -579,7 +466,7 @@ def export(run, path):
     args, layer, pre, tuned, lw = load_run(run)
     if tuned is None:
         raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
-    train.save_atomic(lora.merge_lora(tuned).state_dict(), path)
+    save_atomic(lora.merge_lora(tuned).state_dict(), path)
     return path
 
 

@@ -7,8 +7,10 @@ those features to voxels. What turns audio into predicted voxels, and nothing of
     model = BrainModel(backbone, [make_head(W)], mu, sd, layer=9, history=4, normalize=normalize)
     voxels = model(wave)[0]                                     # (batch, samples) at 16 kHz -> (batch, voxels)
 """
+import ctypes
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 import torchaudio
 from torchaudio.models import wav2vec2_model, wavlm_model
 
+from cache import cached, digest, file_key, log, progress
 import data
 
 BUNDLES = {"wav2vec2_base": "WAV2VEC2_BASE", "wav2vec2_large": "WAV2VEC2_LARGE", "hubert_base": "HUBERT_BASE",
@@ -58,6 +61,18 @@ def build_backbone(name, dropout=None):
     bundle = getattr(torchaudio.pipelines, BUNDLES[name])
     build = wavlm_model if bundle._model_type == "WavLM" else wav2vec2_model
     return build(**dict(bundle._params, **override)), bundle._normalize_waveform
+
+
+def keep_freed_memory():
+    """glibc gives each large freed tensor back to the OS, so every training step page-faults its
+    activations in anew; on CPU, keep freed memory for reuse instead (bench.py: a wavlm_base step
+    about 15% faster). Linux/glibc only; elsewhere nothing changes."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap
+    libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: the heap's free top is not given back
 
 
 def load_backbone(name, weights=None, seed=0, dropout=None):
@@ -111,7 +126,7 @@ def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16, max_s
     step, accuracy = 0, float("nan")
     for epoch in range(epochs):
         right = total = 0
-        for idx in data.progress(torch.randperm(len(pieces)).split(batch_size), f"tiny pretraining, epoch {epoch + 1}"):
+        for idx in progress(torch.randperm(len(pieces)).split(batch_size), f"tiny pretraining, epoch {epoch + 1}"):
             wave = torch.stack([torch.from_numpy(np.array(audio[s][a:a + n])) for s, a in map(pieces.__getitem__, idx)])
             labels = torch.stack([frames[s][a // hop:(a + n) // hop] for s, a in map(pieces.__getitem__, idx)])
             h = hidden(model, wave, TINY["encoder_num_layers"])  # (batch, frames, dim)
@@ -130,6 +145,34 @@ def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16, max_s
     return model.state_dict(), accuracy
 
 
+def tiny_weights(root, windows, epochs, seed, max_steps=300):
+    """tiny's phone-pretrained state dict for the training stories of `windows` (pretrain_tiny),
+    cached under their audio and TextGrids, the epochs, the seed and tiny's shape."""
+    grids = [data.textgrid_path(root, s) for s in windows.stories]
+
+    def build():
+        state, accuracy = pretrain_tiny(root, dict(zip(windows.stories, windows.waves)), epochs, seed, max_steps=max_steps)
+        return {"state": state, "accuracy": accuracy}
+    t0 = time.time()
+    key = dict(audio=windows.keys, textgrids=[file_key(p) for p in grids], epochs=epochs, seed=seed,
+               max_steps=max_steps, tiny=TINY, torch=torch.__version__)
+    e = cached("tiny", key, build, "tiny")
+    log(f"tiny pretrained to name phones: {epochs} epochs, frame accuracy {e['accuracy']:.2f}, {time.time() - t0:.0f} s")
+    return e["state"]
+
+
+def pool_frames(frames, history):
+    """(batch, n_frames, dim) -> (batch, history, dim): the mean of the frames in each TR-long bin.
+    The window runs forward in time and ends at t_r, so its last bin is the audio heard 0..1 TR
+    before t_r; we flip, so that out[:, k] is the audio heard k..k+1 TRs before t_r (delay k)."""
+    B, n, D = frames.shape
+    assert n >= history, f"{n} frames cannot fill {history} bins"
+    edges = torch.linspace(0, n, history + 1, device=frames.device).round().long()
+    c = F.pad(frames.cumsum(1), (0, 0, 1, 0))  # (batch, n_frames + 1, dim)
+    sums = c[:, edges[1:]] - c[:, edges[:-1]]  # (batch, history, dim)
+    return (sums / (edges[1:] - edges[:-1]).to(frames.dtype)[None, :, None]).flip(1)
+
+
 def hidden(backbone, wave, layer, layer_weights=None, normalize=False):
     """(batch, samples) -> (batch, frames, dim): transformer layer `layer` (1-based; layers above it
     are not computed), or the softmax-weighted sum of all layers (Li et al.)."""
@@ -144,7 +187,13 @@ def hidden(backbone, wave, layer, layer_weights=None, normalize=False):
 def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
     """(batch, samples) -> (batch, history * dim): frames averaged in TR bins, bin k = the audio
     heard k..k+1 TRs before the fMRI frame."""
-    return data.pool_frames(hidden(backbone, wave, layer, layer_weights, normalize), history).flatten(1)
+    return pool_frames(hidden(backbone, wave, layer, layer_weights, normalize), history).flatten(1)
+
+
+def layer_of(layer, n_layers):
+    """The transformer layer read (1-based) for --layer: a number, None for 3/4 of the depth, or all
+    of them if 'weighted'."""
+    return n_layers if layer == "weighted" else int(layer or round(0.75 * n_layers))
 
 
 def frame_hop(backbone):
@@ -156,9 +205,126 @@ def frame_hop(backbone):
 def feature_key(name, backbone, layer, layer_weights, normalize):
     """What pooled() computes, for the feature cache: the architecture and the backbone's weights
     (adapters included), the layer read, the wave's normalisation."""
-    return dict(arch=TINY if name == "tiny" else BUNDLES[name], backbone=data.digest(backbone.state_dict()), layer=layer,
+    return dict(arch=TINY if name == "tiny" else BUNDLES[name], backbone=digest(backbone.state_dict()), layer=layer,
                 layer_weights=layer_weights, normalize=normalize, torch=torch.__version__)
 
+
+# -----------------------------------------------------------------------------
+# the features the ridge sees: each window or story forwarded once, cached
+
+@torch.inference_mode()
+def window_features(fn, windows, key, batch_size, device, desc="features"):
+    """fn(wave (batch, samples)) -> (batch, p) for every window, in order: (rows, p) float32 on the
+    CPU. With a key (what fn computes: backbone, layer, ...), each story's block is cached under it
+    and the story's audio, row count and timing, so a second run does not forward it again. With a
+    list of keys, fn returns a list of (batch, p), one per key (several layers of one forward): each
+    story's blocks are cached and nothing is returned, so that no caller holds every layer at once."""
+    precision, many = "bf16" if device.type == "cuda" else "fp32", isinstance(key, list)
+
+    def blocks(i):  # [(rows, p)] of story i, one per key
+        out = []
+        for wave, *_ in torch.utils.data.DataLoader(
+                torch.utils.data.Subset(windows, range(windows.starts[i], windows.starts[i + 1])), batch_size):
+            with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+                y = fn(wave.to(device))
+            out.append([t.float().cpu() for t in (y if many else [y])])
+        return [torch.cat(c).numpy() for c in zip(*out)] if out else [np.zeros((0, 0), np.float32)]
+    out = []
+    for i in progress(range(len(windows.stories)), desc):
+        if key is None or windows.keys is None:
+            out.append(torch.from_numpy(blocks(i)[0]))
+            continue
+        keys = [dict(k, audio=windows.keys[i], rows=len(windows.ends[i]), precision=precision, **windows.timing)
+                for k in (key if many else [key])]
+        got = [cached("features", k, None, windows.stories[i]) for k in keys]
+        if any(g is None for g in got):  # one forward for every missing key
+            got = [cached("features", k, lambda x=x: {"x": x}, windows.stories[i]) for k, x in zip(keys, blocks(i))]
+        if not many:
+            out.append(torch.from_numpy(np.array(got[0]["x"])))
+    return None if many else torch.cat(out)
+
+
+# the papers' evaluation features: a sliding context, Lanczos to the TRs, FIR delays
+
+PROTOCOLS = {  # what stage 1's baseline, the refit and eval's fits see; the training input stays the windows
+    "windows": dict(delays=(), test_skip=0),
+    "moussa2025": dict(context=16.0, stride=0.1, delays=(1, 2, 3, 4), test_skip=40),
+    "brainwavlm": dict(context=3.75, stride=0.25, delays=(1, 2, 3, 4), test_skip=40),
+}
+
+
+def lanczos(x, old_times, new_times, tr, window=3):
+    """x (old samples, p) at old_times resampled to new_times (s) by the Huth lab's Lanczos filter:
+    weight sinc(t) sinc(t / window) for |t| <= window, t = (new time - old time) / tr, so the cutoff
+    is the new rate's Nyquist frequency; two-sided, not normalised (z-scoring follows). (new, p)."""
+    t = (np.asarray(new_times, np.float64)[:, None] - np.asarray(old_times, np.float64)[None, :]) / tr
+    return torch.as_tensor(np.sinc(t) * np.sinc(t / window) * (np.abs(t) <= window), dtype=x.dtype) @ x
+
+
+def delayed(x, delays):
+    """(rows, p) -> (rows, len(delays) * p): row t holds rows t - d of x for each delay d, zeros before
+    the story starts (the finite-impulse-response model)."""
+    return torch.cat([F.pad(x, (0, 0, d, 0))[:len(x)] for d in delays], 1)
+
+
+@torch.inference_mode()
+def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device):
+    """Frame features of a whole story, each frame heard with `context` s of audio before its stride:
+    the story cut into chunks of context + stride seconds ending every `stride` s, each forwarded once
+    (in batches; zeros before the story starts and after it ends), the frames of its last stride kept.
+    frames_fn: (batch, samples) -> (batch, frames, dim); hop: samples per frame.
+    Returns the frames' times (s) and features (frames, dim)."""
+    n_ctx, n_str = round(context * data.SR), round(stride * data.SR)
+    chunk, ends = n_ctx + n_str, np.arange(n_str, len(wave) + n_str, n_str)  # chunk ends, in samples
+    times, feats = [], []
+    for i in range(0, len(ends), batch_size):
+        waves = [np.array(wave[max(e - chunk, 0):min(e, len(wave))], np.float32) for e in ends[i:i + batch_size]]
+        waves = [np.pad(w, (max(chunk - e, 0), chunk - max(chunk - e, 0) - len(w))) for w, e in zip(waves, ends[i:])]
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            h = frames_fn(torch.from_numpy(np.stack(waves)).to(device)).float().cpu()  # (batch, frames, dim)
+        at = (np.arange(h.shape[1]) + 0.5) * hop  # each frame's centre, samples into the chunk
+        keep = np.flatnonzero((at > chunk - n_str) & (at <= chunk))  # the chunk's last stride
+        times.append((ends[i:i + len(waves), None] - chunk + at[keep]) / data.SR)
+        feats.append(h[:, keep].reshape(-1, h.shape[2]))
+    return np.concatenate(times).ravel(), torch.cat(feats)
+
+
+def protocol_features(frames_fn, hop, windows, key, protocol, batch_size, device, desc="features"):
+    """Each story's features under a paper's protocol (PROTOCOLS: context, stride, delays), at its
+    fMRI rows: stride_frames, Lanczos to the rows' times, z-scored per story, delayed. (rows, p),
+    the resampled frames cached per story under key and the protocol."""
+    out = []
+    for i in progress(range(len(windows.stories)), desc):
+        t_rows = data.row_times(len(windows.ends[i]), windows.timing["tr"], windows.timing["trim_start"],
+                           windows.timing["sound_start"])
+
+        def build():
+            times, x = stride_frames(frames_fn, windows.waves[i], hop, protocol["context"], protocol["stride"],
+                                     batch_size, device)
+            return {"x": lanczos(x, times, t_rows, windows.timing["tr"]).numpy()}
+        k = dict(key, audio=windows.keys[i], rows=len(t_rows), context=protocol["context"], stride=protocol["stride"],
+                 lanczos=3, **windows.timing) if key is not None and windows.keys else None
+        x = torch.from_numpy(np.array((cached("protocol", k, build, windows.stories[i]) if k else build())["x"]))
+        out.append(delayed((x - x.mean(0)) / x.std(0).clamp_min(1e-6), protocol["delays"]))
+    return torch.cat(out)
+
+
+def split_features(name, backbone, layer, layer_weights, normalize, windows, history, batch_size, device,
+                   protocol=None):
+    """{split: (rows, p)}: the features of the Windows in `windows` {split: Windows} that the ridge
+    fits, cached: each window's frames pooled in `history` TR bins (pooled), or, with a paper's
+    protocol {context, stride, delays}, each story forwarded in strides, Lanczos to the rows, delayed."""
+    key = feature_key(name, backbone, layer, layer_weights, normalize)
+    if protocol:
+        fn = lambda w: hidden(backbone, w, layer, layer_weights, normalize)
+        return {s: protocol_features(fn, frame_hop(backbone), w, key, protocol, batch_size, device, s)
+                for s, w in windows.items()}
+    fn = lambda w: pooled(backbone, w, layer, history, layer_weights, normalize)
+    return {s: window_features(fn, w, key, batch_size, device, s) for s, w in windows.items()}
+
+
+# -----------------------------------------------------------------------------
+# the model trained in stage 2
 
 class BrainModel(nn.Module):
     """wave -> backbone -> TR bins -> z-score (training statistics) -> a head per subject -> voxels."""

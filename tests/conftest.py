@@ -5,17 +5,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 
+import synthetic
+
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """A small synthetic dataset in the ds003020 layout, made once per test session."""
-    import data
-    return data.make_demo(str(tmp_path_factory.mktemp("demo") / "ds"), n_subjects=3, n_stories=5, n_voxels=90,
-                          seconds=60.0)
+    return synthetic.make_demo(str(tmp_path_factory.mktemp("demo") / "ds"), n_subjects=3, n_stories=5, n_voxels=90,
+                               seconds=60.0)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def cache(tmp_path_factory):
+def cache_folder(tmp_path_factory):
     """The caches of every test (and of the commands they run) in the session's own folder."""
     old = os.environ.get("BRAINTUNE_CACHE")
     os.environ["BRAINTUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))

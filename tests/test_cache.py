@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 import data
 import train
 from test_train import count_windows
+from model import feature_key, load_backbone, load_checkpoint, pooled, window_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def entries(kind):
-    d = os.path.join(data.cache_root(), kind)
+    d = os.path.join(cache.cache_root(), kind)
     return sorted(e for e in os.listdir(d) if ".tmp" not in e) if os.path.isdir(d) else []
 
 
@@ -46,7 +48,7 @@ def test_cold_warm_and_off_give_the_same_results(demo, fresh, tmp_path, monkeypa
     n_stage1 = 96 + 24
     assert runs["warm"][1] == runs["cold"][1] - 2 * n_stage1 and runs["off"][1] == runs["cold"][1]
     assert not any(e.startswith("nocache") for e in os.listdir(fresh))  # --no-cache leaves nothing
-    s1 = {k: train.load_checkpoint(os.path.join(run, "stage1.pt")) for k, (run, _) in runs.items()}
+    s1 = {k: load_checkpoint(os.path.join(run, "stage1.pt")) for k, (run, _) in runs.items()}
     r = {k: np.load(os.path.join(run, "voxel_r.npz")) for k, (run, _) in runs.items()}
     for k in ("warm", "off"):
         torch.testing.assert_close(s1[k][0], s1["cold"][0])  # feature means
@@ -56,12 +58,12 @@ def test_cold_warm_and_off_give_the_same_results(demo, fresh, tmp_path, monkeypa
     # the responses the cache holds are the hf5's, z-scored per story (numpy, float64, as the oracle)
     ds, _ = data.prepare(demo, ["S01"])
     d = ds[0]
-    with h5py.File(data.response_path(demo, "UTS01", d["stories"]["train"][1]), "r") as f:
+    with h5py.File(data.response_path(demo, "UTS01", d.stories["train"][1]), "r") as f:
         want = f["data"][:]
     want = (want - want.mean(0)) / want.std(0)
-    rows = slice(d["Ytrain"].starts[1], d["Ytrain"].starts[2])
-    np.testing.assert_allclose(d["Ytrain"][:, :][rows].numpy(), want, atol=2e-6)
-    np.testing.assert_allclose(d["Ytrain"][np.arange(rows.start, rows.stop), 5:9].numpy(), want[:, 5:9], atol=2e-6)
+    rows = slice(d.Y["train"].starts[1], d.Y["train"].starts[2])
+    np.testing.assert_allclose(d.Y["train"][:, :][rows].numpy(), want, atol=2e-6)
+    np.testing.assert_allclose(d.Y["train"][np.arange(rows.start, rows.stop), 5:9].numpy(), want[:, 5:9], atol=2e-6)
 
 
 def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
@@ -87,15 +89,15 @@ def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
     assert len(entries("audio")) == 2
     # features: every setting that changes them misses, the same call hits
     waves = data.load_audio(root, [story])
-    keys = {story: data.file_key(data.wav_path(root, story))}
-    model, _ = train.load_backbone("tiny", seed=0)
-    other, _ = train.load_backbone("tiny", seed=1)
+    keys = {story: cache.file_key(data.wav_path(root, story))}
+    model, _ = load_backbone("tiny", seed=0)
+    other, _ = load_backbone("tiny", seed=1)
     cpu = torch.device("cpu")
 
     def extract(bb=model, layer=2, history=3, normalize=False, **timing):
         w = data.Windows(waves, {story: 10}, [story], history=history, keys=keys, **timing)
-        fn = lambda x: train.pooled(bb, x, layer, history, None, normalize)
-        return data.features(fn, w, train.feature_key("tiny", bb, layer, None, normalize), 4, cpu)
+        fn = lambda x: pooled(bb, x, layer, history, None, normalize)
+        return window_features(fn, w, feature_key("tiny", bb, layer, None, normalize), 4, cpu)
     first = extract()
     n = len(entries("features"))
     assert torch.equal(extract(), first) and len(entries("features")) == n

@@ -8,6 +8,7 @@ import torch
 from scipy.io import wavfile
 
 import data
+from model import PROTOCOLS, delayed, lanczos, pool_frames, protocol_features, stride_frames
 
 
 def test_row_times_worked_example():
@@ -39,7 +40,7 @@ def test_click_lands_in_the_predicted_bin(tmp_path):
     for i in range(len(win)):
         wave, s, r = win[i]
         assert wave.shape == (win.n_samples,)
-        bins = data.pool_frames(wave.abs()[None, :, None], H)[0, :, 0]  # (H,) bin k = delay k
+        bins = pool_frames(wave.abs()[None, :, None], H)[0, :, 0]  # (H,) bin k = delay k
         if t[r] - H * data.TR <= click < t[r]:
             k = int((t[r] - click) // data.TR)
             assert bins[k] > 0 and (bins > 0).sum() == 1, (r, k, bins)
@@ -62,7 +63,7 @@ def test_stereo_44k_int16_becomes_16k_mono(tmp_path):
 
 def test_pool_frames_bins_are_delays():
     frames = torch.arange(12.0).reshape(1, 12, 1)  # time runs forward
-    out = data.pool_frames(frames, 3)[0, :, 0]
+    out = pool_frames(frames, 3)[0, :, 0]
     assert out.tolist() == [9.5, 5.5, 1.5]  # bin 0 is the most recent audio
 
 
@@ -250,16 +251,16 @@ def test_prepare_shares_windows_between_subjects(demo, tmp_path):
     root = shutil.copytree(demo, tmp_path / "ds")
     os.remove(root / "derivative" / "preprocessed_data" / "UTS02" / "avatar.hf5")  # a story S02 did not hear
     (a, b), shared = data.prepare(str(root), ["S01", "S02"])
-    assert "avatar" in shared["train"].stories and "avatar" not in b["stories"]["train"]
-    assert len(shared["train"]) == len(a["train"]) > len(b["train"])
-    assert b["stories"]["val"] == a["stories"]["val"] and b["stories"]["test"] == a["stories"]["test"]
+    assert "avatar" in shared["train"].stories and "avatar" not in b.stories["train"]
+    assert len(shared["train"]) == len(a.windows["train"]) > len(b.windows["train"])
+    assert b.stories["val"] == a.stories["val"] and b.stories["test"] == a.stories["test"]
     for d in (a, b):
-        for i in range(0, len(d["train"]), 17):  # each subject row's audio is its shared window's audio
-            wave, s, r = d["train"][i]
-            assert torch.equal(wave, shared["train"][int(d["take_train"][i])][0])
-            assert d["row_train"][d["take_train"][i]] == i  # and back: the shared window's row of this subject
-        heard = d["row_train"] >= 0
-        assert heard.sum() == len(d["train"]) and set(d["take_train"].tolist()) == set(torch.nonzero(heard)[:, 0].tolist())
+        for i in range(0, len(d.windows["train"]), 17):  # each subject row's audio is its shared window's audio
+            wave, s, r = d.windows["train"][i]
+            assert torch.equal(wave, shared["train"][int(d.take["train"][i])][0])
+            assert d.row["train"][d.take["train"][i]] == i  # and back: the shared window's row of this subject
+        heard = d.row["train"] >= 0
+        assert heard.sum() == len(d.windows["train"]) and set(d.take["train"].tolist()) == set(torch.nonzero(heard)[:, 0].tolist())
     with pytest.raises(ValueError, match="UTS01 is given twice"):
         data.prepare(str(root), ["S01", "UTS01"])
 
@@ -276,10 +277,10 @@ def test_lanczos_is_the_huth_labs_formula_and_a_low_pass_filter():
         val[t == 0], val[np.abs(t) > window] = 1.0, 0.0
         return val
     want = np.stack([lanczosfun(n - old) for n in new]) @ x
-    np.testing.assert_allclose(data.lanczos(torch.tensor(x), old, new, 2.0).numpy(), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lanczos(torch.tensor(x), old, new, 2.0).numpy(), want, rtol=1e-10, atol=1e-12)
     grid, trs = np.arange(0, 300, 0.1), data.row_times(140, tr=2.0, trim_start=0, sound_start=0.0)
     for hz, survives in ((0.05, True), (0.4, False)):  # the TR's Nyquist frequency is 0.25 Hz
-        y = data.lanczos(torch.tensor(np.sin(2 * np.pi * hz * grid))[:, None], grid, trs, 2.0)[10:-10, 0].numpy()
+        y = lanczos(torch.tensor(np.sin(2 * np.pi * hz * grid))[:, None], grid, trs, 2.0)[10:-10, 0].numpy()
         truth = np.sin(2 * np.pi * hz * trs[10:-10])
         if survives:
             assert np.corrcoef(y, truth)[0, 1] > 0.999
@@ -289,7 +290,7 @@ def test_lanczos_is_the_huth_labs_formula_and_a_low_pass_filter():
 
 def test_delays_shift_whole_rows_with_zeros_before_the_story():
     x = torch.arange(1.0, 13.0).reshape(6, 2)
-    d = data.delayed(x, (1, 2, 3, 4))  # (6, 8)
+    d = delayed(x, (1, 2, 3, 4))  # (6, 8)
     for t in range(6):
         for k, lag in enumerate((1, 2, 3, 4)):
             want = x[t - lag] if t - lag >= 0 else torch.zeros(2)
@@ -301,19 +302,19 @@ def test_a_click_reaches_the_rows_the_stride_lanczos_and_delays_imply(tmp_path, 
     """With a local feature (each frame's energy), a click at c becomes one frame, Lanczos spreads it
     over 3 TRs each way, and the delays put TR r-d into row r: the undelayed peak is at the row
     nearest c, and the first row reached is the first within 2 TRs (plus a stride) before c."""
-    click, hop, p = 61.3, 320, data.PROTOCOLS[protocol]
+    click, hop, p = 61.3, 320, PROTOCOLS[protocol]
     write_story(tmp_path, "story", 150.0, 60, click=click)
     waves = data.load_audio(str(tmp_path), ["story"])
     win = data.Windows(waves, {"story": 60}, ["story"], history=1)
     energy = lambda w: w[:, :w.shape[1] // hop * hop].abs().reshape(len(w), -1, hop).mean(-1, keepdim=True)
-    times, frames = data.stride_frames(energy, waves["story"], hop, p["context"], p["stride"], 64, torch.device("cpu"))
+    times, frames = stride_frames(energy, waves["story"], hop, p["context"], p["stride"], 64, torch.device("cpu"))
     gaps = np.diff(times) * data.SR / hop  # 1 frame apart, or 1.5 where a stride is not whole frames (0.25 s)
     assert set(np.round(gaps, 6)) <= {1.0, 1.5} and times[int(frames[:, 0].argmax())] == pytest.approx(click, abs=0.02)
     t = data.row_times(60)
-    undelayed = data.lanczos(frames - frames.mean(), times, t, data.TR)[:, 0]
+    undelayed = lanczos(frames - frames.mean(), times, t, data.TR)[:, 0]
     assert abs(t[int(undelayed.argmax())] - click) <= data.TR / 2
-    x = data.protocol_features(energy, hop, win, None, p, 64, torch.device("cpu"))
-    x0 = data.protocol_features(lambda w: torch.zeros(len(w), w.shape[1] // hop, 1), hop, win, None, p, 64,
+    x = protocol_features(energy, hop, win, None, p, 64, torch.device("cpu"))
+    x0 = protocol_features(lambda w: torch.zeros(len(w), w.shape[1] // hop, 1), hop, win, None, p, 64,
                                 torch.device("cpu"))
     assert x.shape == (60, 4) and torch.equal(x0, torch.zeros(60, 4))
     silence = x[1, 0]  # row 0's delayed blocks are the zeros before the story; row 1 holds TR 0: silence

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 import data
 import eval as ev
+import ridge
+import synthetic
 import train
-from model import hidden
+from model import hidden, load_backbone, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def test_show_repeats_the_results_with_normalised_r(run):
 def test_export_loads_strictly_and_reproduces_the_tuned_features(run, tmp_path):
     path = ev.export(run, str(tmp_path / "tuned.pt"))
     args, layer, pre, tuned, lw = ev.load_run(run)
-    fresh, _ = train.load_backbone("tiny", seed=123)
+    fresh, _ = load_backbone("tiny", seed=123)
     fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
     x = torch.randn(2, 40000)
     with torch.no_grad():
@@ -83,17 +86,17 @@ def test_stability_equals_numpy(tmp_path):
 
 def test_lowlevel_removes_what_band_energies_explain(run):
     args, layer, pre, tuned, lw = ev.load_run(run)
-    d = train.prepare(args, [args.subject])[0][0]
+    d = ev.load_subject(args, args.subject)
     z = lambda v, ref: (v - ref.mean(0)) / ref.std(0).clamp_min(1e-6)
-    L = {s: ev.mel_features(d[s], args.history, n_mels=8) for s in ("train", "test")}
+    L = {s: ev.mel_features(d.windows[s], args.history, n_mels=8) for s in ("train", "test")}
     L = {s: z(v, L["train"]) for s, v in L.items()}
-    X = ev.split_features(args, layer, pre, None, d)
+    X = ev.features(args, layer, pre, None, d)
     X = {s: z(v, X["train"]) for s, v in X.items()}
     # 20 voxels built to depend only on the low-level features, plus noise
     g = torch.Generator().manual_seed(0)
     w = torch.randn(L["train"].shape[1], 20, generator=g)
     Y = {s: z(L[s] @ w, L["train"] @ w) + torch.randn(len(L[s]), 20, generator=g) for s in L}
-    groups = train.story_folds([len(e) for e in d["train"].ends], args.cv_folds)
+    groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], args.cv_folds)
     full, resid = ev.lowlevel_r(X, L, Y["train"], Y["test"], groups, args.alphas)
     # measured: full r 0.57, without the low-level part -0.03 (a 24-TR test story: r is noisy)
     assert full.mean() > 0.25
@@ -101,7 +104,7 @@ def test_lowlevel_removes_what_band_energies_explain(run):
     res, table = ev.lowlevel(run)  # the whole analysis on the run's own voxels
     assert res["pretrained"]["AC"]["residual_r"] < res["pretrained"]["AC"]["full_r"]
     # the top voxels are chosen by stage-1 cross-validated r on training stories, not by the test r
-    cv = train.load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1].numpy()
+    cv = load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1].numpy()
     top = [k for k in res["sets"] if k.startswith("top")][0]
     assert sorted(res["sets"][top]) == sorted(np.argsort(-cv)[:int(top[3:])].tolist())
     assert set(res["pretrained"]) == set(res["tuned"]) == set(res["sets"])
@@ -110,8 +113,8 @@ def test_lowlevel_removes_what_band_energies_explain(run):
 
 def test_evals_rebuilt_tuned_model_reproduces_the_runs_refit(run):
     args, layer, pre, tuned, lw = ev.load_run(run)
-    d = train.prepare(args, [args.subject])[0][0]
-    with data.no_cache():  # features extracted again from the rebuilt backbone, not read back
+    d = ev.load_subject(args, args.subject)
+    with cache.no_cache():  # features extracted again from the rebuilt backbone, not read back
         refit = ev.fit(args, layer, tuned, lw, d)[4].numpy()
     np.testing.assert_allclose(refit, np.load(os.path.join(run, "voxel_r.npz"))["refit_r"], rtol=1e-4, atol=1e-5)
 
@@ -165,7 +168,7 @@ def test_tuning_on_semantic_voxels_carries_meaning_to_another_subject_and_to_the
     the phone-pretrained tiny on S01's semantic voxels predicts S02's semantic voxels better, and
     word vectors are read better from its features. Measured, training seeds 0 / 1 / 2: transfer
     gain 0.046 / 0.052 / 0.049, probe gain 0.038 / 0.022 / 0.040; thresholds about half of the least."""
-    root = data.make_demo(str(tmp_path / "ds"), n_subjects=2, n_stories=8, n_voxels=500, seconds=100.0,
+    root = synthetic.make_demo(str(tmp_path / "ds"), n_subjects=2, n_stories=8, n_voxels=500, seconds=100.0,
                           snr=(2.0, 10.0))
     run = train.main(["--data", root, "--model", "tiny", "--roi", "semantic", "--lora-rank", "0", "--lr", "3e-3",
                       "--epochs", "10", "--patience", "10", "--out", str(tmp_path / "run")])
@@ -210,11 +213,11 @@ def test_the_layer_profile_forwards_once_and_its_run_layer_is_the_baseline(run, 
             bb.feature_extractor.register_forward_pre_hook(lambda m, inp: forwarded.append(len(inp[0])))
         return out
     monkeypatch.setattr(ev, "load_run", counted)
-    with data.no_cache():  # every layer extracted here, none read from the run's cache
+    with cache.no_cache():  # every layer extracted here, none read from the run's cache
         out, table = ev.profile(run)
     args, layer = real(run)[:2]
-    d = train.prepare(args, [args.subject])[0][0]
-    assert sum(forwarded) == 2 * (len(d["train"]) + len(d["test"]))  # one forward per window and backbone
+    d = ev.load_subject(args, args.subject)
+    assert sum(forwarded) == 2 * (len(d.windows["train"]) + len(d.windows["test"]))  # one forward per window and backbone
     assert set(out) == {"1", "2", "3", "4"} and "tuned" not in out["4"] and "tuned" in out[str(layer)]
     baseline = json.load(open(os.path.join(run, "results.json")))["test"]
     for k, r in out[str(layer)]["pretrained"].items():  # the run's own layer: its stage-1 baseline
@@ -242,28 +245,28 @@ def test_the_bootstrap_interval_equals_numpy_and_sees_a_known_effect():
     rng = np.random.default_rng(0)
     y = rng.standard_normal((53, 6))  # 53 TRs: five blocks of 10 and one of 3
     p = {"a": y + 2.0 * rng.standard_normal(y.shape), "b": y + 0.7 * rng.standard_normal(y.shape)}
-    sums = {m: ev.block_sums(torch.tensor(p[m]), torch.tensor(y), [53], 10) for m in p}
+    sums = {m: ridge.block_sums(torch.tensor(p[m]), torch.tensor(y), [53], 10) for m in p}
     sets_ = {"all": np.arange(6), "two": np.array([1, 4])}
-    got = ev.change_ci(sums["a"], sums["b"], sets_, resamples=200, seed=3)
+    got = ridge.change_ci(sums["a"], sums["b"], sets_, resamples=200, seed=3)
     want = bootstrap_numpy(p, y, 10, sets_, "a", "b", 200, 3)
     for k in sets_:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-9)
     assert got["all"][0] > 0  # b predicts better: the interval excludes zero
-    same = ev.change_ci(sums["a"], sums["a"], sets_, resamples=200)
+    same = ridge.change_ci(sums["a"], sums["a"], sets_, resamples=200)
     assert all(v == [0.0, 0.0] for v in same.values())  # two identical models: [0, 0]
 
 
 def test_block_permutation_p_is_uniform_for_noise_and_small_for_a_real_effect():
     rng = np.random.default_rng(1)
     y = torch.tensor(rng.standard_normal((200, 600)))
-    noise = ev.permutation_p(torch.tensor(rng.standard_normal((200, 600))), y, block=10, permutations=200)
+    noise = ridge.permutation_p(torch.tensor(rng.standard_normal((200, 600))), y, block=10, permutations=200)
     assert abs(noise.mean() - 0.5) < 0.05 and abs((noise < 0.1).double().mean() - 0.1) < 0.04
-    real = ev.permutation_p(y[:, :5] + torch.tensor(rng.standard_normal((200, 5))), y[:, :5], 10, 200)
+    real = ridge.permutation_p(y[:, :5] + torch.tensor(rng.standard_normal((200, 5))), y[:, :5], 10, 200)
     assert (real == 1 / 201).all()
     # Benjamini-Hochberg by hand, m = 4 p-values, thresholds 0.0125, 0.025, 0.0375, 0.05: the largest k
     # with p_(k) <= its threshold and every smaller p pass (step-up), NaN never does
-    assert ev.fdr(np.array([0.001, 0.01, 0.04, 0.5, np.nan])).tolist() == [True, True, False, False, False]
-    assert ev.fdr(np.array([0.03, 0.034, 0.04, 0.045])).tolist() == [True] * 4
+    assert ridge.fdr(np.array([0.001, 0.01, 0.04, 0.5, np.nan])).tolist() == [True, True, False, False, False]
+    assert ridge.fdr(np.array([0.03, 0.034, 0.04, 0.045])).tolist() == [True] * 4
 
 
 def test_significance_counts_voxels_and_keeps_their_p_values(run):

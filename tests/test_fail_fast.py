@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import config
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +111,7 @@ def test_a_resumed_or_moved_run_works_from_anywhere_and_a_broken_one_is_refused(
     shutil.copytree(tmp_path / "run", old)
     kept = {k: v for k, v in cfg["args"].items() if k not in ("tiny_pretrain", "backbone_dropout", "no_cache")}
     (old / "config.json").write_text(json.dumps(dict(cfg, args=kept)))  # a run made before these flags
-    assert train.parse(["--resume", str(old)]).backbone_dropout is None  # today's default, not a KeyError
+    assert config.parse(["--resume", str(old)]).backbone_dropout is None  # today's default, not a KeyError
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
@@ -140,10 +141,10 @@ def test_eval_refuses_each_mistake(ds, tmp_path):
 
 def test_data_refuses_each_mistake(ds, tmp_path):
     cases = [
-        ([sys.executable, "data.py", "demo", ds["demo"]], "already exists"),
-        ([sys.executable, "data.py", "demo", str(tmp_path / "d"), "--voxels", "0"], "--voxels 0: must be at least 3"),
-        ([sys.executable, "data.py", "demo", str(tmp_path / "d"), "--seconds", "5"], "--seconds 5.0: must be at least 30"),
-        ([sys.executable, "data.py", "demo", str(tmp_path / "d"), "--channels", "0"], "--channels 0: must be 1 to 8"),
+        ([sys.executable, "synthetic.py", ds["demo"]], "already exists"),
+        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--voxels", "0"], "--voxels 0: must be at least 3"),
+        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--seconds", "5"], "--seconds 5.0: must be at least 30"),
+        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--channels", "0"], "--channels 0: must be 1 to 8"),
     ]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
     assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "d", tmp_path / "d.tmp"])

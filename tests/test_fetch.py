@@ -1,4 +1,4 @@
-"""data.py fetch against a local HTTP server serving a small tree in ds003020's layout: no test
+"""fetch.py against a local HTTP server serving a small tree in ds003020's layout: no test
 reaches the internet."""
 import http.server
 import json
@@ -12,9 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
+import config
 import data
 import eval as ev
-import train
+import fetch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREE = {  # two subjects who heard different stories; files neither of them needs
@@ -80,7 +81,7 @@ def server():
     s.server_close()
 
 
-MANIFEST = {p: f"{data.OPENNEURO}/{p}?versionId=v1" for p in TREE}
+MANIFEST = {p: f"{fetch.OPENNEURO}/{p}?versionId=v1" for p in TREE}
 
 
 def test_fetch_gets_exactly_what_braintune_reads_and_resumes(server, tmp_path):
@@ -88,10 +89,10 @@ def test_fetch_gets_exactly_what_braintune_reads_and_resumes(server, tmp_path):
     server.cut.add("stimuli/b.wav")
     with pytest.raises(ValueError, match=r"stimuli/b.wav: the transfer stopped at 2050 of 4100 bytes; 6 of 7 files "
                                          r"are complete, run the same command again to resume"):
-        data.fetch(str(out), ["S01"], manifest=MANIFEST, base_url=server.url)
+        fetch.fetch(str(out), ["S01"], manifest=MANIFEST, base_url=server.url)
     assert not (out / "stimuli" / "b.wav").exists() and (out / "stimuli" / "b.wav.part").stat().st_size == 2050
     server.requests.clear()
-    data.fetch(str(out), ["UTS01"], manifest=MANIFEST, base_url=server.url)
+    fetch.fetch(str(out), ["UTS01"], manifest=MANIFEST, base_url=server.url)
     gets = [(p, r) for c, p, r in server.requests if c == "GET"]
     assert gets == [("stimuli/b.wav", "bytes=2050-")]  # only the rest of the cut file
     want = ["derivative/TextGrids/a.TextGrid", "derivative/TextGrids/b.TextGrid", "derivative/english1000sm.hf5",
@@ -100,9 +101,9 @@ def test_fetch_gets_exactly_what_braintune_reads_and_resumes(server, tmp_path):
     got = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
     assert got == sorted(want) and all((out / p).read_bytes() == server.files[p] for p in want)
     server.requests.clear()
-    data.fetch(str(out), ["UTS01"], manifest=MANIFEST, base_url=server.url)  # a second run downloads nothing
+    fetch.fetch(str(out), ["UTS01"], manifest=MANIFEST, base_url=server.url)  # a second run downloads nothing
     assert {c for c, _, _ in server.requests} == {"HEAD"} and {p for _, p, _ in server.requests} == set(want)
-    data.fetch(str(out), ["UTS01"], pycortex=True, manifest=MANIFEST, base_url=server.url)
+    fetch.fetch(str(out), ["UTS01"], pycortex=True, manifest=MANIFEST, base_url=server.url)
     assert (out / "derivative/pycortex-db/UTS01/transforms/UTS01_auto/mask_thick.nii.gz").exists()
     assert not (out / "derivative/pycortex-db/UTS02").exists()
 
@@ -111,40 +112,40 @@ def test_fetch_errors_name_the_file_and_leave_no_half_file(server, tmp_path):
     out = str(tmp_path / "ds")
     server.lie.add("stimuli/a.wav")  # announces 7 bytes fewer than it sends
     with pytest.raises(ValueError, match=r"stimuli/a.wav: the transfer stopped at 4000 of 4007 bytes"):
-        data.fetch(out, ["UTS01"], manifest=MANIFEST, base_url=server.url)
+        fetch.fetch(out, ["UTS01"], manifest=MANIFEST, base_url=server.url)
     assert not os.path.exists(os.path.join(out, "stimuli", "a.wav"))
     server.lie.clear()
     server.gone.add("derivative/TextGrids/b.TextGrid")
     with pytest.raises(ValueError, match=r"derivative/TextGrids/b.TextGrid: HTTP 404"):
-        data.fetch(out, ["UTS01"], manifest=MANIFEST, base_url=server.url)
+        fetch.fetch(out, ["UTS01"], manifest=MANIFEST, base_url=server.url)
     with pytest.raises(ValueError, match=r"--subject UTS09: not a subject of ds003020; they are UTS01, .*UTS08"):
-        data.fetch(out, ["UTS09"], manifest=MANIFEST, base_url=server.url)
+        fetch.fetch(out, ["UTS09"], manifest=MANIFEST, base_url=server.url)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ValueError, match=r"mine: already holds notes.txt"):
-        data.fetch(str(tmp_path / "mine"), ["UTS01"], manifest=MANIFEST, base_url=server.url)
+        fetch.fetch(str(tmp_path / "mine"), ["UTS01"], manifest=MANIFEST, base_url=server.url)
     port = server.server_address[1]
     server.shutdown()
     server.server_close()
-    down = subprocess.run([sys.executable, "data.py", "fetch", "ds003020", "--out", str(tmp_path / "new"), "--base-url",
+    down = subprocess.run([sys.executable, "fetch.py", "ds003020", "--out", str(tmp_path / "new"), "--base-url",
                            f"http://127.0.0.1:{port}/ds003020"], cwd=ROOT, capture_output=True, text=True)
     assert down.returncode != 0 and "Traceback" not in down.stderr
     assert down.stderr.strip().startswith("error: cannot reach http://127.0.0.1") and "run the same command again" in down.stderr
 
 
 def test_the_shipped_manifest_has_every_story_the_recipes_and_defaults_name():
-    manifest = json.load(open(data.MANIFEST))
-    assert len(manifest) == 771 and all(u.startswith(data.OPENNEURO + "/") and "versionId=" in u for u in manifest.values())
+    manifest = json.load(open(fetch.MANIFEST))
+    assert len(manifest) == 771 and all(u.startswith(fetch.OPENNEURO + "/") and "versionId=" in u for u in manifest.values())
     stories = lambda s: {p.rsplit("/", 1)[1][:-4] for p in manifest if p.startswith(f"derivative/preprocessed_data/{s}/")}
     named = {data.TEST_STORY, "stagefright"}  # the defaults
-    for recipe in train.RECIPES.values():
+    for recipe in config.RECIPES.values():
         named |= set(recipe.get("val_stories", "").split(",")) - {""}
     for s in ("UTS01", "UTS02", "UTS03"):
         assert named <= stories(s), named - stories(s)
     for s in ("UTS04", "UTS05", "UTS06", "UTS07", "UTS08"):
         assert {data.TEST_STORY, "stagefright"} <= stories(s)
-    for s in data.REAL_SUBJECTS:  # every story a subject heard comes with its audio and its TextGrid
-        got = data.fetch_list(manifest, [s])
+    for s in fetch.REAL_SUBJECTS:  # every story a subject heard comes with its audio and its TextGrid
+        got = fetch.fetch_list(manifest, [s])
         assert len(got) == 1 + 3 * len(stories(s)) and all(f"derivative/TextGrids/{t}.TextGrid" in got for t in stories(s))
 
 

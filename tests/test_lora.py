@@ -5,7 +5,7 @@ import torch
 from torchaudio.models import wav2vec2_model, wavlm_model
 
 import lora
-from train import TINY
+from model import TINY
 
 W2V = {k: v for k, v in TINY.items() if k not in ("encoder_num_buckets", "encoder_max_distance")}
 FAMILIES = {  # small random models of each family, built by the functions the real bundles use

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 import eval as ev
+import ridge
 import train
+from model import load_backbone, load_checkpoint, make_head, pretrain_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +24,7 @@ def ridge_np(X, Y, lam):
 def test_fit_ridge_one_lambda_is_the_closed_form():
     rng = np.random.default_rng(0)
     X, Y = rng.standard_normal((120, 30)), rng.standard_normal((120, 7))
-    W, best = train.fit_ridge(torch.tensor(X), torch.tensor(Y), [3.0], np.repeat(np.arange(4), 30))
+    W, best = ridge.fit_ridge(torch.tensor(X), torch.tensor(Y), [3.0], np.repeat(np.arange(4), 30))
     np.testing.assert_allclose(W.numpy(), ridge_np(X, Y, 3.0), rtol=1e-4, atol=1e-8)
     assert best.tolist() == [3.0] * 7
 
@@ -35,7 +38,7 @@ def test_fit_ridge_picks_each_voxels_lambda_by_whole_group_folds():
     Y = X @ W_true + noise * rng.standard_normal((n, 6))
     groups = np.repeat([3, 0, 2, 1], 40)
     alphas = np.logspace(-2, 4, 7)
-    W, best = train.fit_ridge(torch.tensor(X), torch.tensor(Y), alphas, groups)
+    W, best = ridge.fit_ridge(torch.tensor(X), torch.tensor(Y), alphas, groups)
     # the oracle: numpy, each group held out in turn
     score = np.zeros((len(alphas), 6))
     for g in np.unique(groups):
@@ -54,9 +57,9 @@ def test_pearson_equals_corrcoef():
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((50, 5)), rng.standard_normal((50, 5))
     b[:, 0] += 2 * a[:, 0]
-    r = train.pearson(torch.tensor(a), torch.tensor(b)).numpy()
+    r = ridge.pearson(torch.tensor(a), torch.tensor(b)).numpy()
     np.testing.assert_allclose(r, [np.corrcoef(a[:, v], b[:, v])[0, 1] for v in range(5)], rtol=1e-10)
-    assert train.pearson(torch.ones(10, 1), torch.randn(10, 1)).item() == 0.0
+    assert ridge.pearson(torch.ones(10, 1), torch.randn(10, 1)).item() == 0.0
 
 
 def test_stage1_on_synthetic_tiny(demo, tmp_path):
@@ -76,21 +79,21 @@ def test_stage1_on_synthetic_tiny(demo, tmp_path):
 
 
 def test_weights_flag_loads_and_reports_bad_files(tmp_path):
-    model, _ = train.load_backbone("tiny", seed=3)
+    model, _ = load_backbone("tiny", seed=3)
     path = str(tmp_path / "w.pt")
     torch.save(model.state_dict(), path)
-    loaded, _ = train.load_backbone("tiny", weights=path, seed=0)
+    loaded, _ = load_backbone("tiny", weights=path, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(ValueError, match="nope.pt: no such file"):
-        train.load_backbone("tiny", weights=str(tmp_path / "nope.pt"))
+        load_backbone("tiny", weights=str(tmp_path / "nope.pt"))
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.pt: not a readable PyTorch checkpoint"):
-        train.load_backbone("tiny", weights=str(tmp_path / "bad.pt"))
+        load_backbone("tiny", weights=str(tmp_path / "bad.pt"))
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt: the weights do not fit the tiny architecture"):
-        train.load_backbone("tiny", weights=str(tmp_path / "other.pt"))
+        load_backbone("tiny", weights=str(tmp_path / "other.pt"))
     with pytest.raises(ValueError, match="unknown model 'gpt2'"):
-        train.load_backbone("gpt2")
+        load_backbone("gpt2")
 
 
 def quick(demo, out, *extra):
@@ -134,7 +137,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(demo, tmp_path, mon
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(SystemExit):
         train.main(quick(demo, tmp_path / "r", "--epochs", "2"))
-    ckpt = train.load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))
+    ckpt = load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))
     assert ckpt["state"]["epoch"] == 1
 
 
@@ -161,7 +164,7 @@ def test_main_job_tunes_the_backbone_and_keeps_the_model_sound(demo, tmp_path):
     run = train.main(quick(demo, tmp_path / "r", "--epochs", "3", "--lr", "1e-2"))
     m = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     assert m[0]["train_loss"] > m[1]["train_loss"] > m[2]["train_loss"]
-    trained = train.load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
+    trained = load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
     assert all(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at 0
     r = np.load(os.path.join(run, "voxel_r.npz"))
     assert np.corrcoef(r["baseline_r"], r["refit_r"])[0, 1] > 0.9
@@ -201,7 +204,7 @@ def test_accumulated_batches_equal_one_large_batch(demo, tmp_path):
     # batches of 20 whose last has 16: the same windows, the same mean gradients
     small = train.main(quick(demo, tmp_path / "a", "--epochs", "1", "--batch-size", "4", "--accum", "5"))
     large = train.main(quick(demo, tmp_path / "b", "--epochs", "1", "--batch-size", "20"))
-    a, b = (train.load_checkpoint(os.path.join(r, "adapter.pt"))["trainable"] for r in (small, large))
+    a, b = (load_checkpoint(os.path.join(r, "adapter.pt"))["trainable"] for r in (small, large))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
@@ -218,35 +221,35 @@ def test_l2_shrinks_the_head(demo, tmp_path):
     norm = {}
     for l2 in ("0", "1"):
         run = train.main(quick(demo, tmp_path / l2, "--epochs", "1", "--head-lr", "1e-2", "--l2", l2))
-        norm[l2] = train.load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]["heads.0.weight"].norm()
+        norm[l2] = load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]["heads.0.weight"].norm()
     assert norm["1"] < 0.9 * norm["0"]
 
 
-@pytest.mark.parametrize("recipe", sorted(train.RECIPES))
+@pytest.mark.parametrize("recipe", sorted(config.RECIPES))
 def test_each_recipe_sets_its_flags_and_the_command_line_wins(recipe):
-    args = train.parse(["--recipe", recipe, "--data", "somewhere"])
-    for k, v in train.RECIPES[recipe].items():
+    args = config.parse(["--recipe", recipe, "--data", "somewhere"])
+    for k, v in config.RECIPES[recipe].items():
         assert getattr(args, k) == (v.split(",") if k.endswith("_stories") else v), k
-    assert train.parse(["--recipe", recipe, "--data", "somewhere", "--lr", "0.123"]).lr == 0.123
+    assert config.parse(["--recipe", recipe, "--data", "somewhere", "--lr", "0.123"]).lr == 0.123
 
 
 def test_the_ridge_runs_in_full_float32_whatever_training_uses(monkeypatch):
     seen, real = [], torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(a))
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    train.fit_ridge(torch.randn(40, 5), torch.randn(40, 3), [1.0], np.repeat(np.arange(2), 20))
+    ridge.fit_ridge(torch.randn(40, 5), torch.randn(40, 3), [1.0], np.repeat(np.arange(2), 20))
     assert seen and not any(seen)  # TF32 off while it runs
     assert torch.backends.cuda.matmul.allow_tf32  # and the run's own setting back afterwards
 
 
 def test_bottleneck_head_is_the_best_rank_k_approximation():
     W = torch.randn(40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    head = train.make_head(W.float(), bottleneck=5)
+    head = make_head(W.float(), bottleneck=5)
     got = (head[1].weight @ head[0].weight).T.double().detach()  # (p, v), as W
     U, s, Vh = np.linalg.svd(W.numpy(), full_matrices=False)
     want = (U[:, :5] * s[:5]) @ Vh[:5]
     np.testing.assert_allclose(got.numpy(), want, atol=1e-4)  # a float32 SVD
-    full = train.make_head(W.float())
+    full = make_head(W.float())
     x = torch.randn(3, 40)
     torch.testing.assert_close(full(x).detach(), x @ W.float())
 
@@ -273,12 +276,12 @@ def test_failed_bundle_download_names_file_cache_and_flag(monkeypatch, tmp_path)
     monkeypatch.setattr(type(torchaudio.pipelines.WAVLM_BASE_PLUS), "_get_state_dict", lambda self, kw: offline(kw))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(ValueError, match=r"wavlm_base_plus.pth is not in .*checkpoints .*--weights PATH"):
-        train.load_backbone("wavlm_base_plus")
+        load_backbone("wavlm_base_plus")
 
 
 def count_windows(monkeypatch):
     """Counts the windows that go through the backbone's CNN, over every forward of a run."""
-    seen, real = [], train.load_backbone
+    seen, real = [], load_backbone
 
     def counted(*a, **k):
         model, normalize = real(*a, **k)
@@ -303,7 +306,7 @@ def test_two_subjects_share_each_window_and_keep_their_own_heads(demo, tmp_path,
     assert res["subjects"]["UTS01"]["test"]["all"]["baseline_r"] == pytest.approx(alone, abs=1e-6)
     r = np.load(os.path.join(two, "voxel_r.npz"))
     assert {"UTS01.baseline_r", "UTS02.refit_r", "UTS02.tuned_r"} <= set(r.files)
-    heads = train.load_checkpoint(os.path.join(two, "adapter.pt"))["trainable"]
+    heads = load_checkpoint(os.path.join(two, "adapter.pt"))["trainable"]
     assert heads["heads.0.weight"].shape[0] == heads["heads.1.weight"].shape[0] == 90
     m = json.loads(open(os.path.join(two, "metrics.jsonl")).readline())
     assert m["val_r"] == pytest.approx(np.mean(list(m["val_r_subjects"].values())))
@@ -322,8 +325,8 @@ def test_a_subjects_missing_story_names_subject_and_story(demo, tmp_path):
 def test_backbone_dropout_replaces_the_bundles_own():
     import torchaudio
     state = torchaudio.models.wav2vec2_model(**torchaudio.pipelines.HUBERT_BASE._params).state_dict()
-    keep, _ = train.load_backbone("hubert_base", weights=state)
-    off, _ = train.load_backbone("hubert_base", weights=state, dropout=0.0)
+    keep, _ = load_backbone("hubert_base", weights=state)
+    off, _ = load_backbone("hubert_base", weights=state, dropout=0.0)
     p = lambda m: sorted({x.p for x in m.modules() if isinstance(x, torch.nn.Dropout)} |
                          {m.encoder.transformer.layers[0].attention.dropout})
     assert p(keep) == [0.0, 0.1] and p(off) == [0.0]  # the bundle's: 0.1 (its ff dropout is 0)
@@ -341,10 +344,10 @@ def test_keep_freed_memory_keeps_a_large_freed_tensor():
 
 def test_tiny_pretraining_learns_to_name_phones(demo):
     audio = data.load_audio(demo, data.splits(demo, "UTS01")[0])
-    _, first = train.pretrain_tiny(demo, audio, epochs=1)
-    state, last = train.pretrain_tiny(demo, audio, epochs=4)
+    _, first = pretrain_tiny(demo, audio, epochs=1)
+    state, last = pretrain_tiny(demo, audio, epochs=4)
     assert last > 0.5 and last > first + 0.15  # measured: 0.32 after one epoch (pauses are ~0.3), 0.61 after four
-    model, _ = train.load_backbone("tiny", state)  # loads strictly into the tiny architecture
+    model, _ = load_backbone("tiny", state)  # loads strictly into the tiny architecture
     assert torch.equal(model.state_dict()["encoder.feature_projection.projection.weight"],
                        state["encoder.feature_projection.projection.weight"])
 
@@ -358,11 +361,11 @@ def test_a_papers_protocol_scores_the_baseline_and_the_refit_while_the_windows_t
     assert res["protocol"] == {"name": "brainwavlm", "history": 6, "context": 1.0, "stride": 0.5, "delays": [1, 2, 3, 4],
                                "test_skip": 4}
     assert res["test"]["all"]["baseline_r"] != pytest.approx(win["test"]["all"]["baseline_r"], abs=1e-3)
-    mu, sd, fits, scored = train.load_checkpoint(os.path.join(run, "stage1.pt"))
+    mu, sd, fits, scored = load_checkpoint(os.path.join(run, "stage1.pt"))
     assert scored[0][0].shape[0] == 4 * 64  # the protocol's ridge: 4 delays of tiny's 64 dimensions
     assert fits[0][0].shape[0] == 6 * 64  # the head's: the windows' 6 TR bins
     assert int(scored[0][3][1].sum()) == 24 - 4  # the test story's rows from 4 on
-    a, b = (train.load_checkpoint(os.path.join(r, "adapter.pt"))["trainable"] for r in (run, windows))
+    a, b = (load_checkpoint(os.path.join(r, "adapter.pt"))["trainable"] for r in (run, windows))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the training is the windows', whatever scores it
     table = ev.show(run)
     assert table.splitlines()[0].startswith("protocol brainwavlm: 1 s heard before each 0.5 s stride")

@@ -1,0 +1,231 @@
+"""
+The flags of train.py: each with its help, the papers' recipes that set their defaults, and the
+checks that refuse a bad flag, alone, against the others and against the dataset's listings and
+file headers, before any costly work (one sentence naming the flag, and nothing written).
+
+    args = parse(["--subject", "S01", "--roi", "all"])    # checked alone and against each other
+    check(args)                                            # and against the dataset
+"""
+import argparse
+import json
+import os
+import re
+
+import numpy as np
+import torch
+import torchaudio
+
+import cache
+import data
+import synthetic
+from model import BUNDLES, PROTOCOLS, TINY
+
+RECIPES = {  # the papers' values (README, "Recipes"); every value can still be overridden on the command line
+    # the laptop demo (the default with the tiny model): a small model needs larger steps
+    "demo": dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="qkvo", lr=1e-2, head_lr=1e-4,
+                 epochs=8, patience=8),
+    "li2024": dict(model="wav2vec2_base", layer="weighted", history=6, lora_rank=0, loss="mse", l2=1e-4,
+                   lr=1e-5, head_lr=1e-4),
+    "moussa2025": dict(model="hubert_base", layer="12", history=5, lora_rank=0, loss="mse", l2=0.0, lr=5e-5,
+                       head_lr=1e-4, batch_size=128, epochs=30, warmup=5, val_stories="stagefright",
+                       protocol="moussa2025"),
+    "brainwavlm": dict(model="wavlm_base_plus", layer="9", history=4, lora_rank=4, lora_alpha=4.0,
+                       lora_dropout=0.1, lora_targets="qkv", loss="corr", lr=1e-4, head_lr=1e-4, epochs=20,
+                       bottleneck=100, val_stories="fromboyhoodtofatherhood,stagefright", protocol="brainwavlm"),
+}
+WORLD = int(os.environ.get("WORLD_SIZE", 1))  # processes (torchrun)
+
+
+def parser():
+    p = argparse.ArgumentParser(description="Brain-tuning of a speech model on fMRI responses to stories.")
+    a = p.add_argument
+    a("--subject", default="S01", help="subject, e.g. S01 or UTS01; several, comma-separated (S01,S02,S03), "
+                                       "tune one backbone with a head for each")
+    a("--roi", default="all", help="voxels to train on: all, an ROI name, a .npy file, or topN (stage-1 cv r)")
+    a("--data", default=None, help="dataset folder (ds003020 layout); default: the synthetic one, made if absent")
+    a("--recipe", choices=sorted(RECIPES), help="set the defaults to one paper's recipe (see README)")
+    a("--model", default=None, help=f"tiny or {', '.join(BUNDLES)}; default tiny on synthetic data, "
+                                    "wavlm_base_plus on a real dataset")
+    a("--weights", default=None, help="local state dict for --model instead of the torchaudio download")
+    a("--tiny-pretrain", type=int, default=4, help="epochs of tiny's phone pretraining on the training stories "
+                                                   "(its stand-in for self-supervised pretraining); 0: random")
+    a("--layer", default=None, help="transformer layer read (1-based; default 3/4 of the depth, 9 of 12) "
+                                    "or 'weighted' (learned weighted sum of all layers, Li et al.)")
+    a("--history", type=int, default=6, help="TRs of audio before each fMRI frame (Li et al.: 6)")
+    a("--tr", type=float, default=data.TR, help="seconds per fMRI frame")
+    a("--trim-start", type=int, default=data.TRIM_START, help="TRs dropped at the start of each run")
+    a("--sound-start", type=float, default=data.SOUND_START, help="seconds from run start to audio start")
+    a("--test-stories", default=None, help="comma-separated test stories (default: wheretheressmoke)")
+    a("--val-stories", default=None, help="comma-separated validation stories (default: stagefright when "
+                                          "present, else the last training story)")
+    a("--protocol", choices=sorted(PROTOCOLS), default="windows", help="the features that stage 1's baseline, "
+      "the refit and eval.py's fits are scored with: windows (the training input) or a paper's (moussa2025, "
+      "brainwavlm: a sliding context, Lanczos to the TRs, delays 1-4)")
+    a("--context", type=float, default=None, help="seconds heard before each stride (moussa2025 16, brainwavlm 3.75)")
+    a("--stride", type=float, default=None, help="seconds between the ends of the feature windows (0.1, 0.25)")
+    a("--delays", default=None, help="TR delays of the protocol's features, comma-separated (the papers: 1,2,3,4)")
+    a("--test-skip", type=int, default=None, help="rows left out of each test story's score at its start "
+                                                 "(the papers: 40; windows: 0)")
+    a("--block", type=int, default=10, help="TRs per block of the test story's bootstrap (the change's interval)")
+    a("--cv-folds", type=int, default=None, help="ridge cross-validation folds, each a group of whole stories "
+                                                  "(default 5, or one per training story if there are fewer)")
+    a("--alphas", default="1e-1,1e8,19", help="ridge lambda grid: first,last,count (log-spaced)")
+    a("--bottleneck", type=int, default=0, help="head through K units, initialised by rank-K ridge weights")
+    a("--lora-rank", type=int, default=4, help="LoRA rank (BrainWavLM: 4); 0 = tune the whole transformer")
+    a("--lora-alpha", type=float, default=4.0, help="LoRA alpha; scaling = alpha / rank (BrainWavLM: 4)")
+    a("--lora-dropout", type=float, default=0.1, help="dropout on the adapters' input (BrainWavLM: 0.1)")
+    a("--lora-targets", default="qkv", help="projections to adapt, letters of qkvo (BrainWavLM: qkv)")
+    a("--backbone-dropout", type=float, default=None, help="the backbone's own dropout (attention, hidden, "
+      "projection) in stage 2; default the bundle's (0.1; tiny 0); 0 makes a CPU step about 1.3x faster (bench.py)")
+    a("--loss", choices=["mse", "corr"], default="mse", help="mse (Li et al.) or corr (BrainWavLM)")
+    a("--l2", type=float, default=0.0, help="L2 penalty on the head's weights (Li et al.)")
+    a("--lr", type=float, default=1e-4, help="learning rate of the adapters (or the transformer)")
+    a("--head-lr", type=float, default=1e-4, help="learning rate of the head")
+    a("--warmup", type=float, default=1.0, help="epochs of linear learning-rate warm-up")
+    a("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    a("--batch-size", type=int, default=16, help="windows per optimiser step (global, across processes)")
+    a("--accum", type=int, default=1, help="batches accumulated per optimiser step")
+    a("--epochs", type=int, default=20, help="stage-2 epochs; 0 stops after stage 1 (the baseline)")
+    a("--patience", type=int, default=3, help="stop after this many epochs without a better validation r")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda when available")
+    a("--seed", type=int, default=0, help="random seed")
+    a("--out", default=None, help="run folder (default runs/<subject>_<roi>_<model>_<time>)")
+    a("--resume", default=None, help="continue the run in this folder from its last finished epoch")
+    a("--force", action="store_true", help="overwrite an existing run folder")
+    a("--no-cache", action="store_true", help="keep nothing in $BRAINTUNE_CACHE (default .cache): responses, "
+                                              "audio, features and stage-1 fits are made again and deleted at exit")
+    return p
+
+
+def parse(argv=None):
+    """The flags, each checked alone and against the others (not yet against the dataset: check())."""
+    p = parser()
+    first = p.parse_args(argv)
+    if first.resume:
+        cfg = os.path.join(first.resume, "config.json")
+        try:
+            with open(cfg) as f:
+                saved = json.load(f)["args"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--resume {first.resume}: {cfg} is not the config of a run ({type(e).__name__}); "
+                             "--resume takes the folder of an earlier run") from None
+        if not {"data", "subject", "model", "roi"} <= set(saved):
+            raise ValueError(f"--resume {first.resume}: {cfg} lacks the run's data, subject, model or roi")
+        args = argparse.Namespace(**dict(vars(p.parse_args([])), **saved))  # flags newer than the run: defaults
+        args.resume, args.force = first.resume, False
+        return args
+    if first.recipe is None and (first.model == "tiny" or (first.model is None and first.data is None)):
+        first.recipe = "demo"
+    if first.recipe:
+        p.set_defaults(**RECIPES[first.recipe], recipe=first.recipe)
+    args = p.parse_args(argv)
+    args.synthetic = args.data is None
+    args.data = os.path.abspath(args.data or os.path.join(cache.cache_root(), synthetic.SYNTHETIC))  # works from anywhere
+    args.model = args.model or ("tiny" if args.synthetic else "wavlm_base_plus")
+    for k in ("test_stories", "val_stories"):
+        setattr(args, k, getattr(args, k).split(",") if isinstance(getattr(args, k), str) else getattr(args, k))
+    settle(args)
+    check_ranges(args)
+    return args
+
+
+def settle(args):
+    """--alphas, --model, --layer, --roi and the protocol's settings, checked and resolved in place."""
+    try:
+        lo, hi, n = (float(x) for x in args.alphas.split(","))
+        assert 0 < lo <= hi and n >= 1 and n == int(n)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--alphas {args.alphas}: expected first,last,count with 0 < first <= last, e.g. 1e-1,1e8,19") from None
+    args.alphas = np.logspace(np.log10(lo), np.log10(hi), int(n)).tolist()
+    if args.model != "tiny" and args.model not in BUNDLES:
+        raise ValueError(f"--model {args.model}: unknown; choose tiny or one of {', '.join(BUNDLES)}")
+    depth = (TINY if args.model == "tiny" else getattr(torchaudio.pipelines, BUNDLES[args.model])._params)["encoder_num_layers"]
+    if args.layer not in (None, "weighted") and not (args.layer.isdigit() and 1 <= int(args.layer) <= depth):
+        raise ValueError(f"--layer {args.layer}: {args.model} has layers 1..{depth} (or 'weighted')")
+    m = re.fullmatch(r"top(\d+)", args.roi)
+    if args.roi.startswith("top") and not (m and int(m[1]) >= 1):
+        raise ValueError(f"--roi {args.roi}: expected topN with a whole number N >= 1, all, an ROI name or a .npy file")
+    if "," in args.subject and args.roi.endswith(".npy"):
+        raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with several subjects "
+                         "use all, topN or an ROI name found in each subject's ROI file")
+    given = {k: getattr(args, k) for k in ("context", "stride", "delays", "test_skip") if getattr(args, k) is not None}
+    if args.protocol == "windows" and set(given) - {"test_skip"}:
+        raise ValueError(f"--{sorted(set(given) - {'test_skip'})[0]}: a setting of moussa2025 or brainwavlm, not of "
+                         "--protocol windows")
+    try:
+        protocol = dict(PROTOCOLS[args.protocol], **given)
+        protocol["delays"] = [int(x) for x in str(protocol["delays"]).strip("()[]").split(",") if x.strip()]
+        assert all(x >= 0 for x in protocol["delays"]) and (protocol["delays"] or args.protocol == "windows")
+    except (ValueError, AssertionError):
+        raise ValueError(f"--delays {args.delays}: expected TR delays, comma-separated (e.g. 1,2,3,4)") from None
+    args.context, args.stride, args.delays, args.test_skip = (protocol.get(k) for k in ("context", "stride", "delays",
+                                                                                         "test_skip"))
+
+
+def check_ranges(args):
+    """Every number in its range, --weights there, --device on this machine."""
+    if args.weights and not os.path.isfile(args.weights):
+        raise ValueError(f"--weights {args.weights}: no such file")
+    for flag, ok, want in (
+            ("--history", args.history >= 1, "at least 1"), ("--tr", args.tr > 0, "positive"),
+            ("--trim-start", args.trim_start >= 0, "0 or more"), ("--block", args.block >= 1, "at least 1"),
+            ("--context", (args.context or 0) >= 0, "0 or more"), ("--stride", args.stride is None or args.stride > 0,
+                                                                    "positive"), ("--test-skip", args.test_skip >= 0, "0 or more"), ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
+            ("--bottleneck", args.bottleneck >= 0, "0 (none) or more"), ("--lora-rank", args.lora_rank >= 0, "0 or more"),
+            ("--lora-alpha", args.lora_alpha > 0, "positive"), ("--lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
+            ("--lora-targets", set(args.lora_targets) <= set("qkvo") and args.lora_targets, "letters of qkvo"),
+            ("--backbone-dropout", args.backbone_dropout is None or 0 <= args.backbone_dropout < 1, "in [0, 1)"),
+            ("--l2", args.l2 >= 0, "0 or more"), ("--lr", args.lr > 0, "positive"), ("--head-lr", args.head_lr > 0, "positive"),
+            ("--warmup", args.warmup >= 0, "0 or more"), ("--clip", args.clip > 0, "positive"),
+            ("--batch-size", args.batch_size >= WORLD, f"at least the number of processes, {WORLD}"),
+            ("--accum", args.accum >= 1, "at least 1"), ("--epochs", args.epochs >= 0, "0 or more"),
+            ("--patience", args.patience >= 1, "at least 1"), ("--tiny-pretrain", args.tiny_pretrain >= 0, "0 or more")):
+        if not ok:
+            raise ValueError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {want}")
+    if args.device:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device}: not a device; try cpu, cuda or cuda:1") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             "use --device cpu")
+
+
+def check(args):
+    """The flags against the dataset, from listings and headers alone (data.check) and each subject's
+    ROI file, before anything is loaded. Returns data.check's {subject: (voxels, splits)}."""
+    found = data.check(args.data, args.subject.split(","), args.test_stories, args.val_stories, args.cv_folds,
+                       tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
+    n_train = min(len(train) for _, (_, (train, _, _)) in found.items())
+    args.cv_folds = args.cv_folds or min(5, n_train)  # the default: 5 folds, or one per training story
+    if args.cv_folds < 2:
+        raise ValueError(f"{args.data}: ridge's cross-validation needs two training stories or more; there is one")
+    for subj, (voxels, (train, _, test)) in found.items():
+        for s in test:
+            with data.open_hf5(data.response_path(args.data, subj, s)) as f:
+                if f["data"].shape[0] <= (args.test_skip or 0):
+                    raise ValueError(f"--test-skip {args.test_skip}: the test story {s!r} of {subj} has "
+                                     f"{f['data'].shape[0]} rows")
+        if args.roi.startswith("top") and int(args.roi[3:]) > voxels:
+            raise ValueError(f"--roi {args.roi}: {subj} has {voxels} voxels")
+        if not args.roi.startswith("top"):
+            data.load_roi(args.data, subj, args.roi, voxels)
+        if args.model == "tiny" and args.weights is None and args.tiny_pretrain > 0:
+            for s in train:
+                if not os.path.isfile(data.textgrid_path(args.data, s)):
+                    raise ValueError(f"{data.textgrid_path(args.data, s)}: no such file; tiny's phone pretraining "
+                                     "reads the training stories' TextGrids (--tiny-pretrain 0 uses random weights, "
+                                     "--weights PATH your own)")
+    return found
+
+
+def protocol(args):
+    """What scores a run's baseline and refit (--protocol and its settings), as results.json records it."""
+    return dict(name=args.protocol, history=args.history, context=args.context, stride=args.stride,
+                delays=args.delays or [], test_skip=args.test_skip or 0)
+
+
+def scoring(args):
+    """The paper's protocol for the features (model.split_features), or None for the windows."""
+    return dict(context=args.context, stride=args.stride, delays=args.delays) if args.protocol != "windows" else None

@@ -1,0 +1,256 @@
+"""
+Ridge regression and the statistics that the results report: the encoding model's per-voxel fit
+(closed form, a lambda per voxel chosen by cross-validation over whole stories), stage 1 of a
+subject, the voxel sets, Pearson r, the block bootstrap of the change between two models, the block
+permutation test and the false discovery rate, and the results table.
+
+    W, lambdas = fit_ridge(X, Y, alphas, story_folds([len(s) for s in stories], 5))   # (p, voxels)
+"""
+import functools
+import time
+
+import numpy as np
+import torch
+
+from cache import cached, log, progress
+
+# -----------------------------------------------------------------------------
+# the ridge
+
+def pearson(a, b):
+    """Per-column Pearson r of (n, v) tensors; a constant column gives 0, not NaN."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-12)
+
+
+def full_float32(fn):
+    """fn with TF32 off for CUDA matmuls, whatever the rest of the run uses: a 10-bit mantissa would
+    move the lambdas that cross-validation chooses and the weights."""
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return fn(*a, **k)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return wrapped
+
+
+@full_float32
+def fit_ridge(X, Y, alphas, groups, voxel_batch=None, return_cv=False):
+    """Ridge ||XW - Y||^2 + lambda ||W||^2 with its own lambda per voxel, chosen by cross-validation.
+
+    X (n, p) on the device that does the work; Y (n, v) a tensor or a data.Responses, read one batch
+    of voxels at a time (about 256 MB), each sent to X's device in turn. alphas are lambdas (the Huth
+    lab's bootstrap_ridge squares its alpha: its alpha a is lambda = a**2 here); groups (n,) fold
+    labels, each held out once (whole stories). Each voxel takes the lambda with the best mean
+    held-out r (ties: the larger lambda), then W is refit on all rows. No intercept: inputs are
+    z-scored. Returns W (p, v), best lambdas (v,) and, with return_cv, each voxel's cross-validated r
+    at its lambda (v,), on the CPU.
+
+    Each fold's training Gram matrix X'X = V diag(e) V' (float64) gives every lambda's weights as
+    V B with B = diag(1 / (e + lambda)) V'X'Y. The held-out r needs no prediction: with Xc the
+    fold's centred rows in V's basis, cov = sum(B * Xc'Y) and var = ||Xc B||^2."""
+    assert X.ndim == 2 and len(X) == Y.shape[0] == len(groups), "X, Y, groups must align"
+    (n, p), dev, dt = X.shape, X.device, X.dtype
+    alphas = torch.as_tensor(sorted(alphas), dtype=dt, device=dev)
+    groups = torch.as_tensor(np.asarray(groups), device=dev)
+    folds = [torch.nonzero(groups == g).squeeze(1) for g in groups.unique()]
+    assert len(folds) >= 2, "cross-validation needs at least two groups"
+    gram = lambda rows: X[rows].double().T @ X[rows].double()  # (p, p); float64, or eigh loses small e
+    G = sum(gram(te) for te in folds)
+    decs = []  # per fold: held-out rows, e, V, and Xc (held-out rows <= p) or Xc'Xc
+    for te in progress(folds, "ridge folds"):
+        e, V = torch.linalg.eigh(G - gram(te))
+        Xc = (X[te] - X[te].mean(0)) @ V.to(dt)  # (n_te, p)
+        decs.append((te, e.clamp_min(0).to(dt), V.to(dt), Xc if len(te) <= p else Xc.T @ Xc))
+    e, V = torch.linalg.eigh(G)
+    e, V = e.clamp_min(0).to(dt), V.to(dt)
+    v = Y.shape[1]
+    vb = voxel_batch or max(256, min(16384, 2 ** 26 // (n + (len(folds) + 5) * p)))  # about 256 MB a batch
+    W, best, cv = torch.empty(p, v, dtype=dt), torch.empty(v, dtype=torch.long), torch.empty(v, dtype=dt)
+    for j in progress(range(0, v, vb), f"ridge, {v} voxels", total=-(-v // vb)):
+        Yb = torch.as_tensor(Y[:, j:j + vb]).to(dev, dt)  # (n, vb)
+        XY = [X[te].T @ Yb[te] for te, *_ in decs]  # (p, vb): each fold's X'Y
+        XtY = sum(XY)
+        scores = torch.zeros(len(alphas), Yb.shape[1], dtype=dt, device=dev)
+        for (te, e_, V_, S), xy in zip(decs, XY):
+            Yte, small = Yb[te], len(te) <= p
+            A = V_.T @ (XtY - xy)  # (p, vb): V'X'Y over the fold's training rows
+            Z = S.T @ Yte if small else V_.T @ (xy - X[te].sum(0)[:, None] * Yte.mean(0))  # (p, vb): Xc'Y
+            inv = 1 / (e_[None] + alphas[:, None])  # (alphas, p)
+            cov = inv @ (A * Z)  # (alphas, vb)
+            var = torch.stack([((S @ B).square() if small else B * (S @ B)).sum(0) for B in (A * i[:, None] for i in inv)])
+            scores += cov / (var.clamp_min(0) * (Yte - Yte.mean(0)).square().sum(0)).sqrt().clamp_min(1e-12)
+        b = len(alphas) - 1 - scores.flip(0).argmax(0)  # argmax takes the first max: flipped, the largest lambda
+        W[:, j:j + vb] = (V @ ((V.T @ XtY) / (e[:, None] + alphas[b]))).cpu()
+        best[j:j + vb], cv[j:j + vb] = b.cpu(), scores.gather(0, b[None])[0].cpu() / len(folds)
+    return (W, alphas.cpu()[best], cv) if return_cv else (W, alphas.cpu()[best])
+
+
+def story_folds(lengths, k):
+    """Fold label per row: story i (of the given row counts) goes to fold i mod k, whole."""
+    return np.concatenate([np.full(n, i % k) for i, n in enumerate(lengths)])
+
+
+def scored_rows(d, skip):
+    """The test rows a score counts: each test story's from row `skip` on (the papers drop 40)."""
+    return np.concatenate([np.arange(s + skip, s + len(e)) for s, e in zip(d.Y["test"].starts, d.windows["test"].ends)])
+
+
+def stage1(X, d, alphas, folds, block, device, stats=None, skip=0):
+    """Frozen features X {"train", "test"} (rows, p) of one subject -> per-voxel ridge. The features
+    are z-scored by stats (mu, sd), by default the training rows' own; lambdas from `alphas`, by
+    `folds`-fold cross-validation over whole training stories (story_folds). Returns mu, sd, W (p,
+    voxels), cv r, test r (NaN for unusable voxels) and the test story's sums in blocks of `block` TRs
+    (block_sums), both from each test story's row `skip` on. The fit is cached under all that it depends on (the
+    features themselves, the responses' files, lambdas, folds), so a second run does not redo it."""
+    mu, sd = stats or (X["train"].mean(0), X["train"].std(0).clamp_min(1e-6))
+    Z = {s: (x - mu) / sd for s, x in X.items()}
+    groups = story_folds([len(e) for e in d.windows["train"].ends], folds)
+    lengths, scored = [len(e) - skip for e in d.windows["test"].ends], scored_rows(d, skip)
+    fitted = []
+
+    def fit():
+        t0 = time.time()
+        fitted.append(t0)
+        W, lambdas, cv = fit_ridge(Z["train"].to(device), d.Y["train"], alphas, groups, return_cv=True)
+        r, sums = [], []  # test r, and each block of test TRs' sums for the bootstrap
+        for j in range(0, W.shape[1], 16384):
+            pred, y = Z["test"][scored] @ W[:, j:j + 16384], d.Y["test"][scored, j:j + 16384]
+            r.append(pearson(pred, y))
+            sums.append(block_sums(pred, y, lengths, block))
+        r, rows = torch.cat(r), sums[0][1]
+        good = torch.as_tensor(d.good)
+        edge = ((lambdas == min(alphas)) | (lambdas == max(alphas)))[good].float()
+        fit = cv[good] > 0.1  # unresponsive voxels rightly take the largest lambda
+        log(f"{d.name} ridge: {good.sum()} voxels in {time.time() - t0:.1f} s; at an edge of the lambda grid: "
+            f"{100 * edge.mean():.1f}% of voxels, {100 * edge[fit].mean() if fit.any() else 0:.1f}% of those with cv r > 0.1")
+        cv[~good], r[~good] = float("nan"), float("nan")
+        return {"W": W.numpy(), "cv": cv.numpy(), "r": r.numpy(), "sums": torch.cat([s for s, _ in sums], -1).numpy(),
+                "rows": rows.numpy()}
+    key = dict(X=Z, Y=[d.Y[s].keys for s in ("train", "test")], good=d.good, alphas=alphas, groups=groups, block=block,
+               skip=skip, device=device.type, v=1)
+    e = cached("stage1", key, fit, d.name) if d.Y["train"].keys else fit()
+    if not fitted:
+        log(f"{d.name} ridge: read from the cache (the same features, responses and settings as an earlier run)")
+    W, cv, r, sums, rows = (torch.from_numpy(np.asarray(e[k])) for k in ("W", "cv", "r", "sums", "rows"))
+    return mu, sd, W, cv, r, (sums, rows)
+
+
+def sets(d, cv, roi="all"):
+    """The voxel sets the results are reported on: all, each ROI of the subject, and the top N by
+    stage-1 cv r (N from --roi topN, else a tenth of the usable voxels)."""
+    good = np.flatnonzero(d.good)
+    n_top = int(roi[3:]) if roi.startswith("top") else max(1, len(good) // 10)
+    top = good[np.argsort(-cv.numpy()[good], kind="stable")[:n_top]]
+    return {"all": good, **{k: np.intersect1d(v, good) for k, v in d.rois.items()}, f"top{n_top}": top}
+
+# -----------------------------------------------------------------------------
+# the results: each set's mean r, the change's interval, each voxel's significance
+
+def block_sums(p, y, lengths, block=10):
+    """What a block bootstrap of r needs: ((blocks, 5, voxels) each block's sums of p, y, p^2, y^2 and
+    p*y, (blocks,) its TRs), blocks of `block` consecutive TRs within each story of `lengths` rows."""
+    edges = [e for s, n in zip(np.cumsum([0] + list(lengths[:-1])), lengths) for e in range(s, s + n, block)]
+    rows = torch.as_tensor(np.diff(edges + [int(sum(lengths))]))
+    ids = torch.repeat_interleave(torch.arange(len(rows)), rows)  # (TRs,) the block of each TR
+    p, y = p.double(), y.double()
+    sums = [torch.zeros(len(rows), p.shape[1], dtype=torch.float64).index_add_(0, ids, x)
+            for x in (p, y, p * p, y * y, p * y)]  # one (TRs, voxels) product at a time
+    return torch.stack(sums, 1), rows.double()
+
+
+def change_ci(a, b, sets_, resamples=1000, seed=0, chunk=20):
+    """The 95% percentile interval of each set's relative change in mean r (percent), b against a, by
+    a block bootstrap: the test story's blocks of TRs drawn with replacement (neighbouring TRs are
+    correlated), the same draws for both models, every voxel's r recomputed from the block sums."""
+    (sa, n), (sb, _) = a, b
+    draws = np.random.default_rng(seed).integers(0, len(n), (resamples, len(n)))
+    counts = torch.as_tensor(np.stack([np.bincount(d, minlength=len(n)) for d in draws]), dtype=torch.float64)
+    changes = {k: [] for k in sets_}
+    for c in counts.split(chunk):  # (chunk, blocks)
+        rs = []
+        for s in (sa, sb):
+            S, N = torch.einsum("rb,bkv->rkv", c, s), (c @ n)[:, None]  # (chunk, 5, voxels), (chunk, 1)
+            var = (N * S[:, 2] - S[:, 0] ** 2) * (N * S[:, 3] - S[:, 1] ** 2)
+            rs.append((N * S[:, 4] - S[:, 0] * S[:, 1]) / var.clamp_min(1e-300).sqrt())
+        for k, idx in sets_.items():
+            ma, mb = (r[:, torch.as_tensor(idx)].mean(1) for r in rs)
+            changes[k].append(100 * (mb - ma) / ma.abs())
+    return {k: np.percentile(torch.cat(v).numpy(), [2.5, 97.5]).tolist() for k, v in changes.items()}
+
+
+def summarize(res, sets_, ceiling, blocks=None):
+    """{set: {"n_voxels", "baseline_r", ...}}: the mean of each per-voxel r in res over each set;
+    the *_norm keys divide by the noise ceiling (cc_max) where there is one; with blocks
+    {"baseline", "refit"} (stage 1's block sums of the test story), change_ci: the 95% interval of
+    the relative change in mean r, percent."""
+    ci = change_ci(blocks["baseline"], blocks["refit"], sets_) if blocks and len(blocks) == 2 else {}
+    out = {}
+    for name, idx in sets_.items():
+        row = {"n_voxels": int(len(idx))}
+        for key in ("baseline_r", "tuned_r", "refit_r"):
+            if key in res:
+                v = res[key][idx]
+                row[key] = float(np.nanmean(v)) if np.isfinite(v).any() else None
+                if ceiling is not None and key != "tuned_r":
+                    ok = idx[np.isfinite(ceiling[idx])]
+                    row[key + "_norm"] = float(np.nanmean(res[key][ok] / ceiling[ok])) if len(ok) else None
+        if name in ci:
+            row["change_ci"] = ci[name]
+        out[name] = row
+    return out
+
+
+def format_table(tests, scored=None):
+    """{subject: summarize(...)} -> the results table, under a line naming the protocol `scored`
+    (results.json's "protocol"); a subject column when there are several."""
+    multi, norm = len(tests) > 1, any("baseline_r_norm" in r for t in tests.values() for r in t.values())
+    fmt = lambda x, w=8: f"{x:{w}.4f}" if x is not None else f"{'-':>{w}}"
+    p = scored or {"name": "windows", "history": "the run's"}
+    how = (f"{p['history']} TRs of audio before each row, in TR bins" if p["name"] == "windows" else
+           f"{p['context']:g} s heard before each {p['stride']:g} s stride, Lanczos to the TRs, delays "
+           f"{','.join(map(str, p['delays']))}")
+    lines = [f"protocol {p['name']}: {how}" + (f"; test rows from {p['test_skip']} on" if p.get("test_skip") else ""), (f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
+             f"{'refit r':>8} {'change [95% interval]':>24}" + (f" {'base r/cc':>9} {'refit r/cc':>10}" if norm else "")]
+    for subject, test in tests.items():
+        for name, row in test.items():
+            base, refit = row.get("baseline_r"), row.get("refit_r")
+            change = f"{100 * (refit - base) / abs(base):+.1f}%" if refit is not None and base else "-"
+            change += " [{:+.1f}, {:+.1f}]".format(*row["change_ci"]) if "change_ci" in row else ""
+            lines.append((f"{subject:>8} " if multi else "") + f"{name:>12} {row['n_voxels']:7d} {fmt(base, 11)} "
+                         f"{fmt(row.get('tuned_r'))} {fmt(refit)} {change:>24}" + (
+                             f" {fmt(row.get('baseline_r_norm'), 9)} {fmt(row.get('refit_r_norm'), 10)}" if norm else ""))
+    return "\n".join(lines)
+
+
+def permutation_p(p, y, block=10, permutations=1000, seed=0, chunk=25):
+    """One-sided p-value of each voxel's r > 0 by a block permutation (the Huth lab's test): whole
+    blocks of `block` TRs of y shuffled against p (rows after the last whole block left out);
+    (1 + #{permuted r >= r}) / (1 + permutations). p, y: (rows, voxels)."""
+    nb = len(y) // block
+
+    def unit(x):  # each column centred and of unit norm, so that r is a plain sum of products
+        x = x[:nb * block].double()
+        x = x - x.mean(0)
+        return (x / x.norm(dim=0).clamp_min(1e-300)).reshape(nb, block, -1)
+    C = torch.einsum("itv,jtv->ijv", unit(p), unit(y))  # (blocks, blocks, voxels): block i of p, block j of y
+    r = C.diagonal(dim1=0, dim2=1).sum(-1)  # (voxels,)
+    rng = np.random.default_rng(seed)
+    orders = torch.as_tensor(np.stack([rng.permutation(nb) for _ in range(permutations)]))
+    exceed = torch.zeros_like(r)
+    for o in orders.split(chunk):  # (chunk, blocks): block i of p against block o[i] of y
+        exceed += (C[torch.arange(nb)[None], o].sum(1) >= r - 1e-12).sum(0)
+    return (1 + exceed) / (1 + permutations)
+
+
+def fdr(p, q=0.05):
+    """Benjamini-Hochberg: which p-values (NaN: none) are discoveries at false discovery rate q."""
+    p = np.where(np.isfinite(p), p, np.inf)
+    order, m = np.argsort(p), np.isfinite(p).sum()
+    passed = np.flatnonzero(p[order][:m] <= q * np.arange(1, m + 1) / max(m, 1))
+    out = np.zeros(len(p), bool)
+    out[order[:passed[-1] + 1] if len(passed) else []] = True
+    return out

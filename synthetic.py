@@ -1,0 +1,217 @@
+"""
+The synthetic dataset: speech-like audio, and responses with a known ground truth, written in
+ds003020's layout (data.py reads it as it reads the real one), so that everything runs on a laptop.
+
+Each story is a random sequence of consonant-vowel words; each subject's voxels respond, through a
+haemodynamic response, to the words' meaning (embedding dimensions) or to the sound (band energies).
+
+    python synthetic.py OUT [--subjects 3 --stories 10 --voxels 500 --seed 0]
+    python synthetic.py OUT --sr 44100 --channels 2 --stories 83 --seconds 650 --voxels 95556   # full size
+"""
+import argparse
+import os
+import shutil
+import sys
+
+import h5py
+import numpy as np
+from scipy.io import wavfile
+from scipy.signal import resample_poly
+from scipy.stats import gamma
+
+from cache import progress
+from data import (SOUND_START, TEST_STORY, TR, TRAIN_STORIES, TRIM_START, response_path, row_times, textgrid_path,
+                  wav_path, zscore, zscore_)
+SYNTHETIC = "synthetic-v2"  # the quick start's dataset, under the cache; v2: TextGrids with braces and stress
+DEMO_SR = 22050  # not 16 kHz, so that the reader's resampling is exercised
+CONSONANTS = {"K": 1800, "T": 4200, "P": 700, "S": 6000, "SH": 3000, "F": 7000, "HH": 1200}  # noise centre, Hz
+VOWELS = {"AA": (730, 1090), "IY": (270, 2290), "UW": (300, 870), "EH": (530, 1840), "AO": (570, 840),
+          "AE": (660, 1720)}  # formants F1, F2, Hz
+GRID = 10  # Hz: the time grid on which the true features live before the haemodynamic response
+
+
+def _burst(rng, centre, n):  # a consonant: noise in a band around `centre`
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, 1 / DEMO_SR)
+    return np.fft.irfft(spec * np.exp(-0.5 * ((f - centre) / (0.15 * centre)) ** 2), n) * np.hanning(n)
+
+
+def _vowel(f0, formants, n):  # a vowel: harmonics of f0 shaped by two formant resonances
+    t = np.arange(n) / DEMO_SR
+    x = np.zeros(n)
+    for h in range(1, int(4000 / f0)):
+        amp = sum(1 / (1 + ((h * f0 - F_) / 80) ** 2) for F_ in formants)
+        x += amp * np.sin(2 * np.pi * h * f0 * t * (1 + 0.03 * t))  # a slight pitch glide
+    return x * np.hanning(n) / 4
+
+
+def _story(rng, vocab, seconds):
+    """Audio (samples,) and a list of words (word, start, end, [(phone, start, end)])."""
+    f0, nc = rng.uniform(100, 140), int(0.06 * DEMO_SR)  # each story has its own speaker pitch
+    lengths = [int(d * DEMO_SR) for d in (0.12, 0.15, 0.18)]
+    vowel = {(v, n): _vowel(f0, VOWELS[v], n) for v in VOWELS for n in lengths}
+    burst = {(c, i): _burst(rng, CONSONANTS[c], nc) for c in CONSONANTS for i in range(4)}
+    chunks, words, t = [], [], 0.0
+    while t < seconds - 8:
+        for _ in range(rng.integers(4, 9)):  # one sentence
+            word = vocab[rng.integers(len(vocab))]
+            phones, start = [], t
+            for c, v in word[1]:
+                nv = lengths[rng.integers(3)]
+                chunks += [burst[c, rng.integers(4)], vowel[v, nv]]
+                phones += [(c, t, t + nc / DEMO_SR), (v, t + nc / DEMO_SR, t + (nc + nv) / DEMO_SR)]
+                t += (nc + nv) / DEMO_SR
+            words.append((word[0], start, t, phones))
+            gap = int(rng.uniform(0.08, 0.2) * DEMO_SR)
+            chunks.append(np.zeros(gap))
+            t += gap / DEMO_SR
+        gap = int(rng.uniform(0.5, 0.9) * DEMO_SR)
+        chunks.append(np.zeros(gap))
+        t += gap / DEMO_SR
+    audio = np.concatenate(chunks)
+    return np.pad(audio, (0, int(seconds * DEMO_SR) - len(audio))), words
+
+
+def _band_energies(audio, n_bands=8):  # (GRID-rate frames, n_bands) log energy, 100 Hz .. 8 kHz
+    hop = DEMO_SR // GRID
+    frames = audio[: len(audio) // hop * hop].reshape(-1, hop)
+    power = np.abs(np.fft.rfft(frames * np.hanning(hop), axis=1)) ** 2
+    f = np.fft.rfftfreq(hop, 1 / DEMO_SR)
+    edges = np.geomspace(100, 8000, n_bands + 1)
+    return np.log(1e-3 + np.stack([power[:, (f >= a) & (f < b)].sum(1) for a, b in zip(edges, edges[1:])], 1))
+
+
+def hrf(t):
+    """The canonical double-gamma haemodynamic response (SPM): peak near 5 s, undershoot near 15 s."""
+    return gamma.pdf(t, 6) - gamma.pdf(t, 16) / 6
+
+
+def _textgrid(path, words, seconds):
+    """Praat's long text format: tier 1 'phone', tier 2 'word'; pauses are 'sp', every fifth a breath
+    '{BR}', and vowels carry stress digits (1 in a word's first syllable, else 0), as in ds003020."""
+    def tier(name, items):
+        filled, t = [], 0.0
+        for label, a, b in items:
+            if a > t + 1e-9:
+                filled.append(("{BR}" if len(filled) % 5 == 4 else "sp", t, a))
+            filled.append((label, a, b))
+            t = b
+        filled.append(("sp", t, seconds))
+        lines = ['        class = "IntervalTier"', f'        name = "{name}"', "        xmin = 0",
+                 f"        xmax = {seconds}", f"        intervals: size = {len(filled)}"]
+        for i, (label, a, b) in enumerate(filled, 1):
+            lines += [f"        intervals [{i}]:", f"            xmin = {a}", f"            xmax = {b}",
+                      f'            text = "{label}"']
+        return lines
+    phones = [(p + ("1" if i == 1 else "0") if p in VOWELS else p, a, b) for w in words for i, (p, a, b) in enumerate(w[3])]
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0", f"xmax = {seconds}",
+             "tiers? <exists>", "size = 2", "item []:", "    item [1]:", *tier("phone", phones),
+             "    item [2]:", *tier("word", [w[:3] for w in words])]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150.0, n_vocab=40, dim=16,
+              repeats=10, tr=TR, snr=(0.2, 2.0), sr=DEMO_SR, channels=1):
+    """Write a synthetic dataset in the ds003020 layout, stored as the real one is (float64 hf5).
+    Voxels are of three kinds: 'AC' voxels respond to band energies, 'semantic' voxels to the
+    meaning vectors of the words being spoken, the rest to nothing; each sees its features through
+    the canonical HRF, plus Gaussian noise at a signal-to-noise ratio drawn log-uniformly from `snr`.
+    Subjects share the feature spaces, with their own weights. The ground truth keeps each story's
+    features and each subject's weights (clean responses: zscore(features @ weights)); one story's
+    responses are in memory at a time, so a subject of the published size is written in < 2 GB."""
+    rng = np.random.default_rng(seed)
+    for d in ("stimuli", "derivative/TextGrids", "derivative/rois", "derivative/ground_truth"):
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+    syll = [(c, v) for c in CONSONANTS for v in VOWELS]
+    vocab, seen = [], set()
+    while len(vocab) < n_vocab:  # pseudo-words of 1-3 syllables
+        w = tuple(syll[i] for i in rng.choice(len(syll), rng.integers(1, 4)))
+        if w not in seen:
+            seen.add(w)
+            vocab.append(("".join(c + v for c, v in w).lower(), w))
+    emb = {w: rng.standard_normal(dim) for w, _ in vocab}
+    with open(os.path.join(out, "derivative", "embeddings.txt"), "w") as f:
+        f.writelines(f"{w} {' '.join(f'{x:.6f}' for x in v)}\n" for w, v in emb.items())
+    names = TRAIN_STORIES + [f"story{i + 1:02d}" for i in range(len(TRAIN_STORIES), n_stories)]
+    stories = names[:n_stories] + [TEST_STORY]
+    n_rows = int((seconds + SOUND_START - tr / 2) / tr) - TRIM_START  # last row inside the audio
+    t_rows = row_times(n_rows, tr)
+    k = np.arange(0, 32, 1 / GRID)
+    features = {}  # story -> (rows, 8 + dim): band energies and meaning, through the HRF
+    for s in progress(stories, "synthetic audio"):
+        audio, words = _story(rng, vocab, seconds)
+        pcm = audio / np.abs(audio).max() * 0.9 * 32767
+        pcm = (resample_poly(pcm.astype(np.float32), sr, DEMO_SR) if sr != DEMO_SR else pcm).astype(np.int16)
+        if channels > 1:  # the other channels a little quieter
+            pcm = np.stack([(pcm.astype(np.int32) * (5 - c) // 5).astype(np.int16) for c in range(channels)], 1)
+        wavfile.write(wav_path(out, s), sr, pcm)
+        _textgrid(textgrid_path(out, s), words, seconds)
+        low = zscore(_band_energies(audio))
+        sem = np.zeros((len(low), dim))
+        for w, a, b, _ in words:
+            sem[int(a * GRID):int(b * GRID) + 1] += emb[w]
+        x = np.concatenate([low, sem], 1)
+        x = np.stack([np.convolve(col, hrf(k))[: len(x)] / GRID for col in x.T], 1)
+        features[s] = zscore(x[np.round(t_rows * GRID).astype(int)])
+    for j in range(n_subjects):
+        subj = f"UTS{j + 1:02d}"
+        os.makedirs(os.path.join(out, "derivative", "preprocessed_data", subj), exist_ok=True)
+        kind = rng.permutation(np.arange(n_voxels) * 3 // n_voxels)  # 0 AC, 1 semantic, 2 neither
+        W = rng.standard_normal((8 + dim, n_voxels))
+        W[8:, kind == 0] = 0
+        W[:8, kind == 1] = 0
+        W[:, kind == 2] = 0
+        ratio = np.where(kind < 2, np.exp(rng.uniform(*np.log(snr), n_voxels)), 0.0)
+        noise_sd = np.where(kind < 2, 1 / np.sqrt(np.maximum(ratio, 1e-12)), 1.0)
+        truth = {"weights": W, "snr": ratio, "noise_sd": noise_sd, "kind": kind,
+                 **{f"features_{s}": features[s] for s in stories}}
+        for s in progress(stories, f"synthetic {subj}"):
+            clean = features[s] @ W  # (rows, voxels); in place from here on: a story is ~200 MB
+            zscore_(clean)  # unit variance; voxels of neither kind have zero weights, so stay 0
+            total = np.zeros_like(clean)
+            with h5py.File(response_path(out, subj, s), "w") as f:
+                n = repeats if s == TEST_STORY else 1  # repeat by repeat: one repeat in memory at a time
+                reps = f.create_dataset("individual_repeats", (n, *clean.shape), np.float64) if n > 1 else None
+                for i in range(n):
+                    noisy = rng.standard_normal(clean.shape)
+                    noisy *= noise_sd
+                    noisy += clean
+                    total += noisy
+                    if reps is not None:
+                        reps[i] = noisy
+                zscore_(total)
+                f["data"] = total
+        np.savez(os.path.join(out, "derivative", "rois", subj + ".npz"),
+                 AC=np.flatnonzero(kind == 0), semantic=np.flatnonzero(kind == 1))
+        np.savez(os.path.join(out, "derivative", "ground_truth", subj + ".npz"), **truth)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="write a synthetic dataset in the ds003020 layout")
+    p.add_argument("out", help="folder to write (must not exist yet)")
+    p.add_argument("--subjects", type=int, default=3, help="number of subjects")
+    p.add_argument("--stories", type=int, default=10, help="training stories (a test story is added)")
+    p.add_argument("--voxels", type=int, default=500, help="voxels per subject")
+    p.add_argument("--seconds", type=float, default=150.0, help="length of each story in seconds")
+    p.add_argument("--sr", type=int, default=DEMO_SR, help="sample rate of the wav files (ds003020: 44100)")
+    p.add_argument("--channels", type=int, default=1, help="channels of the wav files (ds003020: 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    a = p.parse_args(argv)
+    for flag, ok, want in (("--subjects", a.subjects >= 1, "at least 1"), ("--stories", a.stories >= 2, "at least 2"),
+                           ("--voxels", a.voxels >= 3, "at least 3"), ("--seconds", a.seconds >= 30, "at least 30"),
+                           ("--sr", a.sr >= 8000, "at least 8000"), ("--channels", 1 <= a.channels <= 8, "1 to 8")):
+        if not ok:
+            sys.exit(f"error: {flag} {getattr(a, flag[2:])}: must be {want} (nothing was written)")
+    if os.path.exists(a.out):
+        sys.exit(f"error: {a.out} already exists; choose a new folder (nothing was written)")
+    tmp = a.out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_demo(tmp, a.subjects, a.stories, a.voxels, a.seed, a.seconds, sr=a.sr, channels=a.channels)
+    os.rename(tmp, a.out)  # a killed run leaves no half dataset under the name asked for
+    print(f"wrote a synthetic dataset to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
