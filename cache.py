@@ -173,3 +173,11 @@ def save_atomic(obj, path):
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def merge_analyses(run, key, value):
+    """RUN/analyses.json with `key` set to `value`, its other keys kept, written atomically."""
+    path = os.path.join(run, "analyses.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    old[key] = value
+    save_atomic(json.dumps(old, indent=1), path)

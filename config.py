@@ -1,12 +1,15 @@
 """
-The flags of train.py: each with its help, the papers' recipes that set their defaults, and the
-checks that refuse a bad flag, alone, against the others and against the dataset's listings and
-file headers, before any costly work (one sentence naming the flag, and nothing written).
+A run's flags: set (each with its help, the papers' recipes setting their defaults), checked (alone,
+against the others and against the dataset's listings and file headers, before any costly work:
+one sentence naming the flag, and nothing written), and read back from a finished run with what
+they imply (its backbones, a subject's data, features and fits) for eval.py.
 
     args = parse(["--subject", "S01", "--roi", "all"])    # checked alone and against each other
     check(args)                                            # and against the dataset
+    args, layer, pretrained, tuned, lw = load_run("runs/RUN")
 """
 import argparse
+import copy
 import json
 import os
 import re
@@ -14,11 +17,14 @@ import re
 import numpy as np
 import torch
 import torchaudio
+from scipy.io import wavfile
 
 import cache
 import data
+import lora
+import ridge
 import synthetic
-from model import BUNDLES, PROTOCOLS, TINY
+from model import BUNDLES, PROTOCOLS, TINY, layer_of, load_backbone, load_checkpoint, split_features
 
 RECIPES = {  # the papers' values (README, "Recipes"); every value can still be overridden on the command line
     # the laptop demo (the default with the tiny model): a small model needs larger steps
@@ -37,6 +43,8 @@ WORLD = int(os.environ.get("WORLD_SIZE", 1))  # processes (torchrun)
 
 
 def parser():
+    """train.py's flags, each with its help; the data, the model and the evaluation here, stage 2's
+    and the run's in run_flags."""
     p = argparse.ArgumentParser(description="Brain-tuning of a speech model on fMRI responses to stories.")
     a = p.add_argument
     a("--subject", default="S01", help="subject, e.g. S01 or UTS01; several, comma-separated (S01,S02,S03), "
@@ -70,6 +78,12 @@ def parser():
     a("--cv-folds", type=int, default=None, help="ridge cross-validation folds, each a group of whole stories "
                                                   "(default 5, or one per training story if there are fewer)")
     a("--alphas", default="1e-1,1e8,19", help="ridge lambda grid: first,last,count (log-spaced)")
+    run_flags(p.add_argument_group("stage 2 and the run").add_argument)
+    return p
+
+
+def run_flags(a):
+    """Stage 2's flags and the run's (a: add_argument of their group)."""
     a("--bottleneck", type=int, default=0, help="head through K units, initialised by rank-K ridge weights")
     a("--lora-rank", type=int, default=4, help="LoRA rank (BrainWavLM: 4); 0 = tune the whole transformer")
     a("--lora-alpha", type=float, default=4.0, help="LoRA alpha; scaling = alpha / rank (BrainWavLM: 4)")
@@ -88,13 +102,14 @@ def parser():
     a("--epochs", type=int, default=20, help="stage-2 epochs; 0 stops after stage 1 (the baseline)")
     a("--patience", type=int, default=3, help="stop after this many epochs without a better validation r")
     a("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda when available")
+    a("--precision", choices=["auto", "fp32"], default="auto", help="auto: the backbone in bf16 autocast on a "
+      "GPU, float32 on a CPU; fp32: float32 everywhere (the ridge is always float32)")
     a("--seed", type=int, default=0, help="random seed")
     a("--out", default=None, help="run folder (default runs/<subject>_<roi>_<model>_<time>)")
     a("--resume", default=None, help="continue the run in this folder from its last finished epoch")
     a("--force", action="store_true", help="overwrite an existing run folder")
     a("--no-cache", action="store_true", help="keep nothing in $BRAINTUNE_CACHE (default .cache): responses, "
                                               "audio, features and stage-1 fits are made again and deleted at exit")
-    return p
 
 
 def parse(argv=None):
@@ -193,9 +208,9 @@ def check_ranges(args):
 
 
 def check(args):
-    """The flags against the dataset, from listings and headers alone (data.check) and each subject's
-    ROI file, before anything is loaded. Returns data.check's {subject: (voxels, splits)}."""
-    found = data.check(args.data, args.subject.split(","), args.test_stories, args.val_stories, args.cv_folds,
+    """The flags against the dataset, from listings and headers alone (check_dataset) and each subject's
+    ROI file, before anything is loaded. Returns check_dataset's {subject: (voxels, splits)}."""
+    found = check_dataset(args.data, args.subject.split(","), args.test_stories, args.val_stories, args.cv_folds,
                        tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
     n_train = min(len(train) for _, (_, (train, _, _)) in found.items())
     args.cv_folds = args.cv_folds or min(5, n_train)  # the default: 5 folds, or one per training story
@@ -229,3 +244,122 @@ def protocol(args):
 def scoring(args):
     """The paper's protocol for the features (model.split_features), or None for the windows."""
     return dict(context=args.context, stride=args.stride, delays=args.delays) if args.protocol != "windows" else None
+
+
+def placeholder(path):
+    """A file that datalad (git-annex) has listed but not fetched: a broken link, or a small pointer file."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return True
+    if os.path.isfile(path) and os.path.getsize(path) < 1024:
+        with open(path, "rb") as f:
+            return b"annex/objects/" in f.read()
+    return False
+
+
+def check_dataset(root, subjects, test_stories=None, val_stories=None, folds=None, **timing):
+    """What can be known before reading any data, from listings and file headers alone: each subject
+    and its splits, every file there and fetched, audio long enough for its rows, no more folds than
+    training stories. Raises ValueError naming the flag or the file. Returns {subject: (voxels,
+    (train, val, test))}."""
+    out, timing = {}, dict(dict(tr=data.TR, trim_start=data.TRIM_START, sound_start=data.SOUND_START), **timing)
+    for name in subjects:
+        subj = data.find_subject(root, name)
+        train, val, test = data.splits(root, subj, test_stories, val_stories)
+        test_stories, val_stories = test, val
+        if folds is not None and folds > len(train):
+            raise ValueError(f"--cv-folds {folds}: {subj} has {len(train)} training stories, and a fold is whole stories")
+        for s in train + val + test:
+            for path in (data.response_path(root, subj, s), data.wav_path(root, s)):
+                if placeholder(path):
+                    raise ValueError(f"{path}: not fetched yet (a datalad placeholder); run `datalad get "
+                                     f"{os.path.relpath(path, root)}` in {root}")
+            with data.open_hf5(data.response_path(root, subj, s)) as f:
+                shape = f["data"].shape if "data" in f else ()
+            if len(shape) != 2 or (subj in out and shape[1] != out[subj][0]):
+                raise ValueError(f"{data.response_path(root, subj, s)}: 'data' has shape {shape}; expected (TRs, "
+                                 f"{out[subj][0] if subj in out else 'voxels'})")
+            try:
+                sr, wave = wavfile.read(data.wav_path(root, s), mmap=True)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{data.wav_path(root, s)}: cannot read as WAV ({e})") from None
+            need = data.row_times(shape[0], **timing)[-1] if shape[0] else 0
+            if need - len(wave) / sr > timing["tr"]:
+                raise ValueError(f"story {s!r}: audio is {len(wave) / sr:.1f} s long but its last fMRI frame needs "
+                                 f"audio up to {need:.1f} s (see --tr, --trim-start, --sound-start)")
+            out[subj] = (shape[1], (train, val, test))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# a finished run, read back
+
+def load_run(run):
+    """(args, layer, pretrained backbone, tuned backbone, tuned layer weights) of a run folder."""
+    if not os.path.isdir(run):
+        raise ValueError(f"{run}: no such run folder")
+    for f in ("config.json", "results.json", "stage1.pt"):
+        if not os.path.isfile(os.path.join(run, f)):
+            raise ValueError(f"{run} is incomplete: {f} is missing (did the run finish?)")
+    args = parse(["--resume", run])  # the run's flags, with today's defaults for newer ones
+    if not os.path.isdir(args.data):
+        raise ValueError(f"{args.data}: the run's dataset (--data in {run}/config.json) is not there")
+    own = os.path.join(run, "tiny_pretrained.pt")  # tiny's pretrained weights travel with the run folder
+    if args.weights and os.path.basename(args.weights) == "tiny_pretrained.pt" and os.path.isfile(own):
+        args.weights = own
+    pre, normalize = load_backbone(args.model, args.weights, args.seed)
+    n_layers = len(pre.encoder.transformer.layers)
+    layer = layer_of(args.layer, n_layers)
+    tuned, lw = None, None
+    if os.path.isfile(os.path.join(run, "adapter.pt")):
+        state = load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
+        tuned = copy.deepcopy(pre)  # the same pretrained weights, read once
+        lora.add_lora(tuned, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
+        mine = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        missing = set(mine) - set(tuned.state_dict())
+        if missing:
+            raise ValueError(f"{run}/adapter.pt does not fit the {args.model} model of its config "
+                             f"(e.g. {sorted(missing)[0]})")
+        tuned.load_state_dict(mine, strict=False)
+        tuned.eval()
+        lw = state.get("layer_weights")
+    args.normalize, args.test_skip = normalize, args.test_skip or 0  # runs from before --test-skip: none
+    args.subjects = args.subject.split(",")  # a multi-subject run: the analyses of one subject use the first
+    args.subject = args.subjects[0]
+    return args, layer, pre, tuned, lw
+
+
+def layer_weights(args, backbone, lw=None):
+    """The learned layer weights of a weighted-layer run (uniform for the pretrained backbone)."""
+    if args.layer != "weighted":
+        return None
+    return lw if lw is not None else torch.zeros(len(backbone.encoder.transformer.layers))
+
+
+def load_subject(args, name):
+    """One subject's data (data.Subject), held out on the run's test and validation stories."""
+    return data.prepare(args.data, [name], args.test_stories, args.val_stories, history=args.history, tr=args.tr,
+                        trim_start=args.trim_start, sound_start=args.sound_start)[0][0]
+
+
+def stage1_cv(run):
+    """The run's stage-1 cross-validated r of its first subject: what chooses the voxel sets."""
+    return load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1]
+
+
+def features(args, layer, backbone, lw, d, protocol=None):
+    """{"train", "test"}: this backbone's features of one subject's rows, (rows, p): its windows, or,
+    with a protocol (config.scoring), a paper's sliding context, Lanczos and delays."""
+    return split_features(args.model, backbone, layer, layer_weights(args, backbone, lw), args.normalize,
+                          {s: d.windows[s] for s in ("train", "test")}, args.history, args.batch_size,
+                          torch.device("cpu"), protocol)
+
+
+def stage1(args, X, d):
+    """ridge.stage1 with the run's lambdas, folds and blocks, scored from the run's --test-skip row."""
+    return ridge.stage1(X, d, args.alphas, args.cv_folds, args.block, torch.device("cpu"), skip=args.test_skip)
+
+
+def fit(args, layer, backbone, lw, d):
+    """Stage 1 on one subject with this backbone, under the run's protocol: (mu, sd, W, cv r, test r,
+    the test story's block sums)."""
+    return stage1(args, features(args, layer, backbone, lw, d, scoring(args)), d)

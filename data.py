@@ -137,50 +137,6 @@ def splits(root, subj, test_stories=None, val_stories=None):
     return train, val, test
 
 
-def placeholder(path):
-    """A file that datalad (git-annex) has listed but not fetched: a broken link, or a small pointer file."""
-    if os.path.islink(path) and not os.path.exists(path):
-        return True
-    if os.path.isfile(path) and os.path.getsize(path) < 1024:
-        with open(path, "rb") as f:
-            return b"annex/objects/" in f.read()
-    return False
-
-
-def check(root, subjects, test_stories=None, val_stories=None, folds=None, **timing):
-    """What can be known before reading any data, from listings and file headers alone: each subject
-    and its splits, every file there and fetched, audio long enough for its rows, no more folds than
-    training stories. Raises ValueError naming the flag or the file. Returns {subject: (voxels,
-    (train, val, test))}."""
-    out, timing = {}, dict(dict(tr=TR, trim_start=TRIM_START, sound_start=SOUND_START), **timing)
-    for name in subjects:
-        subj = find_subject(root, name)
-        train, val, test = splits(root, subj, test_stories, val_stories)
-        test_stories, val_stories = test, val
-        if folds is not None and folds > len(train):
-            raise ValueError(f"--cv-folds {folds}: {subj} has {len(train)} training stories, and a fold is whole stories")
-        for s in train + val + test:
-            for path in (response_path(root, subj, s), wav_path(root, s)):
-                if placeholder(path):
-                    raise ValueError(f"{path}: not fetched yet (a datalad placeholder); run `datalad get "
-                                     f"{os.path.relpath(path, root)}` in {root}")
-            with open_hf5(response_path(root, subj, s)) as f:
-                shape = f["data"].shape if "data" in f else ()
-            if len(shape) != 2 or (subj in out and shape[1] != out[subj][0]):
-                raise ValueError(f"{response_path(root, subj, s)}: 'data' has shape {shape}; expected (TRs, "
-                                 f"{out[subj][0] if subj in out else 'voxels'})")
-            try:
-                sr, wave = wavfile.read(wav_path(root, s), mmap=True)
-            except (ValueError, OSError) as e:
-                raise ValueError(f"{wav_path(root, s)}: cannot read as WAV ({e})") from None
-            need = row_times(shape[0], **timing)[-1] if shape[0] else 0
-            if need - len(wave) / sr > timing["tr"]:
-                raise ValueError(f"story {s!r}: audio is {len(wave) / sr:.1f} s long but its last fMRI frame needs "
-                                 f"audio up to {need:.1f} s (see --tr, --trim-start, --sound-start)")
-            out[subj] = (shape[1], (train, val, test))
-    return out
-
-
 def story_responses(root, subj, story):
     """{"data": (TRs, voxels) float32 z-scored, memory-mapped; "good": (voxels,) finite and not
     constant in this story}. Read once from the hf5 (converted to float32 while reading, so no

@@ -56,13 +56,14 @@ def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
     url = lambda p: base + manifest[p][len(OPENNEURO):]
     done = lambda: sum(os.path.isfile(os.path.join(out, p)) for p in paths)
 
+    resume = lambda: f"{done()} of {len(paths)} files are complete, run the same command again to resume"
+
     def failed(p, e):  # the one line for a network or server error
         if isinstance(e, urllib.error.HTTPError):
             return ValueError(f"{p}: HTTP {e.code} {e.reason} from {url(p).split('?')[0]}")
-        return ValueError(f"cannot reach {base} ({getattr(e, 'reason', e)}); {done()} of {len(paths)} files are "
-                          "complete, run the same command again to resume")
+        return ValueError(f"cannot reach {base} ({getattr(e, 'reason', e)}); {resume()}")
 
-    def size(p):
+    def size(p):  # the server's Content-Length
         try:
             with urllib.request.urlopen(urllib.request.Request(url(p), method="HEAD"), timeout=60) as r:
                 return int(r.headers["Content-Length"])
@@ -81,46 +82,54 @@ def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
     if need > free:
         raise ValueError(f"{out}: {need / 1e9:.1f} GB to download but {free / 1e9:.1f} GB free")
     overall = tqdm(total=need, unit="B", unit_scale=True, desc="ds003020", disable=not sys.stderr.isatty())
-    last = t0 = time.time()
+    clock = [time.time(), time.time()]  # start, last progress line
     for i, p in enumerate(todo):
-        os.makedirs(os.path.dirname(part(p)), exist_ok=True)
-        have = os.path.getsize(part(p)) if os.path.isfile(part(p)) else 0
-        if have >= sizes[p]:  # complete but not renamed (killed in between), or not this file
-            os.replace(part(p), os.path.join(out, p)) if have == sizes[p] else os.remove(part(p))
-            if have == sizes[p]:
-                continue
-            have = 0
-        request = urllib.request.Request(url(p), headers={"Range": f"bytes={have}-"} if have else {})
-        one = tqdm(total=sizes[p], initial=have, unit="B", unit_scale=True, desc=os.path.basename(p), leave=False,
-                   disable=overall.disable)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as r, open(part(p), "ab" if r.status == 206 else "wb") as f:
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    f.write(chunk)
-                    overall.update(len(chunk))
-                    one.update(len(chunk))
-                    if not sys.stderr.isatty() and time.time() - last > 30:
-                        last = time.time()
-                        print(f"fetched {overall.n / 1e9:.2f} of {need / 1e9:.2f} GB, {i} of {len(todo)} files, "
-                              f"{last - t0:.0f} s", file=sys.stderr, flush=True)
-        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-            raise failed(p, e) from None
-        except OSError as e:
-            raise ValueError(f"{part(p)}: cannot write ({e.strerror}); free some space and run the same command "
-                             "again to resume") from None
-        finally:
-            one.close()
-        got = os.path.getsize(part(p))
-        if got < sizes[p]:  # the connection dropped
-            raise ValueError(f"{p}: the transfer stopped at {got} of {sizes[p]} bytes; {done()} of {len(paths)} "
-                             "files are complete, run the same command again to resume")
-        if got > sizes[p]:
-            os.remove(part(p))
-            raise ValueError(f"{p}: {got} bytes arrived where the server announced {sizes[p]}; not kept")
-        os.replace(part(p), os.path.join(out, p))
+        get(url(p), out, p, sizes[p], overall, clock, f"{i} of {len(todo)} files", lambda e: failed(p, e), resume)
     overall.close()
     print(f"{done()} of {len(paths)} files complete in {out}", flush=True)
     return paths
+
+
+def get(url, out, name, size, overall, clock, where, failed, resume):
+    """File `name` into out: to <name>.part, resumed by an HTTP Range request where a part exists,
+    checked against the announced size, then renamed. failed(error) -> the error to raise for a
+    network failure; resume() -> how to resume, for a transfer cut short."""
+    path = os.path.join(out, name)
+    part = path + ".part"
+    os.makedirs(os.path.dirname(part), exist_ok=True)
+    have = os.path.getsize(part) if os.path.isfile(part) else 0
+    if have >= size:  # complete but not renamed (killed in between), or not this file
+        os.replace(part, path) if have == size else os.remove(part)
+        if have == size:
+            return
+        have = 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    one = tqdm(total=size, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path), leave=False,
+               disable=overall.disable)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r, open(part, "ab" if r.status == 206 else "wb") as f:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+                overall.update(len(chunk))
+                one.update(len(chunk))
+                if not sys.stderr.isatty() and time.time() - clock[1] > 30:
+                    clock[1] = time.time()
+                    print(f"fetched {overall.n / 1e9:.2f} of {overall.total / 1e9:.2f} GB, {where}, "
+                          f"{clock[1] - clock[0]:.0f} s", file=sys.stderr, flush=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+        raise failed(e) from None
+    except OSError as e:
+        raise ValueError(f"{part}: cannot write ({e.strerror}); free some space and run the same command "
+                         "again to resume") from None
+    finally:
+        one.close()
+    got = os.path.getsize(part)
+    if got < size:  # the connection dropped
+        raise ValueError(f"{name}: the transfer stopped at {got} of {size} bytes; {resume()}")
+    if got > size:
+        os.remove(part)
+        raise ValueError(f"{name}: {got} bytes arrived where the server announced {size}; not kept")
+    os.replace(part, path)
 
 
 def main(argv=None):

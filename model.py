@@ -212,14 +212,19 @@ def feature_key(name, backbone, layer, layer_weights, normalize):
 # -----------------------------------------------------------------------------
 # the features the ridge sees: each window or story forwarded once, cached
 
+def uses_bf16(device, precision="auto"):
+    """Whether the backbone runs in bf16 autocast: on a GPU, unless --precision fp32."""
+    return device.type == "cuda" and precision != "fp32"
+
+
 @torch.inference_mode()
-def window_features(fn, windows, key, batch_size, device, desc="features"):
+def window_features(fn, windows, key, batch_size, device, desc="features", precision="auto"):
     """fn(wave (batch, samples)) -> (batch, p) for every window, in order: (rows, p) float32 on the
     CPU. With a key (what fn computes: backbone, layer, ...), each story's block is cached under it
     and the story's audio, row count and timing, so a second run does not forward it again. With a
     list of keys, fn returns a list of (batch, p), one per key (several layers of one forward): each
     story's blocks are cached and nothing is returned, so that no caller holds every layer at once."""
-    precision, many = "bf16" if device.type == "cuda" else "fp32", isinstance(key, list)
+    precision, many = "bf16" if uses_bf16(device, precision) else "fp32", isinstance(key, list)
 
     def blocks(i):  # [(rows, p)] of story i, one per key
         out = []
@@ -268,7 +273,7 @@ def delayed(x, delays):
 
 
 @torch.inference_mode()
-def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device):
+def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device, precision="auto"):
     """Frame features of a whole story, each frame heard with `context` s of audio before its stride:
     the story cut into chunks of context + stride seconds ending every `stride` s, each forwarded once
     (in batches; zeros before the story starts and after it ends), the frames of its last stride kept.
@@ -280,7 +285,7 @@ def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device):
     for i in range(0, len(ends), batch_size):
         waves = [np.array(wave[max(e - chunk, 0):min(e, len(wave))], np.float32) for e in ends[i:i + batch_size]]
         waves = [np.pad(w, (max(chunk - e, 0), chunk - max(chunk - e, 0) - len(w))) for w, e in zip(waves, ends[i:])]
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast("cuda", torch.bfloat16, enabled=uses_bf16(device, precision)):
             h = frames_fn(torch.from_numpy(np.stack(waves)).to(device)).float().cpu()  # (batch, frames, dim)
         at = (np.arange(h.shape[1]) + 0.5) * hop  # each frame's centre, samples into the chunk
         keep = np.flatnonzero((at > chunk - n_str) & (at <= chunk))  # the chunk's last stride
@@ -289,7 +294,7 @@ def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device):
     return np.concatenate(times).ravel(), torch.cat(feats)
 
 
-def protocol_features(frames_fn, hop, windows, key, protocol, batch_size, device, desc="features"):
+def protocol_features(frames_fn, hop, windows, key, protocol, batch_size, device, desc="features", precision="auto"):
     """Each story's features under a paper's protocol (PROTOCOLS: context, stride, delays), at its
     fMRI rows: stride_frames, Lanczos to the rows' times, z-scored per story, delayed. (rows, p),
     the resampled frames cached per story under key and the protocol."""
@@ -300,27 +305,27 @@ def protocol_features(frames_fn, hop, windows, key, protocol, batch_size, device
 
         def build():
             times, x = stride_frames(frames_fn, windows.waves[i], hop, protocol["context"], protocol["stride"],
-                                     batch_size, device)
+                                     batch_size, device, precision)
             return {"x": lanczos(x, times, t_rows, windows.timing["tr"]).numpy()}
         k = dict(key, audio=windows.keys[i], rows=len(t_rows), context=protocol["context"], stride=protocol["stride"],
-                 lanczos=3, **windows.timing) if key is not None and windows.keys else None
+                 lanczos=3, precision="bf16" if uses_bf16(device, precision) else "fp32", **windows.timing) if key is not None and windows.keys else None
         x = torch.from_numpy(np.array((cached("protocol", k, build, windows.stories[i]) if k else build())["x"]))
         out.append(delayed((x - x.mean(0)) / x.std(0).clamp_min(1e-6), protocol["delays"]))
     return torch.cat(out)
 
 
 def split_features(name, backbone, layer, layer_weights, normalize, windows, history, batch_size, device,
-                   protocol=None):
+                   protocol=None, precision="auto"):
     """{split: (rows, p)}: the features of the Windows in `windows` {split: Windows} that the ridge
     fits, cached: each window's frames pooled in `history` TR bins (pooled), or, with a paper's
     protocol {context, stride, delays}, each story forwarded in strides, Lanczos to the rows, delayed."""
     key = feature_key(name, backbone, layer, layer_weights, normalize)
     if protocol:
         fn = lambda w: hidden(backbone, w, layer, layer_weights, normalize)
-        return {s: protocol_features(fn, frame_hop(backbone), w, key, protocol, batch_size, device, s)
+        return {s: protocol_features(fn, frame_hop(backbone), w, key, protocol, batch_size, device, s, precision)
                 for s, w in windows.items()}
     fn = lambda w: pooled(backbone, w, layer, history, layer_weights, normalize)
-    return {s: window_features(fn, w, key, batch_size, device, s) for s, w in windows.items()}
+    return {s: window_features(fn, w, key, batch_size, device, s, precision) for s, w in windows.items()}
 
 
 # -----------------------------------------------------------------------------

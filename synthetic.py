@@ -137,55 +137,66 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
     stories = names[:n_stories] + [TEST_STORY]
     n_rows = int((seconds + SOUND_START - tr / 2) / tr) - TRIM_START  # last row inside the audio
     t_rows = row_times(n_rows, tr)
-    k = np.arange(0, 32, 1 / GRID)
-    features = {}  # story -> (rows, 8 + dim): band energies and meaning, through the HRF
-    for s in progress(stories, "synthetic audio"):
-        audio, words = _story(rng, vocab, seconds)
-        pcm = audio / np.abs(audio).max() * 0.9 * 32767
-        pcm = (resample_poly(pcm.astype(np.float32), sr, DEMO_SR) if sr != DEMO_SR else pcm).astype(np.int16)
-        if channels > 1:  # the other channels a little quieter
-            pcm = np.stack([(pcm.astype(np.int32) * (5 - c) // 5).astype(np.int16) for c in range(channels)], 1)
-        wavfile.write(wav_path(out, s), sr, pcm)
-        _textgrid(textgrid_path(out, s), words, seconds)
-        low = zscore(_band_energies(audio))
-        sem = np.zeros((len(low), dim))
-        for w, a, b, _ in words:
-            sem[int(a * GRID):int(b * GRID) + 1] += emb[w]
-        x = np.concatenate([low, sem], 1)
-        x = np.stack([np.convolve(col, hrf(k))[: len(x)] / GRID for col in x.T], 1)
-        features[s] = zscore(x[np.round(t_rows * GRID).astype(int)])
+    features = {s: _write_story(out, rng, s, vocab, emb, seconds, t_rows, sr, channels)  # (rows, 8 + dim) each
+                for s in progress(stories, "synthetic audio")}
     for j in range(n_subjects):
-        subj = f"UTS{j + 1:02d}"
-        os.makedirs(os.path.join(out, "derivative", "preprocessed_data", subj), exist_ok=True)
-        kind = rng.permutation(np.arange(n_voxels) * 3 // n_voxels)  # 0 AC, 1 semantic, 2 neither
-        W = rng.standard_normal((8 + dim, n_voxels))
-        W[8:, kind == 0] = 0
-        W[:8, kind == 1] = 0
-        W[:, kind == 2] = 0
-        ratio = np.where(kind < 2, np.exp(rng.uniform(*np.log(snr), n_voxels)), 0.0)
-        noise_sd = np.where(kind < 2, 1 / np.sqrt(np.maximum(ratio, 1e-12)), 1.0)
-        truth = {"weights": W, "snr": ratio, "noise_sd": noise_sd, "kind": kind,
-                 **{f"features_{s}": features[s] for s in stories}}
-        for s in progress(stories, f"synthetic {subj}"):
-            clean = features[s] @ W  # (rows, voxels); in place from here on: a story is ~200 MB
-            zscore_(clean)  # unit variance; voxels of neither kind have zero weights, so stay 0
-            total = np.zeros_like(clean)
-            with h5py.File(response_path(out, subj, s), "w") as f:
-                n = repeats if s == TEST_STORY else 1  # repeat by repeat: one repeat in memory at a time
-                reps = f.create_dataset("individual_repeats", (n, *clean.shape), np.float64) if n > 1 else None
-                for i in range(n):
-                    noisy = rng.standard_normal(clean.shape)
-                    noisy *= noise_sd
-                    noisy += clean
-                    total += noisy
-                    if reps is not None:
-                        reps[i] = noisy
-                zscore_(total)
-                f["data"] = total
-        np.savez(os.path.join(out, "derivative", "rois", subj + ".npz"),
-                 AC=np.flatnonzero(kind == 0), semantic=np.flatnonzero(kind == 1))
-        np.savez(os.path.join(out, "derivative", "ground_truth", subj + ".npz"), **truth)
+        _write_subject(out, rng, f"UTS{j + 1:02d}", features, n_voxels, snr, repeats)
     return out
+
+
+def _write_story(out, rng, s, vocab, emb, seconds, t_rows, sr, channels):
+    """Story s's wav and TextGrid; returns its true features at the rows' times (rows, 8 + dim): band
+    energies and the spoken word's meaning vector, through the HRF, z-scored."""
+    audio, words = _story(rng, vocab, seconds)
+    pcm = audio / np.abs(audio).max() * 0.9 * 32767
+    pcm = (resample_poly(pcm.astype(np.float32), sr, DEMO_SR) if sr != DEMO_SR else pcm).astype(np.int16)
+    if channels > 1:  # the other channels a little quieter
+        pcm = np.stack([(pcm.astype(np.int32) * (5 - c) // 5).astype(np.int16) for c in range(channels)], 1)
+    wavfile.write(wav_path(out, s), sr, pcm)
+    _textgrid(textgrid_path(out, s), words, seconds)
+    low = zscore(_band_energies(audio))
+    sem = np.zeros((len(low), len(next(iter(emb.values())))))
+    for w, a, b, _ in words:
+        sem[int(a * GRID):int(b * GRID) + 1] += emb[w]
+    x = np.concatenate([low, sem], 1)
+    k = np.arange(0, 32, 1 / GRID)
+    x = np.stack([np.convolve(col, hrf(k))[: len(x)] / GRID for col in x.T], 1)
+    return zscore(x[np.round(t_rows * GRID).astype(int)])
+
+
+def _write_subject(out, rng, subj, features, n_voxels, snr, repeats):
+    """One subject's responses to every story (hf5, the test story with its repeats), ROIs and
+    ground truth: a third of the voxels AC, a third semantic, a third nothing, each at its own SNR."""
+    os.makedirs(os.path.join(out, "derivative", "preprocessed_data", subj), exist_ok=True)
+    p = next(iter(features.values())).shape[1]  # 8 band energies + the meaning's dimensions
+    kind = rng.permutation(np.arange(n_voxels) * 3 // n_voxels)  # 0 AC, 1 semantic, 2 neither
+    W = rng.standard_normal((p, n_voxels))
+    W[8:, kind == 0] = 0
+    W[:8, kind == 1] = 0
+    W[:, kind == 2] = 0
+    ratio = np.where(kind < 2, np.exp(rng.uniform(*np.log(snr), n_voxels)), 0.0)
+    noise_sd = np.where(kind < 2, 1 / np.sqrt(np.maximum(ratio, 1e-12)), 1.0)
+    truth = {"weights": W, "snr": ratio, "noise_sd": noise_sd, "kind": kind,
+             **{f"features_{s}": x for s, x in features.items()}}
+    for s in progress(list(features), f"synthetic {subj}"):
+        clean = features[s] @ W  # (rows, voxels); in place from here on: a story is ~200 MB
+        zscore_(clean)  # unit variance; voxels of neither kind have zero weights, so stay 0
+        total = np.zeros_like(clean)
+        with h5py.File(response_path(out, subj, s), "w") as f:
+            n = repeats if s == TEST_STORY else 1  # repeat by repeat: one repeat in memory at a time
+            reps = f.create_dataset("individual_repeats", (n, *clean.shape), np.float64) if n > 1 else None
+            for i in range(n):
+                noisy = rng.standard_normal(clean.shape)
+                noisy *= noise_sd
+                noisy += clean
+                total += noisy
+                if reps is not None:
+                    reps[i] = noisy
+            zscore_(total)
+            f["data"] = total
+    np.savez(os.path.join(out, "derivative", "rois", subj + ".npz"),
+             AC=np.flatnonzero(kind == 0), semantic=np.flatnonzero(kind == 1))
+    np.savez(os.path.join(out, "derivative", "ground_truth", subj + ".npz"), **truth)
 
 
 def main(argv=None):

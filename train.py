@@ -29,7 +29,8 @@ import lora
 import ridge
 import synthetic
 from cache import log, save_atomic
-from model import BrainModel, keep_freed_memory, layer_of, load_backbone, load_checkpoint, make_head, split_features, tiny_weights, window_features
+from model import (BrainModel, keep_freed_memory, layer_of, load_backbone, load_checkpoint, make_head, split_features,
+                   tiny_weights, uses_bf16, window_features)
 
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
@@ -60,11 +61,12 @@ def brain_tune(args):
         weights = tiny_weights(args.data, shared["train"], args.tiny_pretrain, args.seed)
         backbone, normalize = load_backbone(args.model, weights, args.seed, args.backbone_dropout)
     layer = layer_of(args.layer, len(backbone.encoder.transformer.layers))
-    begin(args, run, ds, shared, layer, weights if pretraining else None)
+    begin(args, run, ds, shared, layer, weights if pretraining else None, device)
     stats, fits, scored = stage1(args, backbone.to(device), normalize, layer, ds, shared, run, device)
     out = [choose_voxels(args, d, fit, base) for d, fit, base in zip(ds, fits, scored)]
     if args.epochs > 0:
-        model = stage2(args, backbone, normalize, layer, stats, ds, out, fits, shared, run, device)
+        model = brain_model(args, backbone, normalize, layer, stats, out, fits, device)
+        model = stage2(args, model, ds, out, shared, run, device)
         refit(args, model, ds, out, shared, device)
     if RANK == 0:
         report(args, run, ds, out)
@@ -86,8 +88,9 @@ def start(args):
     return device
 
 
-def begin(args, run, ds, shared, layer, pretrained):
-    """The run folder, its config and tiny's pretrained weights (resume and eval.py load them there)."""
+def begin(args, run, ds, shared, layer, pretrained, device):
+    """The run folder, its config and tiny's pretrained weights (resume and eval.py load them there);
+    the log's first line."""
     if RANK == 0:
         os.makedirs(run, exist_ok=True)
     if pretrained is not None:
@@ -97,6 +100,8 @@ def begin(args, run, ds, shared, layer, pretrained):
     log(f"{'+'.join(d.name for d in ds)}: model {args.model} (recipe {args.recipe or 'none'}), layer "
         f"{args.layer if args.layer == 'weighted' else layer}, {len(shared['train'])} training windows of "
         f"{args.history} TRs from {len(shared['train'].stories)} stories; run folder {run}")
+    log(f"device {device}: the backbone in {'bf16 autocast' if uses_bf16(device, args.precision) else 'float32'}, "
+        "the ridge in float32")
     if RANK == 0 and not args.resume:
         cfg = dict(args=vars(args), stories={d.name: d.stories for d in ds}, torch=torch.__version__,
                    torchaudio=torchaudio.__version__, numpy=np.__version__)
@@ -107,7 +112,7 @@ def features(args, backbone, lw, layer, normalize, ds, shared, device, protocol=
     """Each shared window (or story) forwarded once: the features, the z-scoring of the first split
     (one for every head), and each subject's rows {split: (rows, p)}."""
     X = split_features(args.model, backbone, layer, lw, normalize, {s: shared[s] for s in splits}, args.history,
-                       args.batch_size, device, protocol)
+                       args.batch_size, device, protocol, args.precision)
     stats = X[splits[0]].mean(0), X[splits[0]].std(0).clamp_min(1e-6)
     own = lambda x, take: x if len(take) == len(x) and bool((take == torch.arange(len(x))).all()) else x[take]
     return X, stats, [{s: own(X[s], d.take[s]) for s in X} for d in ds]  # no copy if it heard them all
@@ -151,17 +156,22 @@ def choose_voxels(args, d, fit, base):
     return dict(sets=sets, roi=roi, r={"baseline_r": r.numpy()}, blocks={"baseline": blocks[0]} if blocks else {})
 
 
-def stage2(args, backbone, normalize, layer, stats, ds, out, fits, shared, run, device):
-    """LoRA adapters (or the whole transformer) and a head per subject, initialised by its ridge
-    weights, trained together (train_epoch), from the run's last checkpoint when resuming; the best
-    epoch by validation r (the mean over subjects) is kept. Returns the model, in eval mode."""
+def brain_model(args, backbone, normalize, layer, stats, out, fits, device):
+    """The model stage 2 trains: adapters on layers 1..layer (--lora-rank 0: the whole transformer
+    up to it) and a head per subject holding its ridge weights on its trained voxels."""
     n_layers, weighted = len(backbone.encoder.transformer.layers), args.layer == "weighted"
     torch.manual_seed(args.seed)  # the adapters' init must not depend on what the caches spared (DataLoaders draw seeds)
     lora.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
     if args.lora_rank == 0 and not weighted:  # layers above the one read get no gradient
         backbone.encoder.transformer.layers[layer:].requires_grad_(False)
     heads = [make_head(W[:, o["roi"]], args.bottleneck) for o, (W, *_) in zip(out, fits)]
-    model = BrainModel(backbone, heads, *stats, layer, args.history, n_layers if weighted else 0, normalize).to(device)
+    return BrainModel(backbone, heads, *stats, layer, args.history, n_layers if weighted else 0, normalize).to(device)
+
+
+def stage2(args, model, ds, out, shared, run, device):
+    """The adapters (or the transformer) and every head trained together (train_epoch), from the
+    run's last checkpoint when resuming; the best epoch by validation r (the mean over subjects) is
+    kept. Returns the model, in eval mode."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for n, p in trainable if not n.startswith("heads.")], "lr": args.lr},
                              {"params": [p for n, p in trainable if n.startswith("heads.")], "lr": args.head_lr}],
@@ -184,7 +194,7 @@ def stage2(args, backbone, normalize, layer, stats, ds, out, fits, shared, run, 
         t0, STEP[0] = time.time(), f"stage 2, epoch {epoch + 1}"
         loss = train_epoch(args, net, model, ds, rois, shared["train"], opt, sched, epoch, run, device)
         model.eval()
-        Z = window_features(model.features, shared["val"], None, args.batch_size, device, "validation")
+        Z = window_features(model.features, shared["val"], None, args.batch_size, device, "validation", args.precision)
         val = [r.nanmean().item() for r in heads_r(model, Z, ds, rois, "val", device)]
         state["metrics"].append(dict(epoch=epoch + 1, train_loss=loss, val_r=float(np.mean(val)), lr=opt.param_groups[0]["lr"],
                                      head_lr=opt.param_groups[1]["lr"], seconds=round(time.time() - t0, 2)))
@@ -219,7 +229,7 @@ def train_epoch(args, net, model, ds, rois, windows, opt, sched, epoch, run, dev
         batch = perm[start:start + B]
         idx = batch[RANK::WORLD]  # this process's share of the global batch
         wave = torch.stack([windows[j][0] for j in idx.tolist()]).to(device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast("cuda", torch.bfloat16, enabled=uses_bf16(device, args.precision)):
             preds = net(wave)  # every head on the one forward of the shared windows
         loss = subjects_loss(preds, model.heads, ds, rois, idx, args.loss, args.l2, device)
         if not torch.isfinite(loss):

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import cache
+import config
 import data
 import eval as ev
+import probes
 import ridge
 import synthetic
 import train
@@ -32,7 +34,7 @@ def test_show_repeats_the_results_with_normalised_r(run):
 
 def test_export_loads_strictly_and_reproduces_the_tuned_features(run, tmp_path):
     path = ev.export(run, str(tmp_path / "tuned.pt"))
-    args, layer, pre, tuned, lw = ev.load_run(run)
+    args, layer, pre, tuned, lw = config.load_run(run)
     fresh, _ = load_backbone("tiny", seed=123)
     fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
     x = torch.randn(2, 40000)
@@ -85,23 +87,23 @@ def test_stability_equals_numpy(tmp_path):
 
 
 def test_lowlevel_removes_what_band_energies_explain(run):
-    args, layer, pre, tuned, lw = ev.load_run(run)
-    d = ev.load_subject(args, args.subject)
+    args, layer, pre, tuned, lw = config.load_run(run)
+    d = config.load_subject(args, args.subject)
     z = lambda v, ref: (v - ref.mean(0)) / ref.std(0).clamp_min(1e-6)
-    L = {s: ev.mel_features(d.windows[s], args.history, n_mels=8) for s in ("train", "test")}
+    L = {s: probes.mel_features(d.windows[s], args.history, n_mels=8) for s in ("train", "test")}
     L = {s: z(v, L["train"]) for s, v in L.items()}
-    X = ev.features(args, layer, pre, None, d)
+    X = config.features(args, layer, pre, None, d)
     X = {s: z(v, X["train"]) for s, v in X.items()}
     # 20 voxels built to depend only on the low-level features, plus noise
     g = torch.Generator().manual_seed(0)
     w = torch.randn(L["train"].shape[1], 20, generator=g)
     Y = {s: z(L[s] @ w, L["train"] @ w) + torch.randn(len(L[s]), 20, generator=g) for s in L}
     groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], args.cv_folds)
-    full, resid = ev.lowlevel_r(X, L, Y["train"], Y["test"], groups, args.alphas)
+    full, resid = probes.lowlevel_r(X, L, Y["train"], Y["test"], groups, args.alphas)
     # measured: full r 0.57, without the low-level part -0.03 (a 24-TR test story: r is noisy)
     assert full.mean() > 0.25
     assert resid.mean().abs() < 0.08
-    res, table = ev.lowlevel(run)  # the whole analysis on the run's own voxels
+    res, table = probes.lowlevel(run)  # the whole analysis on the run's own voxels
     assert res["pretrained"]["AC"]["residual_r"] < res["pretrained"]["AC"]["full_r"]
     # the top voxels are chosen by stage-1 cross-validated r on training stories, not by the test r
     cv = load_checkpoint(os.path.join(run, "stage1.pt"))[2][0][1].numpy()
@@ -112,18 +114,18 @@ def test_lowlevel_removes_what_band_energies_explain(run):
 
 
 def test_evals_rebuilt_tuned_model_reproduces_the_runs_refit(run):
-    args, layer, pre, tuned, lw = ev.load_run(run)
-    d = ev.load_subject(args, args.subject)
+    args, layer, pre, tuned, lw = config.load_run(run)
+    d = config.load_subject(args, args.subject)
     with cache.no_cache():  # features extracted again from the rebuilt backbone, not read back
-        refit = ev.fit(args, layer, tuned, lw, d)[4].numpy()
+        refit = config.fit(args, layer, tuned, lw, d)[4].numpy()
     np.testing.assert_allclose(refit, np.load(os.path.join(run, "voxel_r.npz"))["refit_r"], rtol=1e-4, atol=1e-5)
 
 
 def test_a_probe_segment_longer_than_the_context_is_heard_whole(run):
-    args, layer, pre, *_ = ev.load_run(run)
+    args, layer, pre, *_ = config.load_run(run)
     wave = np.random.default_rng(0).standard_normal(10 * data.SR).astype(np.float32)
     segments = [(1.0, 9.0), (6.0, 8.0)]  # 8 s and 2 s, context 4 s
-    got = ev.segment_features(args, layer, pre, None, wave, segments, context=4.0)
+    got = probes.segment_features(args, layer, pre, None, wave, segments, context=4.0)
     with torch.no_grad():
         whole = hidden(pre, torch.from_numpy(wave[data.SR:9 * data.SR])[None], layer)[0].mean(0)
         frames = hidden(pre, torch.from_numpy(wave[4 * data.SR:8 * data.SR])[None], layer)[0]
@@ -133,28 +135,28 @@ def test_a_probe_segment_longer_than_the_context_is_heard_whole(run):
 
 def test_bad_run_folders_are_clear_errors(run, tmp_path):
     with pytest.raises(ValueError, match="no such run folder"):
-        ev.load_run(str(tmp_path / "nope"))
+        config.load_run(str(tmp_path / "nope"))
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
     os.remove(broken / "stage1.pt")
     with pytest.raises(ValueError, match="incomplete: stage1.pt is missing"):
-        ev.load_run(str(broken))
+        config.load_run(str(broken))
     other = tmp_path / "other"
     shutil.copytree(run, other)
     state = torch.load(other / "adapter.pt", weights_only=True)
     state["trainable"]["backbone.encoder.transformer.layers.9.attention.q_proj.lora_A"] = torch.zeros(1)
     torch.save(state, other / "adapter.pt")
     with pytest.raises(ValueError, match="does not fit the tiny model"):
-        ev.load_run(str(other))
+        config.load_run(str(other))
 
 
 def test_probes_and_cross_subject_run_and_are_saved(run):
-    out, table = ev.probe(run, "phones")
-    phones = [p for _, _, p in data.words_and_phones(data.textgrid_path(ev.load_run(run)[0].data, data.TEST_STORY))[0]]
+    out, table = probes.probe(run, "phones")
+    phones = [p for _, _, p in data.words_and_phones(data.textgrid_path(config.load_run(run)[0].data, data.TEST_STORY))[0]]
     majority = max(phones.count(p) for p in set(phones)) / len(phones)  # always guessing the commonest phone
     # measured on this small dataset: majority 0.13, pretrained 0.58, tuned 0.59 (phone-pretrained tiny)
     assert out["pretrained"] > majority + 0.2 and out["tuned"] > majority + 0.2
-    out, table = ev.probe(run, "semantic")
+    out, table = probes.probe(run, "semantic")
     # the word vectors are random: they are read as well as the words are recognised; measured 0.21 / 0.21
     assert out["pretrained"] > 0.1 and out["tuned"] > 0.1 and "semantic probe" in table
     table = ev.cross_subject(run, "S02")
@@ -173,7 +175,7 @@ def test_tuning_on_semantic_voxels_carries_meaning_to_another_subject_and_to_the
     run = train.main(["--data", root, "--model", "tiny", "--roi", "semantic", "--lora-rank", "0", "--lr", "3e-3",
                       "--epochs", "10", "--patience", "10", "--out", str(tmp_path / "run")])
     ev.cross_subject(run, "S02")
-    probe, _ = ev.probe(run, "semantic")
+    probe, _ = probes.probe(run, "semantic")
     transfer = json.load(open(os.path.join(run, "analyses.json")))["transfer_UTS02"]["semantic"]
     assert transfer["refit_r"] > transfer["baseline_r"] + 0.02
     assert probe["tuned"] > probe["pretrained"] + 0.01
@@ -199,24 +201,24 @@ def test_a_moved_run_folder_still_loads_tinys_pretrained_weights(run, tmp_path):
     assert cfg["args"]["weights"] == os.path.join(run, "tiny_pretrained.pt")
     cfg["args"]["weights"] = "/gone/tiny_pretrained.pt"  # where the run was made
     (moved / "config.json").write_text(json.dumps(cfg))
-    pre = ev.load_run(str(moved))[2]
+    pre = config.load_run(str(moved))[2]
     want = torch.load(moved / "tiny_pretrained.pt", weights_only=True)
     assert all(torch.equal(v, want[k]) for k, v in pre.state_dict().items())
 
 
 def test_the_layer_profile_forwards_once_and_its_run_layer_is_the_baseline(run, monkeypatch):
-    forwarded, real = [], ev.load_run
+    forwarded, real = [], config.load_run
 
     def counted(r):
         out = real(r)
         for bb in out[2:4]:
             bb.feature_extractor.register_forward_pre_hook(lambda m, inp: forwarded.append(len(inp[0])))
         return out
-    monkeypatch.setattr(ev, "load_run", counted)
+    monkeypatch.setattr(config, "load_run", counted)
     with cache.no_cache():  # every layer extracted here, none read from the run's cache
         out, table = ev.profile(run)
     args, layer = real(run)[:2]
-    d = ev.load_subject(args, args.subject)
+    d = config.load_subject(args, args.subject)
     assert sum(forwarded) == 2 * (len(d.windows["train"]) + len(d.windows["test"]))  # one forward per window and backbone
     assert set(out) == {"1", "2", "3", "4"} and "tuned" not in out["4"] and "tuned" in out[str(layer)]
     baseline = json.load(open(os.path.join(run, "results.json")))["test"]
@@ -272,7 +274,7 @@ def test_block_permutation_p_is_uniform_for_noise_and_small_for_a_real_effect():
 def test_significance_counts_voxels_and_keeps_their_p_values(run):
     out, table = ev.significance(run, permutations=999, block=2)  # this test story has 24 TRs: blocks of 2
     npz = np.load(os.path.join(run, "voxel_r.npz"))
-    kind = np.load(os.path.join(ev.load_run(run)[0].data, "derivative", "ground_truth", "UTS01.npz"))["kind"]
+    kind = np.load(os.path.join(config.load_run(run)[0].data, "derivative", "ground_truth", "UTS01.npz"))["kind"]
     assert npz["baseline_p"].shape == npz["refit_p"].shape == (90,) and np.isfinite(npz["refit_p"]).all()
     # measured on this 24-TR test story: median p 0.015 for AC voxels, 0.36 for those that follow
     # nothing; 7 AC voxels pass the false discovery rate, no semantic one

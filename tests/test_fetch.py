@@ -14,8 +14,8 @@ import pytest
 
 import config
 import data
-import eval as ev
 import fetch
+import probes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREE = {  # two subjects who heard different stories; files neither of them needs
@@ -154,10 +154,10 @@ def test_english1000_is_read_column_by_word(tmp_path):
     with h5py.File(path, "w") as f:
         f["data"] = np.arange(6.0).reshape(3, 2)  # (dimensions, words)
         f["vocab"] = np.array([b"Hello", b"world"])
-    emb = ev.load_embeddings(path)
+    emb = probes.load_embeddings(path)
     assert list(emb) == ["hello", "world"] and emb["world"].tolist() == [1.0, 3.0, 5.0]
     os.makedirs(tmp_path / "ds" / "derivative")
     with pytest.raises(ValueError, match="no word vectors in .*english1000sm.hf5 .*--embeddings"):
-        ev.default_embeddings(str(tmp_path / "ds"))
+        probes.default_embeddings(str(tmp_path / "ds"))
     os.rename(path, tmp_path / "ds" / "derivative" / "english1000sm.hf5")
-    assert ev.default_embeddings(str(tmp_path / "ds")).endswith("english1000sm.hf5")
+    assert probes.default_embeddings(str(tmp_path / "ds")).endswith("english1000sm.hf5")

@@ -12,7 +12,7 @@ import data
 import eval as ev
 import ridge
 import train
-from model import load_backbone, load_checkpoint, make_head, pretrain_tiny
+from model import load_backbone, load_checkpoint, make_head, pretrain_tiny, uses_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,8 +62,9 @@ def test_pearson_equals_corrcoef():
     assert ridge.pearson(torch.ones(10, 1), torch.randn(10, 1)).item() == 0.0
 
 
-def test_stage1_on_synthetic_tiny(demo, tmp_path):
+def test_stage1_on_synthetic_tiny(demo, tmp_path, capsys):
     run = train.main(["--data", demo, "--model", "tiny", "--subject", "S01", "--epochs", "0", "--out", str(tmp_path / "r")])
+    assert "device cpu: the backbone in float32, the ridge in float32" in capsys.readouterr().out  # named in the log
     res = json.load(open(os.path.join(run, "results.json")))
     t = res["test"]
     assert res["subject"] == "UTS01" and res["model"] == "tiny"
@@ -240,6 +241,13 @@ def test_the_ridge_runs_in_full_float32_whatever_training_uses(monkeypatch):
     ridge.fit_ridge(torch.randn(40, 5), torch.randn(40, 3), [1.0], np.repeat(np.arange(2), 20))
     assert seen and not any(seen)  # TF32 off while it runs
     assert torch.backends.cuda.matmul.allow_tf32  # and the run's own setting back afterwards
+
+
+def test_precision_bf16_only_on_a_gpu_and_fp32_turns_it_off():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_bf16(cuda) and uses_bf16(cuda, "auto") and not uses_bf16(cuda, "fp32")
+    assert not uses_bf16(cpu) and not uses_bf16(cpu, "auto")
+    assert config.parse(["--precision", "fp32"]).precision == "fp32" and config.parse([]).precision == "auto"
 
 
 def test_bottleneck_head_is_the_best_rank_k_approximation():
