@@ -21,10 +21,9 @@ from scipy.io import wavfile
 
 import cache
 import data
-import lora
 import ridge
 import synthetic
-from model import BUNDLES, PROTOCOLS, TINY, layer_of, load_backbone, load_checkpoint, split_features
+from model import BUNDLES, PROTOCOLS, TINY, add_adapters, layer_of, load_backbone, load_checkpoint, split_features
 
 RECIPES = {  # the papers' values (README, "Recipes"); every value can still be overridden on the command line
     # the laptop demo (the default with the tiny model): a small model needs larger steps
@@ -313,7 +312,7 @@ def load_run(run):
     if os.path.isfile(os.path.join(run, "adapter.pt")):
         state = load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
         tuned = copy.deepcopy(pre)  # the same pretrained weights, read once
-        lora.add_lora(tuned, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
+        add_adapters(tuned, layer, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
         mine = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         missing = set(mine) - set(tuned.state_dict())
         if missing:

@@ -1,6 +1,7 @@
 """
 The papers' analyses of a finished run: each a flag, each a small table, each merged into
-RUN/analyses.json (other keys are kept).
+RUN/analyses.json (other keys are kept). One command loads the run once (config.load_run) and
+hands it to every analysis it asks for.
 
     python eval.py RUN                      # the results table again, with noise-normalised r
     python eval.py RUN --subject S02        # cross-subject transfer (BrainWavLM)
@@ -14,6 +15,7 @@ RUN/analyses.json (other keys are kept).
     python eval.py RUN --export tuned.pt    # merged plain torchaudio state dict
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -41,10 +43,10 @@ def show(run):
     return ridge.format_table(results(run), json.load(open(os.path.join(run, "results.json"))).get("protocol"))
 
 
-def cross_subject(run, subject):
+def cross_subject(run, subject, loaded=None):
     """The backbone tuned on the run's subject(s), ridge refit on another subject: test r against
     the pretrained backbone on that subject (BrainWavLM's transfer test)."""
-    args, layer, pre, tuned, lw = config.load_run(run)
+    args, layer, pre, tuned, lw = loaded or config.load_run(run)
     if tuned is None:
         raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
     d = config.load_subject(args, subject)
@@ -68,13 +70,13 @@ def parse_layers(text, depth, model):
     return sorted(set(layers))
 
 
-def profile(run, text="all"):
+def profile(run, text="all", loaded=None):
     """The layer-wise encoding profile: for each layer, its features pooled into the run's TR bins,
     ridge refit on the run's training stories (stage 1's folds, lambdas and z-scoring), the test r of
     each voxel set (chosen by stage-1 cv r); pretrained, and tuned on layers 1..L, those that were
     tuned (above L the tuned model's weights are the pretrained ones). One forward per window and backbone
     yields every layer, each cached, then loaded one at a time."""
-    args, layer, pre, tuned, lw = config.load_run(run)
+    args, layer, pre, tuned, lw = loaded or config.load_run(run)
     layers = parse_layers(text, len(pre.encoder.transformer.layers), args.model)
     d = config.load_subject(args, args.subject)
     sets_ = ridge.sets(d, config.stage1_cv(run))
@@ -105,12 +107,13 @@ def profile(run, text="all"):
     return out, "\n".join(lines + ([note] if note and max(layers) > layer else []))
 
 
-def significance(run, permutations=1000, q=0.05, block=None):
+def significance(run, permutations=1000, q=0.05, block=None, loaded=None):
     """Each voxel's baseline and refit test r against zero, by block permutation of the test story's
     TRs (blocks of `block` TRs, default the run's --block), the false discovery rate held at q over
     the voxels (Benjamini-Hochberg); per voxel set, how many voxels pass. The p-values go into
     voxel_r.npz (baseline_p, refit_p)."""
-    args, layer, pre, tuned, lw = config.load_run(run)
+    args, layer, pre, tuned, lw = loaded or config.load_run(run)
+    args = copy.copy(args)  # the run's, shared by the command's other analyses
     args.block = block or args.block
     d = config.load_subject(args, args.subject)
     sets_ = ridge.sets(d, config.stage1_cv(run))
@@ -155,12 +158,12 @@ def stability(runs, vs=None):
     return out, "\n".join(lines)
 
 
-def plot(run):
+def plot(run, loaded=None):
     """PNG figures in the run folder; returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    args, layer, pre, tuned, lw = config.load_run(run)
+    args, layer, pre, tuned, lw = loaded or config.load_run(run)
     npz = np.load(os.path.join(run, "voxel_r.npz"))
     multi = len(args.subjects) > 1  # keys "<subject>.baseline_r" ..., one scatter and histogram each
     paths = []
@@ -229,14 +232,14 @@ def plot_voxels(plt, save, subj, r, rois, tag):
     save(fig, f"change_hist{tag}.png")
 
 
-def export(run, path):
+def export(run, path, loaded=None):
     """The tuned backbone merged into a plain torchaudio state dict."""
     if os.path.exists(path):
         raise ValueError(f"{path} already exists; choose a new file (nothing was written)")
-    args, layer, pre, tuned, lw = config.load_run(run)
+    args, layer, pre, tuned, lw = loaded or config.load_run(run)
     if tuned is None:
         raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
-    save_atomic(lora.merge_lora(tuned).state_dict(), path)
+    save_atomic(lora.merge_lora(copy.deepcopy(tuned)).state_dict(), path)  # the loaded run stays as it was
     return path
 
 
@@ -261,7 +264,8 @@ def parser():
 
 def check(a):
     """Every flag against the run and the files it names, before any analysis runs."""
-    args, _, pre, *_ = config.load_run(a.run)  # a clear error for a missing or incomplete run
+    loaded = config.load_run(a.run)  # a clear error for a missing or incomplete run
+    args, _, pre, *_ = loaded
     if a.subject:
         data.find_subject(args.data, a.subject)
     for flag, runs in (("--seeds", a.seeds), ("--vs", a.vs)):
@@ -279,30 +283,31 @@ def check(a):
     if a.export and (os.path.exists(a.export) or not os.path.isdir(os.path.dirname(os.path.abspath(a.export)))):
         raise ValueError(f"--export {a.export}: " + ("already exists; choose a new file" if os.path.exists(a.export)
                          else f"no folder {os.path.dirname(os.path.abspath(a.export))}"))
+    return loaded
 
 
 def main(argv=None):
     a = parser().parse_args(argv)
-    check(a)
+    loaded = check(a)  # the run, loaded once for every analysis of the command
     print(show(a.run))
     if a.subject:
-        print(f"\ncross-subject transfer to {a.subject}:\n" + cross_subject(a.run, a.subject))
+        print(f"\ncross-subject transfer to {a.subject}:\n" + cross_subject(a.run, a.subject, loaded))
     if a.probe:
-        print("\n" + probes.probe(a.run, a.probe, a.embeddings)[1])
+        print("\n" + probes.probe(a.run, a.probe, a.embeddings, loaded)[1])
     if a.lowlevel:
-        print("\n" + probes.lowlevel(a.run)[1])
+        print("\n" + probes.lowlevel(a.run, loaded)[1])
     if a.layers is not None:
-        print("\n" + profile(a.run, a.layers)[1])
+        print("\n" + profile(a.run, a.layers, loaded)[1])
     if a.significance:
-        print("\n" + significance(a.run, block=a.block)[1])
+        print("\n" + significance(a.run, block=a.block, loaded=loaded)[1])
     if a.seeds:
         out, table = stability([a.run] + a.seeds, a.vs)
         cache.merge_analyses(a.run, "stability", out)
         print("\n" + table)
     if a.plot:
-        print("\nwrote " + ", ".join(plot(a.run)))
+        print("\nwrote " + ", ".join(plot(a.run, loaded)))
     if a.export:
-        print(f"\nwrote {export(a.run, a.export)}")
+        print(f"\nwrote {export(a.run, a.export, loaded)}")
 
 
 if __name__ == "__main__":

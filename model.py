@@ -19,8 +19,9 @@ import torch.nn.functional as F
 import torchaudio
 from torchaudio.models import wav2vec2_model, wavlm_model
 
-from cache import cached, digest, file_key, log, progress
 import data
+import lora
+from cache import cached, digest, file_key, log, progress
 
 BUNDLES = {"wav2vec2_base": "WAV2VEC2_BASE", "wav2vec2_large": "WAV2VEC2_LARGE", "hubert_base": "HUBERT_BASE",
            "hubert_large": "HUBERT_LARGE", "wavlm_base": "WAVLM_BASE", "wavlm_base_plus": "WAVLM_BASE_PLUS",
@@ -188,6 +189,16 @@ def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
     """(batch, samples) -> (batch, history * dim): frames averaged in TR bins, bin k = the audio
     heard k..k+1 TRs before the fMRI frame."""
     return pool_frames(hidden(backbone, wave, layer, layer_weights, normalize), history).flatten(1)
+
+
+def add_adapters(backbone, layer, rank, alpha, dropout, targets, weighted=False):
+    """The backbone made tunable up to the layer read: LoRA on the attention projections of layers
+    1..layer (lora.add_lora), or with rank 0 the whole transformer, frozen above that layer unless
+    every layer is read (weighted), as those get no gradient. In place; returns the backbone."""
+    lora.add_lora(backbone, rank, alpha, dropout, targets, range(layer))
+    if rank == 0 and not weighted:
+        backbone.encoder.transformer.layers[layer:].requires_grad_(False)
+    return backbone
 
 
 def layer_of(layer, n_layers):

@@ -70,11 +70,11 @@ def segment_features(args, layer, backbone, lw, wave, segments, context=4.0, bat
     return torch.stack(out)
 
 
-def probe(run, kind, embeddings=None):
+def probe(run, kind, embeddings=None, loaded=None):
     """semantic: word vectors from features at each word (ridge, folds by story), mean r over the
     vector's dimensions on the test story. phones: phone identity, a linear (ridge) classifier on
     one-hot targets, accuracy on the test story. Pretrained against tuned backbone."""
-    args, layer, pre, tuned, lw = config.load_run(run)
+    args, layer, pre, tuned, lw = loaded or config.load_run(run)
     subj = data.find_subject(args.data, args.subject)
     train_s, val_s, test_s = data.splits(args.data, subj, args.test_stories, args.val_stories)
     emb = load_embeddings(embeddings or default_embeddings(args.data)) if kind == "semantic" else None
@@ -141,10 +141,10 @@ def lowlevel_r(X, L, Ytrain, Ytest, groups, alphas):
     return out
 
 
-def lowlevel(run):
+def lowlevel(run, loaded=None):
     """Moussa et al.'s test of reliance on low-level features: encoding r refit on the backbone's
     features after removing what mel band energies predict, per voxel set, pretrained vs tuned."""
-    args, layer, pre, tuned, lw = config.load_run(run)
+    args, layer, pre, tuned, lw = loaded or config.load_run(run)
     d = config.load_subject(args, args.subject)
     L = {s: mel_features(d.windows[s], args.history) for s in ("train", "test")}
     mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)

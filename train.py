@@ -25,12 +25,11 @@ import torchaudio
 import cache
 import config
 import data
-import lora
 import ridge
 import synthetic
 from cache import log, save_atomic
-from model import (BrainModel, keep_freed_memory, layer_of, load_backbone, load_checkpoint, make_head, split_features,
-                   tiny_weights, uses_bf16, window_features)
+from model import (BrainModel, add_adapters, keep_freed_memory, layer_of, load_backbone, load_checkpoint, make_head,
+                   split_features, tiny_weights, uses_bf16, window_features)
 
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
@@ -161,9 +160,7 @@ def brain_model(args, backbone, normalize, layer, stats, out, fits, device):
     up to it) and a head per subject holding its ridge weights on its trained voxels."""
     n_layers, weighted = len(backbone.encoder.transformer.layers), args.layer == "weighted"
     torch.manual_seed(args.seed)  # the adapters' init must not depend on what the caches spared (DataLoaders draw seeds)
-    lora.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, range(layer))
-    if args.lora_rank == 0 and not weighted:  # layers above the one read get no gradient
-        backbone.encoder.transformer.layers[layer:].requires_grad_(False)
+    add_adapters(backbone, layer, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, weighted)
     heads = [make_head(W[:, o["roi"]], args.bottleneck) for o, (W, *_) in zip(out, fits)]
     return BrainModel(backbone, heads, *stats, layer, args.history, n_layers if weighted else 0, normalize).to(device)
 

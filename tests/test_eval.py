@@ -68,6 +68,13 @@ def test_plots_are_pngs_with_labelled_axes(run, monkeypatch):
     assert labels and all(x and y for x, y in labels)
 
 
+def test_one_command_loads_the_run_once_for_all_its_analyses(run, tmp_path, monkeypatch, capsys):
+    calls, real = [], config.load_run
+    monkeypatch.setattr(config, "load_run", lambda r: calls.append(r) or real(r))
+    ev.main([run, "--plot", "--seeds", run, "--export", str(tmp_path / "t.pt")])
+    assert calls == [run] and "wrote" in capsys.readouterr().out and os.path.isfile(tmp_path / "t.pt")
+
+
 def test_stability_equals_numpy(tmp_path):
     runs = []
     rng = np.random.default_rng(0)

@@ -377,3 +377,25 @@ def test_a_papers_protocol_scores_the_baseline_and_the_refit_while_the_windows_t
     assert all(torch.equal(a[k], b[k]) for k in a)  # the training is the windows', whatever scores it
     table = ev.show(run)
     assert table.splitlines()[0].startswith("protocol brainwavlm: 1 s heard before each 0.5 s stride")
+
+
+def test_the_imports_run_one_way():
+    """model.py imports nothing of the run, nothing imports train.py, and no two files import each other."""
+    import ast
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = {os.path.basename(f)[:-3]: f for f in glob.glob(os.path.join(root, "*.py"))}
+    deps = {}
+    for name, f in files.items():
+        tree = ast.parse(open(f).read())
+        deps[name] = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name in files}
+        deps[name] |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module in files}
+
+    def below(name, seen):
+        for d in deps[name] - seen:
+            seen.add(d)
+            below(d, seen)
+        return seen
+    assert not [n for n in deps if n in below(n, set())]  # no cycle
+    assert deps["model"] <= {"cache", "data", "lora"} and deps["lora"] == set() and deps["data"] <= {"cache"}
+    assert not [n for n in deps if "train" in deps[n]]
