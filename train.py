@@ -318,13 +318,16 @@ def report(args, run, ds, out):
 
 
 def run_folder(args):
-    """The run folder: --resume's, --out, or a new name; an existing one is refused without --force."""
-    if args.resume:
-        return args.resume
-    name = args.out or os.path.join("runs", f"{args.subject.replace(',', '+')}_{args.roi}_{args.model}_{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(name) and (not os.path.isdir(name) or os.listdir(name)) and not args.force:
-        raise ValueError(f"{name} already exists; use --resume {name} to continue it or --force to overwrite it")
-    return name
+    """The run folder: --resume's, --out, or a new name; an existing one is refused without --force.
+    The first process decides and tells the others (a new name holds the time)."""
+    name = [args.resume or args.out or os.path.join("runs", f"{args.subject.replace(',', '+')}_{args.roi}_"
+                                                            f"{args.model}_{time.strftime('%Y%m%d-%H%M%S')}")]
+    if WORLD > 1:
+        torch.distributed.broadcast_object_list(name)  # rank 0's
+    if RANK == 0 and not args.resume and os.path.exists(name[0]) and not args.force and (
+            not os.path.isdir(name[0]) or os.listdir(name[0])):
+        raise ValueError(f"{name[0]} already exists; use --resume {name[0]} to continue it or --force to overwrite it")
+    return name[0]
 
 
 def main(argv=None):
