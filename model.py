@@ -1,7 +1,10 @@
 """
 The model: a torchaudio speech backbone (wav2vec2, HuBERT or WavLM) read at one transformer layer,
 its frames averaged into the TR bins of each fMRI frame's window, and a linear head per subject from
-those features to voxels. What turns audio into predicted voxels, and nothing of the run.
+those features to voxels. What turns audio into predicted voxels, and nothing of the run: the
+backbones (and `tiny`, with its cached phone pretraining), LoRA adapters on them (add_adapters), the
+features the ridge sees (each window or story forwarded once and cached: the windows, or a paper's
+sliding context, Lanczos and delays), and BrainModel with its heads.
 
     backbone, normalize = load_backbone("wavlm_base_plus")      # torchaudio's pretrained weights
     model = BrainModel(backbone, [make_head(W)], mu, sd, layer=9, history=4, normalize=normalize)

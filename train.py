@@ -62,6 +62,8 @@ def brain_tune(args):
     layer = layer_of(args.layer, len(backbone.encoder.transformer.layers))
     begin(args, run, ds, shared, layer, weights if pretraining else None, device)
     stats, fits, scored = stage1(args, backbone.to(device), normalize, layer, ds, shared, run, device)
+    if WORLD > 1 and RANK == 0:
+        torch.distributed.barrier()  # the caches are full: the other processes go on
     out = [choose_voxels(args, d, fit, base) for d, fit, base in zip(ds, fits, scored)]
     if args.epochs > 0:
         model = brain_model(args, backbone, normalize, layer, stats, out, fits, device)
@@ -140,8 +142,6 @@ def stage1(args, backbone, normalize, layer, ds, shared, run, device):
         scored = [[fit(args, x, d, device, stats_p) for x, d in zip(X, ds)]]
     if RANK == 0:
         save_atomic((*stats, fits, *scored), path)
-    if WORLD > 1 and RANK == 0:
-        torch.distributed.barrier()
     return stats, fits, scored[0] if scored else fits
 
 
@@ -179,8 +179,10 @@ def stage2(args, model, ds, out, shared, run, device):
     ckpt = os.path.join(run, "checkpoint.pt")
     if args.resume and os.path.exists(ckpt):
         ckpt = load_checkpoint(ckpt)
-        opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"]), torch.set_rng_state(ckpt["rng"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
         model.load_state_dict(ckpt["trainable"], strict=False)
+        torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
     rois = [o["roi"] for o in out]
     net = model if WORLD == 1 else nn.parallel.DistributedDataParallel(  # a subject may have no window in a batch
@@ -294,7 +296,7 @@ def refit(args, model, ds, out, shared, device):
                             splits=("test",) if config.scoring(args) else ("train", "test"))
     if config.scoring(args):
         _, stats, X = features(args, model.backbone, lw, model.layer, model.normalize, ds, shared, device, config.scoring(args))
-    tuned = heads_r(model, (Xs["test"] - model.mu) / model.sd, ds, [o["roi"] for o in out], "test", device,
+    tuned = heads_r(model, (Xs["test"] - model.mu.cpu()) / model.sd.cpu(), ds, [o["roi"] for o in out], "test", device,
                     skip=args.test_skip or 0)
     for x, d, o, r in zip(X, ds, out, tuned):
         o["r"]["tuned_r"] = np.full(len(d.good), np.nan, np.float32)
