@@ -25,7 +25,8 @@ import ridge
 import synthetic
 from model import BUNDLES, PROTOCOLS, TINY, add_adapters, layer_of, load_backbone, load_checkpoint, split_features
 
-RECIPES = {  # the papers' values (README, "Recipes"); every value can still be overridden on the command line
+# the papers' values (README: Stage 2; References says where each comes from); the command line still wins
+RECIPES = {
     # the laptop demo (the default with the tiny model): a small model needs larger steps
     "demo": dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="qkvo", lr=1e-2, head_lr=1e-4,
                  epochs=8, patience=8),
@@ -183,8 +184,9 @@ def check_ranges(args):
     for flag, ok, want in (
             ("--history", args.history >= 1, "at least 1"), ("--tr", args.tr > 0, "positive"),
             ("--trim-start", args.trim_start >= 0, "0 or more"), ("--block", args.block >= 1, "at least 1"),
-            ("--context", (args.context or 0) >= 0, "0 or more"), ("--stride", args.stride is None or args.stride > 0,
-                                                                    "positive"), ("--test-skip", args.test_skip >= 0, "0 or more"), ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
+            ("--context", (args.context or 0) >= 0, "0 or more"), ("--test-skip", args.test_skip >= 0, "0 or more"),
+            ("--stride", args.stride is None or args.stride > 0, "positive"),
+            ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
             ("--bottleneck", args.bottleneck >= 0, "0 (none) or more"), ("--lora-rank", args.lora_rank >= 0, "0 or more"),
             ("--lora-alpha", args.lora_alpha > 0, "positive"), ("--lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
             ("--lora-targets", set(args.lora_targets) <= set("qkvo") and args.lora_targets, "letters of qkvo"),

@@ -308,21 +308,23 @@ def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device, pre
     return np.concatenate(times).ravel(), torch.cat(feats)
 
 
-def protocol_features(frames_fn, hop, windows, key, protocol, batch_size, device, desc="features", precision="auto"):
+def protocol_features(frames_fn, hop, windows, key, protocol, batch_size, device, desc="features",
+                      precision="auto"):
     """Each story's features under a paper's protocol (PROTOCOLS: context, stride, delays), at its
     fMRI rows: stride_frames, Lanczos to the rows' times, z-scored per story, delayed. (rows, p),
     the resampled frames cached per story under key and the protocol."""
     out = []
     for i in progress(range(len(windows.stories)), desc):
         t_rows = data.row_times(len(windows.ends[i]), windows.timing["tr"], windows.timing["trim_start"],
-                           windows.timing["sound_start"])
+                                windows.timing["sound_start"])
 
         def build():
             times, x = stride_frames(frames_fn, windows.waves[i], hop, protocol["context"], protocol["stride"],
                                      batch_size, device, precision)
             return {"x": lanczos(x, times, t_rows, windows.timing["tr"]).numpy()}
-        k = dict(key, audio=windows.keys[i], rows=len(t_rows), context=protocol["context"], stride=protocol["stride"],
-                 lanczos=3, precision="bf16" if uses_bf16(device, precision) else "fp32", **windows.timing) if key is not None and windows.keys else None
+        k = None if key is None or not windows.keys else dict(
+            key, audio=windows.keys[i], rows=len(t_rows), context=protocol["context"], stride=protocol["stride"],
+            lanczos=3, precision="bf16" if uses_bf16(device, precision) else "fp32", **windows.timing)
         x = torch.from_numpy(np.array((cached("protocol", k, build, windows.stories[i]) if k else build())["x"]))
         out.append(delayed((x - x.mean(0)) / x.std(0).clamp_min(1e-6), protocol["delays"]))
     return torch.cat(out)

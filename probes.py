@@ -63,7 +63,8 @@ def segment_features(args, layer, backbone, lw, wave, segments, context=4.0, bat
             e = round(segments[k][1] * data.SR)
             w = torch.from_numpy(np.array(wave[max(e - n, 0):min(e, len(wave))]))
             waves.append(torch.nn.functional.pad(w, (n - len(w), 0)))
-        h = hidden(backbone, torch.stack(waves), layer, config.layer_weights(args, backbone, lw), args.normalize)  # (batch, frames, dim)
+        weights = config.layer_weights(args, backbone, lw)
+        h = hidden(backbone, torch.stack(waves), layer, weights, args.normalize)  # (batch, frames, dim)
         for j, k in enumerate(group):
             first = min(int((span - (segments[k][1] - segments[k][0])) * h.shape[1] / span), h.shape[1] - 1)
             out[k] = h[j, first:].mean(0)

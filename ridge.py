@@ -213,7 +213,8 @@ def format_table(tests, scored=None):
     how = (f"{p['history']} TRs of audio before each row, in TR bins" if p["name"] == "windows" else
            f"{p['context']:g} s heard before each {p['stride']:g} s stride, Lanczos to the TRs, delays "
            f"{','.join(map(str, p['delays']))}")
-    lines = [f"protocol {p['name']}: {how}" + (f"; test rows from {p['test_skip']} on" if p.get("test_skip") else ""), (f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
+    lines = [f"protocol {p['name']}: {how}" + (f"; test rows from {p['test_skip']} on" if p.get("test_skip") else ""),
+             (f"{'subject':>8} " if multi else "") + f"{'set':>12} {'voxels':>7} {'baseline r':>11} {'tuned r':>8} "
              f"{'refit r':>8} {'change [95% interval]':>24}" + (f" {'base r/cc':>9} {'refit r/cc':>10}" if norm else "")]
     for subject, test in tests.items():
         for name, row in test.items():
