@@ -169,17 +169,19 @@ def change_ci(a, b, sets_, resamples=1000, seed=0, chunk=20):
     (sa, n), (sb, _) = a, b
     draws = np.random.default_rng(seed).integers(0, len(n), (resamples, len(n)))
     counts = torch.as_tensor(np.stack([np.bincount(d, minlength=len(n)) for d in draws]), dtype=torch.float64)
-    changes = {k: [] for k in sets_}
-    for c in counts.split(chunk):  # (chunk, blocks)
-        rs = []
+    idx = [torch.as_tensor(v) for v in sets_.values()]
+    # filled in place: no small tensor outlives a chunk's large ones, so the heap reuses their memory whole
+    changes = torch.empty(resamples, len(idx), dtype=torch.float64)
+    for i in range(0, resamples, chunk):
+        c, rs = counts[i:i + chunk], []  # (chunk, blocks)
         for s in (sa, sb):
             S, N = torch.einsum("rb,bkv->rkv", c, s), (c @ n)[:, None]  # (chunk, 5, voxels), (chunk, 1)
             var = (N * S[:, 2] - S[:, 0] ** 2) * (N * S[:, 3] - S[:, 1] ** 2)
             rs.append((N * S[:, 4] - S[:, 0] * S[:, 1]) / var.clamp_min(1e-300).sqrt())
-        for k, idx in sets_.items():
-            ma, mb = (r[:, torch.as_tensor(idx)].mean(1) for r in rs)
-            changes[k].append(100 * (mb - ma) / ma.abs())
-    return {k: np.percentile(torch.cat(v).numpy(), [2.5, 97.5]).tolist() for k, v in changes.items()}
+        for j, ix in enumerate(idx):
+            ma, mb = (r[:, ix].mean(1) for r in rs)
+            changes[i:i + chunk, j] = 100 * (mb - ma) / ma.abs()
+    return {k: np.percentile(changes[:, j].numpy(), [2.5, 97.5]).tolist() for j, k in enumerate(sets_)}
 
 
 def summarize(res, sets_, ceiling, blocks=None):
