@@ -128,6 +128,7 @@ def parse(argv=None):
             raise ValueError(f"--resume {first.resume}: {cfg} lacks the run's data, subject, model or roi")
         args = argparse.Namespace(**dict(vars(p.parse_args([])), **saved))  # flags newer than the run: defaults
         args.resume, args.force = first.resume, False
+        args.delays, args.test_skip = args.delays or [], args.test_skip or 0  # runs from before --protocol
         return args
     if first.recipe is None and (first.model == "tiny" or (first.model is None and first.data is None)):
         first.recipe = "demo"
@@ -220,7 +221,7 @@ def check(args):
     for subj, (voxels, (train, _, test)) in found.items():
         for s in test:
             with data.open_hf5(data.response_path(args.data, subj, s)) as f:
-                if f["data"].shape[0] <= (args.test_skip or 0):
+                if f["data"].shape[0] <= args.test_skip:
                     raise ValueError(f"--test-skip {args.test_skip}: the test story {s!r} of {subj} has "
                                      f"{f['data'].shape[0]} rows")
         if args.roi.startswith("top") and int(args.roi[3:]) > voxels:
@@ -239,7 +240,7 @@ def check(args):
 def protocol(args):
     """What scores a run's baseline and refit (--protocol and its settings), as results.json records it."""
     return dict(name=args.protocol, history=args.history, context=args.context, stride=args.stride,
-                delays=args.delays or [], test_skip=args.test_skip or 0)
+                delays=args.delays, test_skip=args.test_skip)
 
 
 def scoring(args):
@@ -323,7 +324,7 @@ def load_run(run):
         tuned.load_state_dict(mine, strict=False)
         tuned.eval()
         lw = state.get("layer_weights")
-    args.normalize, args.test_skip = normalize, args.test_skip or 0  # runs from before --test-skip: none
+    args.normalize = normalize
     args.subjects = args.subject.split(",")  # a multi-subject run: the analyses of one subject use the first
     args.subject = args.subjects[0]
     return args, layer, pre, tuned, lw
@@ -336,10 +337,16 @@ def layer_weights(args, backbone, lw=None):
     return lw if lw is not None else torch.zeros(len(backbone.encoder.transformer.layers))
 
 
+def load_subjects(args, names):
+    """data.prepare under the run's flags: each subject's data (data.Subject), held out on the run's
+    test and validation stories, and the windows they share."""
+    return data.prepare(args.data, names, args.test_stories, args.val_stories, history=args.history, tr=args.tr,
+                        trim_start=args.trim_start, sound_start=args.sound_start)
+
+
 def load_subject(args, name):
-    """One subject's data (data.Subject), held out on the run's test and validation stories."""
-    return data.prepare(args.data, [name], args.test_stories, args.val_stories, history=args.history, tr=args.tr,
-                        trim_start=args.trim_start, sound_start=args.sound_start)[0][0]
+    """One subject's data (data.Subject)."""
+    return load_subjects(args, [name])[0][0]
 
 
 def stage1_cv(run):
@@ -355,9 +362,9 @@ def features(args, layer, backbone, lw, d, protocol=None):
                           torch.device("cpu"), protocol)
 
 
-def stage1(args, X, d):
+def stage1(args, X, d, device=torch.device("cpu"), stats=None):
     """ridge.stage1 with the run's lambdas, folds and blocks, scored from the run's --test-skip row."""
-    return ridge.stage1(X, d, args.alphas, args.cv_folds, args.block, torch.device("cpu"), skip=args.test_skip)
+    return ridge.stage1(X, d, args.alphas, args.cv_folds, args.block, device, stats, args.test_skip)
 
 
 def fit(args, layer, backbone, lw, d):

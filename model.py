@@ -112,7 +112,7 @@ def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16, max_s
     frame accuracy of the last epoch)."""
     torch.manual_seed(seed)
     model, _ = build_backbone("tiny")
-    hop = math.prod(stride for _, _, stride in TINY["extractor_conv_layer_config"])  # samples per frame
+    hop = frame_hop(model)  # samples per frame
     phones = {s: data.words_and_phones(data.textgrid_path(root, s))[0] for s in audio}
     names = ["pause"] + sorted({p for s in audio for _, _, p in phones[s]})
     n = round(chunk * data.SR)

@@ -50,8 +50,7 @@ def brain_tune(args):
     if WORLD > 1 and RANK > 0:
         torch.distributed.barrier()  # rank 0 fills the caches (data, tiny, stage 1) first; the others read them
     STEP[0] = "loading the data"
-    ds, shared = data.prepare(args.data, args.subject.split(","), args.test_stories, args.val_stories,
-                              history=args.history, tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
+    ds, shared = config.load_subjects(args, args.subject.split(","))
     for d in ds:
         if args.roi.startswith("top") and int(args.roi[3:]) > d.good.sum():
             raise ValueError(f"--roi {args.roi}: {d.name} has {d.good.sum()} usable voxels")
@@ -119,10 +118,6 @@ def features(args, backbone, lw, layer, normalize, ds, shared, device, protocol=
     return X, stats, [{s: own(X[s], d.take[s]) for s in X} for d in ds]  # no copy if it heard them all
 
 
-def fit(args, x, d, device, stats=None):
-    return ridge.stage1(x, d, args.alphas, args.cv_folds, args.block, device, stats, args.test_skip or 0)[2:]
-
-
 def stage1(args, backbone, normalize, layer, ds, shared, run, device):
     """The frozen backbone's features -> ridge per subject: each subject's fit on the windows (W, cv
     r, test r, block sums: the head's initialisation and topN) and the fit its baseline is scored by
@@ -135,11 +130,11 @@ def stage1(args, backbone, normalize, layer, ds, shared, run, device):
     STEP[0] = "stage 1"
     lw0 = torch.zeros(len(backbone.encoder.transformer.layers), device=device) if args.layer == "weighted" else None
     _, stats, X = features(args, backbone, lw0, layer, normalize, ds, shared, device)
-    fits = [fit(args, x, d, device, stats) for x, d in zip(X, ds)]
+    fits = [config.stage1(args, x, d, device, stats)[2:] for x, d in zip(X, ds)]
     scored = []
     if config.scoring(args):
         _, stats_p, X = features(args, backbone, lw0, layer, normalize, ds, shared, device, config.scoring(args))
-        scored = [[fit(args, x, d, device, stats_p) for x, d in zip(X, ds)]]
+        scored = [[config.stage1(args, x, d, device, stats_p)[2:] for x, d in zip(X, ds)]]
     if RANK == 0:
         save_atomic((*stats, fits, *scored), path)
     return stats, fits, scored[0] if scored else fits
@@ -297,11 +292,11 @@ def refit(args, model, ds, out, shared, device):
     if config.scoring(args):
         _, stats, X = features(args, model.backbone, lw, model.layer, model.normalize, ds, shared, device, config.scoring(args))
     tuned = heads_r(model, (Xs["test"] - model.mu.cpu()) / model.sd.cpu(), ds, [o["roi"] for o in out], "test", device,
-                    skip=args.test_skip or 0)
+                    skip=args.test_skip)
     for x, d, o, r in zip(X, ds, out, tuned):
         o["r"]["tuned_r"] = np.full(len(d.good), np.nan, np.float32)
         o["r"]["tuned_r"][o["roi"]] = r.numpy()
-        *_, refit_r, o["blocks"]["refit"] = fit(args, x, d, device, stats)
+        *_, refit_r, o["blocks"]["refit"] = config.stage1(args, x, d, device, stats)
         o["r"]["refit_r"] = refit_r.numpy()
 
 
