@@ -236,11 +236,22 @@ def test_each_recipe_sets_its_flags_and_the_command_line_wins(recipe):
 
 def test_the_ridge_runs_in_full_float32_whatever_training_uses(monkeypatch):
     seen, real = [], torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh", lambda a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(a))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    ridge.fit_ridge(torch.randn(40, 5), torch.randn(40, 3), [1.0], np.repeat(np.arange(2), 20))
-    assert seen and not any(seen)  # TF32 off while it runs
-    assert torch.backends.cuda.matmul.allow_tf32  # and the run's own setting back afterwards
+    matmul = torch.backends.cuda.matmul
+
+    def eigh(a):
+        seen.append(matmul.allow_tf32)
+        return real(a)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    # allow_tf32 is a property of torch's cuBLAS module, which monkeypatch cannot restore: set and
+    # restore it here
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        ridge.fit_ridge(torch.randn(40, 5), torch.randn(40, 3), [1.0], np.repeat(np.arange(2), 20))
+        assert seen and not any(seen)  # TF32 off while it runs
+        assert matmul.allow_tf32  # and the run's own setting back afterwards
+    finally:
+        matmul.allow_tf32 = before
 
 
 def test_precision_bf16_only_on_a_gpu_and_fp32_turns_it_off():
