@@ -9,6 +9,7 @@ WavLM computes q, k and v with one F.linear on the fused attention.in_proj_weigh
 so no module call exists to wrap; its q, k and v row blocks get their adapters through a weight
 parametrization instead (the way PEFT adapts nn.MultiheadAttention, by merging in the forward).
 """
+import copy
 import math
 
 import torch
@@ -35,7 +36,8 @@ class LoRALinear(nn.Module):
         return self.scaling * self.lora_B @ self.lora_A  # (out, in)
 
     def forward(self, x):  # (batch, frames, in) -> (batch, frames, out)
-        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        down = F.linear(self.dropout(x), self.lora_A)  # (batch, frames, rank)
+        return self.base(x) + self.scaling * F.linear(down, self.lora_B)
 
 
 class FusedQKVLoRA(nn.Module):
@@ -77,7 +79,7 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="qkvo", layers=None
     in transformer layers `layers` (0-based; default all). rank=0 instead unfreezes the whole
     transformer (full fine-tuning). The CNN feature extractor stays frozen in every mode.
     Returns the names of the adapted weights (every trainable parameter when rank=0)."""
-    assert targets and set(targets) <= set("qkvo"), f"targets must be letters of 'qkvo', got {targets!r}"
+    assert targets and set(targets) <= set("qkvo"), f"targets: letters of 'qkvo', not {targets!r}"
     model.requires_grad_(False)
     if rank == 0:
         model.encoder.transformer.requires_grad_(True)
@@ -143,7 +145,8 @@ def load_lora(model, state):
 @torch.no_grad()
 def delta_norms(model):
     """||scaling * B A|| / ||W|| per adapted weight: how far tuning moved it (Li et al., fig. 2)."""
-    return {name: (_delta(owner, attr).norm() / W.norm()).item() for name, W, owner, attr in _adapters(model)}
+    return {name: (_delta(owner, attr).norm() / W.norm()).item()
+            for name, W, owner, attr in _adapters(model)}
 
 
 @torch.no_grad()
@@ -163,3 +166,16 @@ def merge_lora(model):
                 m.base.weight += m.delta()
                 setattr(owner, name, m.base)
     return model
+
+
+def merged_copy(backbone):
+    """lora.merge_lora of a copy of `backbone`, the backbone itself untouched. The copy's
+    parametrized modules get classes of their own first: remove_parametrizations deletes the
+    property from the module's class, which a plain deepcopy shares with the original, so merging
+    a plain deepcopy of a LoRA WavLM leaves the original without its in_proj_weight."""
+    out = copy.deepcopy(backbone)
+    for module in out.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return merge_lora(out)
