@@ -8,6 +8,7 @@ warm-up; every target is a ratio measured in the same run.
 """
 import argparse
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -27,8 +28,8 @@ import cache
 import data
 import lora
 import ridge
-from model import (BrainModel, build_backbone, hidden, keep_freed_memory, layer_of, make_head, pooled,
-                   window_features)
+from model import (BrainModel, Extractor, build_backbone, hidden, keep_freed_memory, layer_of,
+                   make_head, window_features)
 
 
 def timeit(fn, reps=3, warmup=1):
@@ -55,11 +56,14 @@ def peak_mb(fn):
         fn()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     libc = ctypes.CDLL("libc.so.6")
-    # while measuring, blocks over 1 MB are mapped and unmapped one by one (M_MMAP_THRESHOLD), so the
-    # high-water mark counts live memory, not what glibc's heap keeps; it slows allocation, so timings
+    # while measuring, blocks over 1 MB are mapped and unmapped one by one (M_MMAP_THRESHOLD), so
+    # the
+    # high-water mark counts live memory, not what glibc's heap keeps; it slows allocation, so
+    # timings
     # run with train.py's allocator settings instead
     libc.mallopt(-3, 1 << 20)
-    libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD back to glibc's default: freed heap tops are returned
+    # M_TRIM_THRESHOLD back to glibc's default: freed heap tops are returned
+    libc.mallopt(-1, 128 << 10)
     libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -73,7 +77,9 @@ def peak_mb(fn):
 def ridge_problem(n, p, v, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, p, generator=g)
-    Y = X @ (0.05 * torch.randn(p, v, generator=g)) + torch.randn(n, v, generator=g) * torch.logspace(-1, 1.5, v)
+    Y = X @ (0.05 * torch.randn(p, v, generator=g)) + torch.randn(
+        n, v, generator=g
+    ) * torch.logspace(-1, 1.5, v)
     return X, Y, np.logspace(0, 5, 10), np.repeat(np.arange(5), -(-n // 5))[:n]
 
 
@@ -81,14 +87,25 @@ def ridge_flops(n, p, v, n_alphas=10, folds=5):
     """FLOPs of fit_ridge: Gram matrices, eigendecompositions (~9 p^3 each), then per voxel X'Y,
     each fold's V'X'Y and Xc'Y, every lambda's covariance and variance, and the refit."""
     n_te = n / folds
-    setup = 4 * n * p * p + (folds + 1) * 9 * p ** 3 + folds * 2 * n_te * p * (p + (p if n_te > p else 0))
-    per_voxel = 2 * n * p + folds * (2 * p * p + 2 * min(n_te, p) * p * (1 + n_alphas) + 2 * n_alphas * p) + 4 * p * p
+    setup = (
+        4 * n * p * p + (folds + 1) * 9 * p**3 + folds * 2 * n_te * p * (p + (p if n_te > p else 0))
+    )
+    per_voxel = (
+        2 * n * p
+        + folds * (2 * p * p + 2 * min(n_te, p) * p * (1 + n_alphas) + 2 * n_alphas * p)
+        + 4 * p * p
+    )
     return setup + per_voxel * v
 
 
 def bench_ridge(n, p, v, reps, peer=True):
     X, Y, alphas, groups = ridge_problem(n, p, v)
-    out = {"n": n, "p": p, "v": v, "seconds": timeit(lambda: ridge.fit_ridge(X, Y, alphas, groups), reps)}
+    out = {
+        "n": n,
+        "p": p,
+        "v": v,
+        "seconds": timeit(lambda: ridge.fit_ridge(X, Y, alphas, groups), reps),
+    }
     out["peak_mb"] = peak_mb(lambda: ridge.fit_ridge(X, Y, alphas, groups))
     out["gflops"] = ridge_flops(n, p, v) / out["seconds"] / 1e9
     with torch.profiler.profile() as prof:
@@ -97,7 +114,11 @@ def bench_ridge(n, p, v, reps, peer=True):
     total = sum(ops.values())
     dec = sum(t for k, t in ops.items() if "eigh" in k or "svd" in k)
     prod = sum(t for k, t in ops.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
-    out["share"] = {"decompositions": dec / total, "products": prod / total, "scoring and rest": 1 - (dec + prod) / total}
+    out["share"] = {
+        "decompositions": dec / total,
+        "products": prod / total,
+        "scoring and rest": 1 - (dec + prod) / total,
+    }
     if not peer:
         return out
     try:
@@ -106,15 +127,25 @@ def bench_ridge(n, p, v, reps, peer=True):
         from himalaya.scoring import correlation_score
         set_backend("torch", on_error="raise")
         cv = [(np.flatnonzero(groups != k), np.flatnonzero(groups == k)) for k in np.unique(groups)]
-        run = lambda: solve_ridge_cv_svd(X, Y, alphas=alphas, cv=cv, score_func=correlation_score,
-                                         n_alphas_batch=len(alphas), n_targets_batch=v, n_targets_batch_refit=v)
+        run = lambda: solve_ridge_cv_svd(
+            X,
+            Y,
+            alphas=alphas,
+            cv=cv,
+            score_func=correlation_score,
+            n_alphas_batch=len(alphas),
+            n_targets_batch=v,
+            n_targets_batch_refit=v,
+        )
         last = []
         out["himalaya_seconds"] = timeit(lambda: last.append(run()), max(1, reps - 1), warmup=0)
         ba, coef, _ = last[-1]
         ba, coef = torch.as_tensor(ba).float(), torch.as_tensor(coef).float()
         same = torch.isclose(ba, best.float())
         out["same_lambda"] = same.float().mean().item()
-        out["max_rel_W_diff"] = ((W[:, same] - coef[:, same]).abs().max() / coef[:, same].abs().max()).item()
+        out["max_rel_W_diff"] = (
+            (W[:, same] - coef[:, same]).abs().max() / coef[:, same].abs().max()
+        ).item()
         out["ratio_to_himalaya"] = out["seconds"] / out["himalaya_seconds"]
     except ImportError:
         out["himalaya"] = "not installed (pip install himalaya)"
@@ -159,7 +190,8 @@ def mask_seconds(model, wave, layer, reps):
     return timeit(lambda: [torch.empty(shape).bernoulli_(1 - p) for shape, p in shapes], reps)
 
 
-def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, subjects=1, dropout=None):
+def bench_step(name, batch, history, rank, reps, *, n_vox=1000, step_only=False, subjects=1,
+               dropout=None):
     """One stage-2 training step (forward, backward, AdamW) over one no-grad forward; with several
     subjects, a head each on the same shared windows (the mean of their losses, as train.py)."""
     model = backbone(name, dropout)
@@ -167,8 +199,9 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, su
     wave = torch.randn(batch, round(history * data.TR * data.SR))
     lora.add_lora(model, rank, 2.0 * max(rank, 1), 0.0, "qkvo")
     dim = model.encoder.feature_projection.projection.out_features
-    net = BrainModel(model, [nn.Linear(history * dim, n_vox) for _ in range(subjects)],
-                           torch.zeros(history * dim), torch.ones(history * dim), L, history)
+    heads = [nn.Linear(history * dim, n_vox) for _ in range(subjects)]
+    p = history * dim
+    net = BrainModel(Extractor(name, model, L), heads, torch.zeros(p), torch.ones(p), history)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     y = torch.randn(batch, n_vox)
 
@@ -186,9 +219,10 @@ def bench_step(name, batch, history, rank, reps, n_vox=1000, step_only=False, su
     if step_only:
         return {"model": name, "batch": batch, "subjects": subjects, "step_s": timeit(step, reps)}
     t_fwd, t_step = timeit(forward, reps), timeit(step, reps)
-    return {"model": name, "batch": batch, "rank": rank, "dropout": dropout, "forward_s": t_fwd, "step_s": t_step,
-            "step_over_forward": t_step / t_fwd, "peak_mb": peak_mb(step),
-            "forward_gflops": forward_flops(model, wave) / t_fwd / 1e9, "masks_s": mask_seconds(model, wave, L, reps)}
+    return {"model": name, "batch": batch, "rank": rank, "dropout": dropout, "forward_s": t_fwd,
+            "step_s": t_step, "step_over_forward": t_step / t_fwd, "peak_mb": peak_mb(step),
+            "forward_gflops": forward_flops(model, wave) / t_fwd / 1e9,
+            "masks_s": mask_seconds(model, wave, L, reps)}
 
 
 def bench_extract(name, n_windows, history, batch, reps):
@@ -200,17 +234,25 @@ def bench_extract(name, n_windows, history, batch, reps):
     rows = n_windows
     win = data.Windows({"s": wave.numpy()}, {"s": rows}, ["s"], history=history, trim_start=0,
                        sound_start=-history * data.TR)
-    fn = lambda w: pooled(model, w, L, history)
+    ex = Extractor(name, model, L)
     waves = torch.stack([win[i][0] for i in range(len(win))])
+
+    def full():
+        pooled = functools.partial(ex.pooled, history=history)
+        window_features(pooled, win, None, torch.device("cpu"), batch_size=batch)
 
     def bare():
         with torch.inference_mode():
             for i in range(0, len(waves), batch):
                 model.extract_features(waves[i:i + batch], num_layers=L)
-    t_full = timeit(lambda: window_features(fn, win, None, batch, torch.device("cpu")), reps)
+    t_full = timeit(full, reps)
     t_bare = timeit(bare, reps)
-    return {"model": name, "windows": n_windows, "audio_s_per_s": n_windows * history * data.TR / t_full,
-            "overhead": t_full / t_bare - 1}
+    return {
+        "model": name,
+        "windows": n_windows,
+        "audio_s_per_s": n_windows * history * data.TR / t_full,
+        "overhead": t_full / t_bare - 1,
+    }
 
 
 def bench_head(n_vox, p, bottleneck, batch=8):
@@ -223,7 +265,13 @@ def bench_head(n_vox, p, bottleneck, batch=8):
         nn.functional.mse_loss(head(x), y).backward()
         opt.step()
     params = sum(q.numel() for q in head.parameters()) * 4 / 2 ** 20
-    return {"voxels": n_vox, "p": p, "bottleneck": bottleneck, "params_mb": params, "peak_mb": peak_mb(step)}
+    return {
+        "voxels": n_vox,
+        "p": p,
+        "bottleneck": bottleneck,
+        "params_mb": params,
+        "peak_mb": peak_mb(step),
+    }
 
 
 def bench_stats(v, rows=291, block=10, sets=4):
@@ -233,12 +281,21 @@ def bench_stats(v, rows=291, block=10, sets=4):
     y = torch.randn(rows, v, generator=g)
     a, b = y + 2 * torch.randn(rows, v, generator=g), y + torch.randn(rows, v, generator=g)
     sets_ = {f"set{i}": np.arange(i, v, sets) for i in range(sets)}
-    sums = lambda p: [torch.cat(s, -1) if i == 0 else s[0] for i, s in enumerate(zip(*(  # by voxel batches, as stage 1
-        ridge.block_sums(p[:, j:j + 16384], y[:, j:j + 16384], [rows], block) for j in range(0, v, 16384))))]
-    boot = lambda: ridge.change_ci(sums(a), sums(b), sets_)
-    perm = lambda: [ridge.permutation_p(a[:, j:j + 16384], y[:, j:j + 16384], block) for j in range(0, v, 16384)]
-    return {"voxels": v, "rows": rows, "bootstrap_s": timeit(boot, 1, 0), "bootstrap_peak_mb": peak_mb(boot),
-            "permutation_s": timeit(perm, 1, 0), "permutation_peak_mb": peak_mb(perm)}
+
+    def sums(p):  # by voxel batches, as stage 1
+        parts = [ridge.block_sums(p[:, j:j + 16384], y[:, j:j + 16384], [rows], block)
+                 for j in range(0, v, 16384)]
+        return ridge.BlockSums(torch.cat([b.sums for b in parts], -1), parts[0].rows)
+
+    def boot():
+        return ridge.change_ci(sums(a), sums(b), sets_)
+
+    def perm():
+        return [ridge.permutation_p(a[:, j:j + 16384], y[:, j:j + 16384], block)
+                for j in range(0, v, 16384)]
+    return {"voxels": v, "rows": rows, "bootstrap_s": timeit(boot, 1, 0),
+            "bootstrap_peak_mb": peak_mb(boot), "permutation_s": timeit(perm, 1, 0),
+            "permutation_peak_mb": peak_mb(perm)}
 
 
 def run_measured(cmd, log, env=None, every=0.05):
@@ -253,41 +310,69 @@ def run_measured(cmd, log, env=None, every=0.05):
         while p.returncode is None:
             try:
                 with open(f"/proc/{p.pid}/status") as f:
-                    peak[0] = max([peak[0]] + [int(x.split()[1]) for x in f if x.startswith("RssAnon:")])
+                    peak[0] = max(
+                        [peak[0]] + [int(x.split()[1]) for x in f if x.startswith("RssAnon:")]
+                    )
             except OSError:
                 return
             time.sleep(every)
     threading.Thread(target=sample, daemon=True).start()
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.time() - t0, "private_gb": peak[0] / 2 ** 20, "resident_gb": usage.ru_maxrss / 2 ** 20,
-            "exit": p.returncode}
+    return {
+        "seconds": time.time() - t0,
+        "private_gb": peak[0] / 2**20,
+        "resident_gb": usage.ru_maxrss / 2**20,
+        "exit": p.returncode,
+    }
 
 
 def du_gb(path):
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2 ** 30
+    return (
+        sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2**30
+    )
 
 
 def bench_fullscale(quick):
     """train.py on a synthetic subject of the published size (UTS01: 85 stories of 650 s, 81,126
     voxels, float64 hf5, 10 test repeats, 44.1 kHz stereo wav), made once under the cache, each
-    command in a fresh process with a fresh run cache: stage 1 cold, again warm with another ROI, one
-    epoch of stage 2 on the whole cortex, and three subjects (S02 and S03 link to S01's files)."""
-    size = dict(stories=3, seconds=60, voxels=3000) if quick else dict(stories=84, seconds=650, voxels=81126)
+    command in a fresh process with a fresh run cache: stage 1 cold, again warm with another ROI,
+    one epoch of stage 2 on the whole cortex, and three subjects (S02 and S03 link to S01's files).
+    """
+    size = (
+        dict(stories=3, seconds=60, voxels=3000)
+        if quick
+        else dict(stories=84, seconds=650, voxels=81126)
+    )
     home = os.path.join(cache.cache_root(), "fullscale-quick" if quick else "fullscale")
     ds, fresh, out = (os.path.join(home, k) for k in ("dataset", "cache", "runs"))
     py, env = sys.executable, dict(os.environ, BRAINTUNE_CACHE=fresh)
     res = {"dataset": {**size, "gb": None}}
     if not os.path.isdir(ds):
         os.makedirs(home, exist_ok=True)
-        res["dataset"]["make"] = run_measured([py, "synthetic.py", ds, "--subjects", "1", "--sr", "44100",
-                                               "--channels", "2", *(f"--{k}={v}" for k, v in size.items())],
-                                              os.path.join(home, "make.log"))
+        res["dataset"]["make"] = run_measured(
+            [
+                py,
+                "synthetic.py",
+                ds,
+                "--subjects",
+                "1",
+                "--sr",
+                "44100",
+                "--channels",
+                "2",
+                *(f"--{k}={v}" for k, v in size.items()),
+            ],
+            os.path.join(home, "make.log"),
+        )
     for s in ("UTS02", "UTS03"):
         link = os.path.join(ds, "derivative", "preprocessed_data", s)
         if not os.path.lexists(link):
             os.symlink("UTS01", link)
-            shutil.copy(os.path.join(ds, "derivative", "rois", "UTS01.npz"), os.path.join(ds, "derivative", "rois", s + ".npz"))
+            shutil.copy(
+                os.path.join(ds, "derivative", "rois", "UTS01.npz"),
+                os.path.join(ds, "derivative", "rois", s + ".npz"),
+            )
     res["dataset"]["gb"] = du_gb(ds)
     shutil.rmtree(fresh, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -297,10 +382,16 @@ def bench_fullscale(quick):
             "stage2_one_epoch": ["--subject", "S01", "--roi", "all", "--epochs", "1"],
             "three_subjects": ["--subject", "S01,S02,S03", "--roi", "all", "--epochs", "0"]}
     for name, flags in runs.items():
-        r = run_measured(common + flags + ["--out", os.path.join(out, name)], os.path.join(home, name + ".log"), env)
+        r = run_measured(
+            common + flags + ["--out", os.path.join(out, name)],
+            os.path.join(home, name + ".log"),
+            env,
+        )
         assert r["exit"] == 0, f"{name} failed: see {os.path.join(home, name + '.log')}"
         res[name] = dict(r, cache_gb=du_gb(fresh))
-        print(f"fullscale {name}: {r['seconds']:.0f} s, private {r['private_gb']:.2f} GB", flush=True)
+        print(
+            f"fullscale {name}: {r['seconds']:.0f} s, private {r['private_gb']:.2f} GB", flush=True
+        )
     return res
 
 
@@ -308,21 +399,35 @@ def main():
     ap = argparse.ArgumentParser(description="braintune speed and memory benchmark")
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
     ap.add_argument("--out", default="bench.json", help="where to write the numbers")
-    ap.add_argument("--only", default="", help="comma-separated parts to run (default all but fullscale): ridge, "
-                                               "step, subjects, extract, head, scaling, stats, fullscale")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated parts to run (default all but fullscale): ridge, "
+        "step, subjects, extract, head, scaling, stats, fullscale",
+    )
     a = ap.parse_args()
     parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "stats", "fullscale")
     unknown = [x for x in a.only.split(",") if a.only and x not in parts]
     if unknown or not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
-        sys.exit(f"error: --only {a.only}: unknown part {unknown[0]!r}; choose from {', '.join(parts)}" if unknown else
-                 f"error: --out {a.out}: no folder {os.path.dirname(os.path.abspath(a.out))}")
+        sys.exit(
+            f"error: --only {a.only}: unknown part {unknown[0]!r}; choose from {', '.join(parts)}"
+            if unknown
+            else f"error: --out {a.out}: no folder {os.path.dirname(os.path.abspath(a.out))}"
+        )
     want = lambda part: part in a.only.split(",") if a.only else part != "fullscale"
     q = a.quick
     reps = 2 if q else 3
     if not torch.cuda.is_available():
         keep_freed_memory()  # as train.py runs on a CPU
-    res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "cuda": torch.cuda.is_available(), "quick": q}}
+    res = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+            "quick": q,
+        }
+    }
     res["matmul_gflops"] = matmul_gflops(1024 if q else 4096, reps)
     model = "tiny" if q else "wavlm_base"
     if want("ridge"):
@@ -332,69 +437,87 @@ def main():
         res["step_lora_nodrop"] = bench_step(model, 2 if q else 8, 6, 8, reps, dropout=0.0)
         res["step_full"] = bench_step(model, 2 if q else 8, 6, 0, reps)
     if want("subjects"):  # a window heard by k subjects is forwarded once: k heads on one forward
-        res["step_subjects"] = [bench_step(model, 2 if q else 8, 6, 8, reps, 2000 if q else 10000, True, k)
+        res["step_subjects"] = [bench_step(model, 2 if q else 8, 6, 8, reps,
+                                           n_vox=2000 if q else 10000, step_only=True, subjects=k)
                                 for k in (1, 2, 3)]
     if want("extract"):
         res["extract"] = bench_extract(model, 16 if q else 32, 6, 8, reps)
     if want("head"):
         res["head"] = [bench_head(2000 if q else 81126, 384 if q else 4608, k) for k in (0, 256)]
     if want("scaling"):
-        res["scaling_ridge_v"] = [bench_ridge(1000, 500, v, 1, peer=False) for v in ((2000, 4000) if q else (10000, 20000, 40000, 80000))]
-        res["scaling_ridge_n"] = [bench_ridge(n, 500, 2000 if q else 10000, 1, peer=False) for n in ((500, 1000) if q else (2000, 4000, 8000))]
-        res["scaling_step"] = [bench_step(model, b, 6, 8, 1, step_only=True) for b in ((1, 2) if q else (1, 2, 4, 8))]
+        res["scaling_ridge_v"] = [
+            bench_ridge(1000, 500, v, 1, peer=False)
+            for v in ((2000, 4000) if q else (10000, 20000, 40000, 80000))
+        ]
+        res["scaling_ridge_n"] = [
+            bench_ridge(n, 500, 2000 if q else 10000, 1, peer=False)
+            for n in ((500, 1000) if q else (2000, 4000, 8000))
+        ]
+        res["scaling_step"] = [
+            bench_step(model, b, 6, 8, 1, step_only=True) for b in ((1, 2) if q else (1, 2, 4, 8))
+        ]
     if want("stats"):
         res["stats"] = bench_stats(2000 if q else 81126)
     if want("fullscale"):  # about an hour, and 45 GB of disk, at the published size
         res["fullscale"] = bench_fullscale(q)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(report(res))
+    print(format_report(res))
 
 
-def report(res):
+def format_report(res):
+    """bench.json's numbers as lines of text, each part against its target."""
     mm = res["matmul_gflops"]
     lines = [f"machine: {res['machine']}", f"fp32 matmul: {mm:.0f} GFLOP/s"]
     if "ridge" in res:
         r = res["ridge"]
-        lines.append(f"ridge n={r['n']} p={r['p']} v={r['v']}: {r['seconds']:.2f} s, {r['peak_mb']:.0f} MB, "
-                     f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / mm:.0f}% of matmul); time in "
-                     + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["share"].items()))
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["share"].items())
+        lines.append(f"ridge n={r['n']} p={r['p']} v={r['v']}: {r['seconds']:.2f} s, "
+                     f"{r['peak_mb']:.0f} MB, {r['gflops']:.0f} GFLOP/s "
+                     f"({100 * r['gflops'] / mm:.0f}% of matmul); time in {shares}")
         if "himalaya_seconds" in r:
-            lines.append(f"  himalaya {r['himalaya_seconds']:.2f} s: ratio {r['ratio_to_himalaya']:.2f} (target <= 0.5), "
-                         f"same lambda {100 * r['same_lambda']:.2f}% (>= 99.9%), max rel W diff {r['max_rel_W_diff']:.1e}")
+            lines.append(f"  himalaya {r['himalaya_seconds']:.2f} s: ratio "
+                         f"{r['ratio_to_himalaya']:.2f} (target <= 0.5), same lambda "
+                         f"{100 * r['same_lambda']:.2f}% (>= 99.9%), max rel W diff "
+                         f"{r['max_rel_W_diff']:.1e}")
     for k in ("step_lora", "step_lora_nodrop", "step_full"):
         if k in res:
             s = res[k]
             drop = "the bundle's dropout" if s["dropout"] is None else f"dropout {s['dropout']}"
-            lines.append(f"{k} {s['model']} batch {s['batch']}, {drop}: step {s['step_s']:.2f} s / forward {s['forward_s']:.2f} s"
-                         f" = {s['step_over_forward']:.2f} (target <= 2.2), peak {s['peak_mb']:.0f} MB; forward "
-                         f"{s['forward_gflops']:.0f} GFLOP/s ({100 * s['forward_gflops'] / mm:.0f}% of matmul, target >= 60%)"
-                         + (f"; drawing its dropout masks alone {s['masks_s']:.2f} s" if s["masks_s"] else ""))
+            masks = (
+                f"; drawing its dropout masks alone {s['masks_s']:.2f} s" if s["masks_s"] else ""
+            )
+            lines.append(f"{k} {s['model']} batch {s['batch']}, {drop}: step {s['step_s']:.2f} s / "
+                         f"forward {s['forward_s']:.2f} s = {s['step_over_forward']:.2f} (target "
+                         f"<= 2.2), peak {s['peak_mb']:.0f} MB; forward "
+                         f"{s['forward_gflops']:.0f} GFLOP/s "
+                         f"({100 * s['forward_gflops'] / mm:.0f}% of matmul, target >= 60%){masks}")
     if "extract" in res:
         e = res["extract"]
-        lines.append(f"extraction {e['model']}: {e['audio_s_per_s']:.1f} s of audio per s, overhead "
-                     f"{100 * e['overhead']:+.1f}% (target <= 5%)")
+        lines.append(f"extraction {e['model']}: {e['audio_s_per_s']:.1f} s of audio per s, "
+                     f"overhead {100 * e['overhead']:+.1f}% (target <= 5%)")
     for x in res.get("step_subjects", []):
-        lines.append(f"step with {x['subjects']} subject(s), shared windows, batch {x['batch']}: {x['step_s']:.3f} s "
-                     f"({x['step_s'] / res['step_subjects'][0]['step_s']:.2f} x one subject)")
+        ratio = x["step_s"] / res["step_subjects"][0]["step_s"]
+        lines.append(f"step with {x['subjects']} subject(s), shared windows, batch {x['batch']}: "
+                     f"{x['step_s']:.3f} s ({ratio:.2f} x one subject)")
     for h in res.get("head", []):
-        lines.append(f"head step, {h['voxels']} voxels, p {h['p']}, bottleneck {h['bottleneck']}: peak {h['peak_mb']:.0f} MB "
-                     f"(parameters {h['params_mb']:.0f} MB)")
+        lines.append(f"head step, {h['voxels']} voxels, p {h['p']}, bottleneck {h['bottleneck']}: "
+                     f"peak {h['peak_mb']:.0f} MB (parameters {h['params_mb']:.0f} MB)")
     for key in ("scaling_ridge_v", "scaling_ridge_n"):
-        lines += [f"{key}: n={x['n']} p={x['p']} v={x['v']}: {x['seconds']:.2f} s, peak {x['peak_mb']:.0f} MB "
-                  f"(W alone: {4 * x['p'] * x['v'] / 2 ** 20:.0f} MB)" for x in res.get(key, [])]
-    lines += [f"scaling_step batch {x['batch']}: {x['step_s']:.3f} s" for x in res.get("scaling_step", [])]
+        lines += [f"{key}: n={x['n']} p={x['p']} v={x['v']}: {x['seconds']:.2f} s, peak "
+                  f"{x['peak_mb']:.0f} MB (W alone: {4 * x['p'] * x['v'] / 2 ** 20:.0f} MB)"
+                  for x in res.get(key, [])]
+    lines += [f"scaling_step batch {x['batch']}: {x['step_s']:.3f} s"
+              for x in res.get("scaling_step", [])]
     if "stats" in res:
         s = res["stats"]
-        lines.append(f"statistics, {s['voxels']} voxels, {s['rows']} test TRs: bootstrap interval {s['bootstrap_s']:.1f} s "
-                     f"({s['bootstrap_peak_mb']:.0f} MB), permutation p {s['permutation_s']:.1f} s ({s['permutation_peak_mb']:.0f} MB)")
+        lines.append(f"statistics, {s['voxels']} voxels, {s['rows']} test TRs: bootstrap interval "
+                     f"{s['bootstrap_s']:.1f} s ({s['bootstrap_peak_mb']:.0f} MB), permutation p "
+                     f"{s['permutation_s']:.1f} s ({s['permutation_peak_mb']:.0f} MB)")
     if "fullscale" in res:
         f = res["fullscale"]
         lines.append(f"fullscale dataset {f['dataset']}")
-        lines += [f"fullscale {k}: {v['seconds']:.0f} s, peak private {v['private_gb']:.2f} GB, peak resident "
-                  f"{v['resident_gb']:.2f} GB, cache {v['cache_gb']:.1f} GB" for k, v in f.items() if k != "dataset"]
+        lines += [f"fullscale {k}: {v['seconds']:.0f} s, peak private {v['private_gb']:.2f} GB, "
+                  f"peak resident {v['resident_gb']:.2f} GB, cache {v['cache_gb']:.1f} GB"
+                  for k, v in f.items() if k != "dataset"]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    main()

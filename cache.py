@@ -44,7 +44,8 @@ def progress(items, desc, total=None, note=None, every=30.0):
                 bar.set_postfix_str(note(), refresh=False)
         elif time.time() - last > every or (i == total and last > t0):
             last = time.time()
-            print(f"{desc}: {i}/{total}, {last - t0:.0f} s" + (f", {note()}" if note else ""), file=sys.stderr,
+            extra = f", {note()}" if note else ""
+            print(f"{desc}: {i}/{total}, {last - t0:.0f} s{extra}", file=sys.stderr,
                   flush=True)
 
 
@@ -53,12 +54,15 @@ _PRIVATE = []  # the folder of an active no_cache()
 
 
 def cache_root():
-    return _PRIVATE[-1] if _PRIVATE else os.path.abspath(os.environ.get("BRAINTUNE_CACHE", ".cache"))
+    """The cache's folder: $BRAINTUNE_CACHE (default .cache), or --no-cache's private one."""
+    if _PRIVATE:
+        return _PRIVATE[-1]
+    return os.path.abspath(os.environ.get("BRAINTUNE_CACHE", ".cache"))
 
 
 @contextlib.contextmanager
 def no_cache():
-    """--no-cache: within it, entries go to a private folder, deleted at its end; nothing is reused."""
+    """--no-cache: within it, entries go to a private folder, deleted at its end."""
     os.makedirs(cache_root(), exist_ok=True)
     _PRIVATE.append(tempfile.mkdtemp(prefix="nocache-", dir=cache_root()))
     try:
@@ -99,11 +103,11 @@ def digest(obj):
 
 
 def cached(kind, key, build, name="entry"):
-    """The cache entry of `key`: build() -> {name: numpy array (saved as .npy, read back memory-mapped),
-    dict of tensors (.pt) or JSON value}, made once in <cache>/<kind>/<name>-<digest>. It is written
-    under a temporary name and renamed, and read back only if every file has the size its manifest
-    says: a run killed while writing leaves nothing that a later run would trust. build None: only
-    look (None if there is no entry)."""
+    """The cache entry of `key`: build() -> {name: numpy array (saved as .npy, read back
+    memory-mapped), dict of tensors (.pt) or JSON value}, made once in
+    <cache>/<kind>/<name>-<digest>. It is written under a temporary name and renamed, and read back
+    only if every file has the size its manifest says: a run killed while writing leaves nothing
+    that a later run would trust. build None: only look (None if there is no entry)."""
     path = os.path.join(cache_root(), kind, f"{name}-{digest(key)}")
     if os.path.isdir(path):
         try:
@@ -113,7 +117,8 @@ def cached(kind, key, build, name="entry"):
             shutil.rmtree(path, ignore_errors=True)
     if build is None:
         return None
-    for old in glob.glob(path + ".tmp*") if os.name == "posix" else []:  # left by a killed process: never read
+    # left by a killed process: never read
+    for old in glob.glob(path + ".tmp*") if os.name == "posix" else []:
         try:
             os.kill(int(old.rsplit(".tmp", 1)[1]), 0)  # signal 0: is the writer still running?
         except ProcessLookupError:
@@ -136,7 +141,7 @@ def cached(kind, key, build, name="entry"):
             f = k + (".npy" if isinstance(v, np.ndarray) else ".pt")
             manifest["files"][f] = os.path.getsize(os.path.join(tmp, f))
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, default=lambda x: f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            json.dump(manifest, f, default=described)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -145,6 +150,11 @@ def cached(kind, key, build, name="entry"):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _read_entry(path)
+
+
+def described(x):
+    """How a manifest writes a value JSON cannot hold (an array in a key): its type and shape."""
+    return f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
 
 
 def _read_entry(path):

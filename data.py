@@ -9,7 +9,11 @@ synthetic one (synthetic.py writes it), both in this layout:
     derivative/rois/<SUBJ>.npz                        one key per ROI: hf5 column indices or a mask
 Each fMRI frame (TR) becomes one example: the H TRs of audio heard before it, and its response.
 A whole subject is ~20 GB of float64 and ~10 GB of 44.1 kHz audio, so each file is read once into
-a cache of float32 .npy files (cache.py) that runs memory-map.
+a cache of float32 .npy files (cache.py) that runs memory-map. Before anything is read,
+check_dataset checks what listings and file headers can tell (the pre-flight).
+
+    found = check_dataset(root, ["UTS01"], timing=dict(tr=TR))   # [Listing], or one ValueError
+    ds, shared = prepare(root, ["UTS01"], history=6)              # [Subject], {split: Windows}
 """
 import os
 import re
@@ -31,10 +35,12 @@ TR = 2.0045  # seconds, from the scanner's trigger files
 TRIM_START = 10  # TRs the hf5 files drop at the start of each run
 SOUND_START = 10.0  # seconds from the start of the run to the start of the audio
 TEST_STORY = "wheretheressmoke"
-TRAIN_STORIES = ("alternateithicatom souls avatar legacy odetostepfather undertheinfluence howtodraw "
-                 "myfirstdaywiththeyankees naked life stagefright tildeath fromboyhoodtofatherhood sloth "
+TRAIN_STORIES = ("alternateithicatom souls avatar legacy odetostepfather undertheinfluence "
+                 "howtodraw myfirstdaywiththeyankees naked life stagefright tildeath "
+                 "fromboyhoodtofatherhood sloth "
                  "exorcism haveyoumethimyet adollshouse inamoment theclosetthatateeverything "
-                 "adventuresinsayingyes buck swimmingwithastronauts thatthingonmyarm eyespy itsabox "
+                 "adventuresinsayingyes buck swimmingwithastronauts thatthingonmyarm eyespy "
+                 "itsabox "
                  "hangtime").split()
 
 
@@ -60,7 +66,8 @@ def find_subject(root, subject):
     for name in (subject, "UT" + subject):
         if name in present:
             return name
-    raise ValueError(f"unknown subject {subject!r} in {root}; present: {', '.join(present) or 'none'}")
+    raise ValueError(f"unknown subject {subject!r} in {root}; present: "
+                     f"{', '.join(present) or 'none'}")
 
 
 def response_path(root, subj, story):
@@ -72,12 +79,14 @@ def wav_path(root, story):
 
 
 def read_wav(path):
-    """Any WAV (int16, int32, uint8, float; mono or multi-channel) -> (samples,) float32 at 16 kHz."""
+    """Any WAV (int16, int32, uint8, float; mono or multi-channel) -> (samples,) float32 at 16 kHz.
+    """
     try:
         sr, x = wavfile.read(path, mmap=True)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: cannot read as WAV ({e})") from None
-    scale = {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 128}.get(x.dtype, 1)
+    scales = {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 128}
+    scale = scales.get(x.dtype, 1)
     mono = x.mean(1, dtype=np.float32) if x.ndim == 2 else x.astype(np.float32)  # (samples,)
     mono = torch.from_numpy((mono - (128 if x.dtype == np.uint8 else 0)) / scale)
     return AF.resample(mono, sr, SR) if sr != SR else mono
@@ -104,7 +113,8 @@ def zscore(x, axis=0):
 
 def zscore_(x):
     """zscore of each column of x (rows, cols) in place, with float64 sums and no copy of x (a story
-    of a whole subject is 100-200 MB); constant columns become 0. Returns the standard deviations."""
+    of a whole subject is 100-200 MB); constant columns become 0. Returns the standard deviations.
+    """
     x -= x.mean(0, dtype=np.float64).astype(x.dtype)
     sd = np.sqrt(np.einsum("ij,ij->j", x, x, dtype=np.float64) / max(len(x), 1)).astype(x.dtype)
     x /= np.where(sd > 0, sd, 1)
@@ -114,26 +124,32 @@ def zscore_(x):
 def splits(root, subj, test_stories=None, val_stories=None):
     """(train, val, test) story lists for a subject. Every story with responses must have audio.
     Audio with no responses is a story this subject did not hear (UTS04-08 heard 27 of 84)."""
-    resp = sorted(f[:-4] for f in os.listdir(os.path.join(root, "derivative", "preprocessed_data", subj))
-                  if f.endswith(".hf5"))
+    folder = os.path.join(root, "derivative", "preprocessed_data", subj)
+    resp = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".hf5"))
     stim = os.path.join(root, "stimuli")
-    audio = {f[:-4] for f in os.listdir(stim) if f.endswith(".wav")} if os.path.isdir(stim) else set()
+    audio = set()
+    if os.path.isdir(stim):
+        audio = {f[:-4] for f in os.listdir(stim) if f.endswith(".wav")}
     for s in resp:
         if s not in audio:
-            raise ValueError(f"story {s!r} has responses for {subj} but no audio {wav_path(root, s)}")
+            raise ValueError(f"story {s!r} has responses for {subj} but no audio "
+                             f"{wav_path(root, s)}")
     test = test_stories or ([TEST_STORY] if TEST_STORY in resp else resp[-1:])
     rest = [s for s in resp if s not in test]
     val = val_stories or (["stagefright"] if "stagefright" in rest else rest[-1:])
     if set(val) & set(test) or len(set(val)) < len(val) or len(set(test)) < len(test):
-        raise ValueError(f"--val-stories {','.join(val)} and --test-stories {','.join(test)}: a story may be in one "
-                         "of them once, never in both (early stopping on a test story inflates every test r)")
+        raise ValueError(f"--val-stories {','.join(val)} and --test-stories {','.join(test)}: a "
+                         "story may be in one of them once, never in both (early stopping on a "
+                         "test story inflates every test r)")
     for s in test + val:
         if s not in resp:
-            raise ValueError(f"story {s!r} has no responses for {subj}{'' if s in audio else ' and no audio'}; "
-                             f"its stories are: {', '.join(resp)}")
+            why = "" if s in audio else " and no audio"
+            raise ValueError(f"story {s!r} has no responses for {subj}{why}; its stories are: "
+                             f"{', '.join(resp)}")
     train = [s for s in rest if s not in val]
     if not train:
-        raise ValueError(f"{subj} has no training stories left after test {test} and validation {val}")
+        raise ValueError(f"{subj} has no training stories left after test {test} and validation "
+                         f"{val}")
     return train, val, test
 
 
@@ -146,7 +162,8 @@ def story_responses(root, subj, story):
     def build():
         with open_hf5(path) as f:
             if "data" not in f or f["data"].ndim != 2:
-                raise ValueError(f"{path}: no (TRs, voxels) 'data' dataset (keys: {', '.join(f.keys())})")
+                raise ValueError(f"{path}: no (TRs, voxels) 'data' dataset (keys: "
+                                 f"{', '.join(f.keys())})")
             x = np.empty(f["data"].shape, np.float32)
             f["data"].read_direct(x)
         good = np.isfinite(x).all(0)
@@ -164,12 +181,12 @@ def load_responses(root, subj, stories):
     for s in progress(stories, f"{subj} responses"):
         e = story_responses(root, subj, s)
         if good is not None and len(e["good"]) != len(good):
-            raise ValueError(f"{os.path.dirname(response_path(root, subj, s))}: stories have different voxel "
-                             f"counts ({len(good)}, and {len(e['good'])} in {s})")
+            raise ValueError(f"{os.path.dirname(response_path(root, subj, s))}: stories have "
+                             f"different voxel counts ({len(good)}, and {len(e['good'])} in {s})")
         resp[s], good = e["data"], e["good"] if good is None else good & e["good"]
     if not good.all():
-        warnings.warn(f"{subj}: {(~good).sum()} of {good.size} voxels are constant or NaN in some story; "
-                      f"they are left out of fitting and of every mean")
+        warnings.warn(f"{subj}: {(~good).sum()} of {good.size} voxels are constant or NaN in some "
+                      "story; they are left out of fitting and of every mean")
     return resp, good
 
 
@@ -179,7 +196,8 @@ class Responses:
     Voxels outside `good` read as 0."""
 
     def __init__(self, parts, good, keys=None):
-        self.parts, self.good, self.keys = parts, np.asarray(good), keys  # keys: the stories' files, for caches
+        self.parts, self.good = parts, np.asarray(good)
+        self.keys = keys  # the stories' files, for the caches
         self.starts = np.cumsum([0] + [len(p) for p in parts])
         self.shape = (int(self.starts[-1]), len(self.good))
 
@@ -188,18 +206,23 @@ class Responses:
 
     def __getitem__(self, index):
         rows, cols = index if isinstance(index, tuple) else (index, slice(None))
-        cols = np.arange(self.shape[1])[np.asarray(cols) if isinstance(cols, torch.Tensor) else cols]
+        if isinstance(cols, torch.Tensor):
+            cols = np.asarray(cols)
+        cols = np.arange(self.shape[1])[cols]
         if len(cols) and cols[-1] - cols[0] + 1 == len(cols):
             take = slice(cols[0], cols[-1] + 1)  # a block of columns is one copy per row
         else:
             take = cols
         if isinstance(rows, slice) and rows == slice(None):
-            out = np.concatenate([p[:, take] for p in self.parts] or [np.zeros((0, len(cols)), np.float32)])
+            empty = np.zeros((0, len(cols)), np.float32)
+            out = np.concatenate([p[:, take] for p in self.parts] or [empty])
         else:
             rows = np.arange(len(self))[np.asarray(rows)]
             part = np.searchsorted(self.starts, rows, "right") - 1
-            out = np.stack([self.parts[s][r - self.starts[s], take] for s, r in zip(part, rows)]) \
-                if len(rows) else np.zeros((0, len(cols)), np.float32)
+            out = np.zeros((0, len(cols)), np.float32)
+            if len(rows):
+                out = np.stack([self.parts[s][r - self.starts[s], take]
+                                for s, r in zip(part, rows)])
         out = np.array(out, np.float32, copy=None)
         out *= self.good[cols]
         return torch.from_numpy(out)
@@ -217,8 +240,8 @@ def noise_ceiling(repeats):
 
 
 def story_ceiling(root, subj, story, block=4096):
-    """The noise ceiling of every voxel from the story's "individual_repeats" (repeats, TRs, voxels),
-    read in blocks of voxels; None if the file has no repeats."""
+    """The noise ceiling of every voxel from the story's "individual_repeats" (repeats, TRs,
+    voxels), read in blocks of voxels; None if the file has no repeats."""
     path = response_path(root, subj, story)
     with open_hf5(path) as f:
         if "individual_repeats" not in f:
@@ -237,7 +260,8 @@ def story_ceiling(root, subj, story, block=4096):
 def load_audio(root, stories):
     """{story: (samples,) float32 at 16 kHz, memory-mapped}: each wav read and resampled once."""
     def one(s):
-        build = lambda: {"wave": read_wav(wav_path(root, s)).numpy()}
+        def build():
+            return {"wave": read_wav(wav_path(root, s)).numpy()}
         key = dict(file=file_key(wav_path(root, s)), sr=SR, torchaudio=torchaudio.__version__)
         return cached("audio", key, build, s)["wave"]
     return {s: one(s) for s in progress(stories, "audio")}
@@ -247,10 +271,12 @@ def _as_indices(arr, n_voxels, what):
     arr = np.asarray(arr)
     if arr.dtype == bool:
         if arr.shape != (n_voxels,):
-            raise ValueError(f"{what}: mask has shape {arr.shape}, the responses have {n_voxels} voxels")
+            raise ValueError(f"{what}: mask has shape {arr.shape}, the responses have {n_voxels} "
+                             "voxels")
         arr = np.flatnonzero(arr)
     if arr.size == 0 or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what}: expected a non-empty 1-D array of voxel indices or a boolean mask")
+        raise ValueError(f"{what}: expected a non-empty 1-D array of voxel indices or a boolean "
+                         "mask")
     if arr.min() < 0 or arr.max() >= n_voxels:
         raise ValueError(f"{what}: indices outside 0..{n_voxels - 1}")
     return np.unique(arr)
@@ -275,21 +301,24 @@ def load_roi(root, subj, roi, n_voxels):
         return _as_indices(np.load(roi), n_voxels, roi)
     rois = roi_sets(root, subj, n_voxels)
     if roi not in rois:
-        raise ValueError(f"unknown ROI {roi!r} for {subj}; available: all, topN, a .npy path"
-                         f"{', ' + ', '.join(rois) if rois else ''}")
+        names = "".join(", " + k for k in rois)
+        raise ValueError(f"unknown ROI {roi!r} for {subj}; available: all, topN, a .npy "
+                         f"path{names}")
     return rois[roi]
 
 
 def read_textgrid(path):
-    """Praat TextGrid, long or short text format -> {tier name: [(start, end, label)]}, in file order.
-    Both formats hold the same values in the same order; the long one adds `key =` labels and
+    """Praat TextGrid, long or short text format -> {tier name: [(start, end, label)]}, in file
+    order. Both formats hold the same values in the same order; the long one adds `key =` labels and
     `[i]` indices, which the tokenizer skips. Point tiers give (time, time, mark)."""
     try:
         text = open(path, encoding="utf-8-sig").read()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read ({e})") from None
-    tokens = [s.replace('""', '"') if n == "" else float(n) for s, n in
-              re.findall(r'"((?:[^"]|"")*)"|(?<![\[\w.])(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?![\]\w])', text)]
+    strings_or_numbers = (r'"((?:[^"]|"")*)"'  # a quoted string, "" inside for a quote
+                          r'|(?<![\[\w.])(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?![\]\w])')
+    tokens = [s.replace('""', '"') if n == "" else float(n)
+              for s, n in re.findall(strings_or_numbers, text)]
     bad = ValueError(f"{path}: not a TextGrid in Praat's long or short text format")
     if tokens[:2] != ["ooTextFile", "TextGrid"]:
         raise bad
@@ -300,7 +329,10 @@ def read_textgrid(path):
             pos += 5
             step = 3 if kind == "IntervalTier" else 2
             items = [tokens[i:i + step] for i in range(pos, pos + step * n, step)]
-            tiers[name] = [(a, b, lab) for a, b, lab in items] if step == 3 else [(t, t, m) for t, m in items]
+            if step == 3:
+                tiers[name] = [(a, b, lab) for a, b, lab in items]
+            else:
+                tiers[name] = [(t, t, m) for t, m in items]
             pos += step * n
     except (IndexError, TypeError, ValueError):
         raise bad from None
@@ -311,11 +343,14 @@ def textgrid_path(root, story):
     return os.path.join(root, "derivative", "TextGrids", story + ".TextGrid")
 
 
-PHONEMES = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH UH UW V W "
-               "Y Z ZH".split())  # ARPAbet's 39
+PHONEMES = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T "
+               "TH UH UW V W Y Z ZH".split())  # ARPAbet's 39
 
 
-def words_and_phones(path, skip=("sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", "")):
+SKIPPED = ("sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", "")  # pauses, noises
+
+
+def words_and_phones(path, skip=SKIPPED):
     """(phones, words) of a ds003020 TextGrid (tier 0 phones, tier 1 words), read as the Huth lab's
     dsutils does: labels lower-cased and stripped of braces ({BR}, {NS}, ...) before the pauses and
     noises in `skip` are dropped; phones stripped of their stress digits (AH0 -> AH), keeping
@@ -335,8 +370,8 @@ class Windows(torch.utils.data.Dataset):
     keys: {story: what identifies its audio} for the feature cache. Yields (wave (samples,), story
     index, row index)."""
 
-    def __init__(self, waves, rows, stories, history=6, tr=TR, trim_start=TRIM_START, sound_start=SOUND_START,
-                 keys=None):
+    def __init__(self, waves, rows, stories, *, history=6, tr=TR, trim_start=TRIM_START,
+                 sound_start=SOUND_START, keys=None):
         self.stories, self.n_samples = list(stories), round(history * tr * SR)
         self.waves = [waves[s] for s in self.stories]
         self.keys = [keys[s] for s in self.stories] if keys else None
@@ -346,8 +381,10 @@ class Windows(torch.utils.data.Dataset):
             n = rows[s] if isinstance(rows[s], (int, np.integer)) else len(rows[s])
             ends = np.round(row_times(n, tr, trim_start, sound_start) * SR).astype(np.int64)
             if n and ends[-1] - len(wave) > tr * SR:
-                raise ValueError(f"story {s!r}: audio is {len(wave) / SR:.1f} s long but its last fMRI "
-                                 f"frame needs audio up to {ends[-1] / SR:.1f} s")
+                raise ValueError(f"story {s!r}: audio is {len(wave) / SR:.1f} s long but its last "
+                                 f"fMRI frame needs audio up to {ends[-1] / SR:.1f} s")
+            if n and ends[0] < 0:
+                raise ValueError(before_audio(s, ends[0] / SR))
             self.ends.append(ends)
         self.starts = np.cumsum([0] + [len(e) for e in self.ends])  # first window of each story
         self.index = [(i, r) for i, e in enumerate(self.ends) for r in range(len(e))]
@@ -372,10 +409,10 @@ class Subject:
     windows: dict  # {split: Windows}: the audio before each of the subject's rows, (rows,) windows
     Y: dict  # {split: Responses}: (rows, voxels) float32, z-scored per story
     take: dict  # {split: (rows,) LongTensor}: the shared window (prepare's `shared`) of each row
-    row: dict  # {split: (shared windows,) LongTensor}: the row of each shared window, -1 if not heard
+    row: dict  # {split: (shared windows,) LongTensor}: each shared window's row, -1 if not heard
     good: np.ndarray  # (voxels,) bool: finite and not constant in every story
     rois: dict  # {ROI name: (n,) voxel indices}
-    ceiling: np.ndarray = None  # (voxels,) the test story's noise ceiling (cc_max), when it was repeated
+    ceiling: np.ndarray = None  # (voxels,) the test story's noise ceiling (cc_max), if repeated
 
 
 def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
@@ -394,10 +431,13 @@ def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
         waves.update(load_audio(root, [s for s in resp if s not in waves]))  # each story read once
         keys.update({s: file_key(wav_path(root, s)) for s in resp})
         stories = dict(train=train, val=val, test=test)
-        ds.append(Subject(subj, stories, {k: Windows(waves, resp, v, keys=keys, **window_kw) for k, v in stories.items()},
-                          {k: Responses([resp[s] for s in v], good, [file_key(response_path(root, subj, s)) for s in v])
-                           for k, v in stories.items()}, {}, {}, good, roi_sets(root, subj, len(good)),
-                          story_ceiling(root, subj, test[0]) if len(test) == 1 else None))
+        windows = {k: Windows(waves, resp, v, keys=keys, **window_kw) for k, v in stories.items()}
+        Y = {k: Responses([resp[s] for s in v], good,
+                          [file_key(response_path(root, subj, s)) for s in v])
+             for k, v in stories.items()}
+        ceiling = story_ceiling(root, subj, test[0]) if len(test) == 1 else None
+        ds.append(Subject(subj, stories, windows, Y, {}, {}, good,
+                          roi_sets(root, subj, len(good)), ceiling))
     shared = {}
     for split in ("train", "val", "test"):
         rows = {}  # story -> rows, in first-heard order
@@ -408,9 +448,109 @@ def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
         shared[split] = Windows(waves, rows, list(rows), keys=keys, **window_kw)
         start = dict(zip(rows, np.cumsum([0] + list(rows.values()))))
         for d in ds:
-            take = np.concatenate([start[s] + np.arange(len(e)) for s, e in zip(d.windows[split].stories,
-                                                                                 d.windows[split].ends)])
+            heard = zip(d.windows[split].stories, d.windows[split].ends)
+            take = np.concatenate([start[s] + np.arange(len(e)) for s, e in heard])
             d.take[split] = torch.as_tensor(take)
             d.row[split] = torch.full((len(shared[split]),), -1, dtype=torch.long)
             d.row[split][take] = torch.arange(len(take))
     return ds, shared
+
+
+# -----------------------------------------------------------------------------
+# the pre-flight: what listings and file headers tell, before anything is read
+
+@dataclass
+class Listing:
+    """One subject as the pre-flight found it, from listings and file headers alone."""
+    name: str  # UTS01, S01 ...
+    voxels: int  # columns of its responses
+    stories: dict  # {split: [story]}
+    rows: dict  # {story: TRs}
+    seconds: dict  # {story: seconds of audio}
+
+
+def placeholder(path):
+    """A file that datalad (git-annex) has listed but not fetched: a broken link, or a small
+    pointer file."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return True
+    if os.path.isfile(path) and os.path.getsize(path) < 1024:
+        with open(path, "rb") as f:
+            return b"annex/objects/" in f.read()
+    return False
+
+
+def before_audio(story, t):
+    """The sentence for an fMRI frame that would need audio from before the story starts."""
+    return (f"story {story!r}: its first fMRI frame is at {t:.1f} s, before the audio starts "
+            "(see --sound-start, --trim-start, --tr)")
+
+
+def story_header(root, subj, story, timing):
+    """(rows, voxels, seconds of audio) of one story, from its hf5's and wav's headers; its frames
+    checked to lie within the audio."""
+    for path in (response_path(root, subj, story), wav_path(root, story)):
+        if placeholder(path):
+            raise ValueError(f"{path}: not fetched yet (a datalad placeholder); run `datalad get "
+                             f"{os.path.relpath(path, root)}` in {root}")
+    with open_hf5(response_path(root, subj, story)) as f:
+        shape = f["data"].shape if "data" in f else ()
+    if len(shape) != 2:
+        raise ValueError(f"{response_path(root, subj, story)}: 'data' has shape {shape}; expected "
+                         "(TRs, voxels)")
+    try:
+        sr, wave = wavfile.read(wav_path(root, story), mmap=True)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{wav_path(root, story)}: cannot read as WAV ({e})") from None
+    seconds = len(wave) / sr
+    if shape[0]:
+        times = row_times(shape[0], **timing)
+        if times[-1] - seconds > timing["tr"]:
+            raise ValueError(f"story {story!r}: audio is {seconds:.1f} s long but its last fMRI "
+                             f"frame needs audio up to {times[-1]:.1f} s (see --tr, --trim-start, "
+                             "--sound-start)")
+        if times[0] < 0:
+            raise ValueError(before_audio(story, times[0]))
+    return shape[0], shape[1], seconds
+
+
+def check_dataset(root, subjects, *, test_stories=None, val_stories=None, folds=None, timing=None,
+                  test_skip=0, roi="all", textgrids=False):
+    """What can be known before reading any data, from listings and file headers alone: each
+    subject and its splits, every file there and fetched, its frames within its audio, no more
+    folds than training stories, test stories longer than test_skip rows, the ROI in each
+    subject's file (roi: all, topN, a name or a .npy file), and with textgrids the training
+    stories' TextGrids (tiny's pretraining). Raises ValueError naming the flag or the file.
+    Returns a Listing per subject."""
+    timing = dict(dict(tr=TR, trim_start=TRIM_START, sound_start=SOUND_START), **(timing or {}))
+    out = []
+    for name in subjects:
+        subj = find_subject(root, name)
+        train, val, test = splits(root, subj, test_stories, val_stories)
+        test_stories, val_stories = test, val  # the first subject's, for every subject
+        if folds is not None and folds > len(train):
+            raise ValueError(f"--cv-folds {folds}: {subj} has {len(train)} training stories, and a "
+                             "fold is whole stories")
+        rows, seconds, voxels = {}, {}, None
+        for s in train + val + test:
+            rows[s], v, seconds[s] = story_header(root, subj, s, timing)
+            if voxels is not None and v != voxels:
+                raise ValueError(f"{response_path(root, subj, s)}: 'data' has {v} voxels; the "
+                                 f"subject's other stories have {voxels}")
+            voxels = v
+        for s in test:
+            if rows[s] <= test_skip:
+                raise ValueError(f"--test-skip {test_skip}: the test story {s!r} of {subj} has "
+                                 f"{rows[s]} rows")
+        if roi.startswith("top") and int(roi[3:]) > voxels:
+            raise ValueError(f"--roi {roi}: {subj} has {voxels} voxels")
+        if not roi.startswith("top"):
+            load_roi(root, subj, roi, voxels)
+        for s in train if textgrids else ():
+            if not os.path.isfile(textgrid_path(root, s)):
+                raise ValueError(f"{textgrid_path(root, s)}: no such file; tiny's phone "
+                                 "pretraining reads the training stories' TextGrids "
+                                 "(--tiny-pretrain 0 uses random weights, --weights PATH your "
+                                 "own)")
+        out.append(Listing(subj, voxels, dict(train=train, val=val, test=test), rows, seconds))
+    return out

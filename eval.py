@@ -1,62 +1,181 @@
 """
 The papers' analyses of a finished run: each a flag, each a small table, each merged into
-RUN/analyses.json (other keys are kept). One command loads the run once (config.load_run) and
-hands it to every analysis it asks for.
+RUN/analyses.json (other keys are kept). One command reads the run back once (load_run: a Run)
+and hands it to every analysis it asks for.
 
     python eval.py RUN                      # the results table again, with noise-normalised r
     python eval.py RUN --subject S02        # cross-subject transfer (BrainWavLM)
     python eval.py RUN --probe semantic     # word meaning from features (BrainWavLM; probes.py)
-    python eval.py RUN --probe phones       # phone identity from features (Moussa et al.; probes.py)
-    python eval.py RUN --lowlevel           # reliance on low-level features (Moussa et al.; probes.py)
+    python eval.py RUN --probe phones       # phone identity from features (Moussa et al.)
+    python eval.py RUN --lowlevel           # reliance on low-level features (Moussa et al.)
     python eval.py RUN --layers [2,5,9]     # the encoding r of each layer, pretrained and tuned
     python eval.py RUN --significance       # each voxel's r against zero (block permutation, FDR)
+    python eval.py RUN --against RUN2       # two tuned runs, paired, with the difference's interval
+    python eval.py RUN --efficiency         # encoding r against hours of fMRI, pretrained and tuned
     python eval.py RUN --seeds RUN2 RUN3 [--vs RUN4 RUN5]   # stability across runs
-    python eval.py RUN --plot               # figures in RUN
+    python eval.py RUN --downstream speechcommands --downstream-data SC   # a speech task
+    python eval.py RUN --flatmap            # pycortex flatmaps of r and its change (flatmap.py)
+    python eval.py RUN --plot               # figures in RUN (plots.py)
     python eval.py RUN --export tuned.pt    # merged plain torchaudio state dict
+    python eval.py RUN --export-hf DIR      # the tuned backbone for transformers and s3prl (hf.py)
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import cache
+import compare
 import config
 import data
+import downstream
+import flatmap
+import hf
 import lora
+import plots
 import probes
 import ridge
 from cache import save_atomic
-from model import feature_key, pool_frames, pooled, window_features
+from model import (Extractor, add_adapters, load_checkpoint, load_extractor, pool_frames,
+                   split_features, window_features)
+
+FORMAT = 2  # of adapter.pt and stage1.pt, as train.py writes them
+CPU = torch.device("cpu")
 
 
-def results(run):
-    """{subject: {set: row}} from results.json, one subject or several."""
-    res = json.load(open(os.path.join(run, "results.json")))
-    return {k: v["test"] for k, v in res["subjects"].items()} if "subjects" in res else {res.get("subject", "-"): res["test"]}
+@dataclass
+class Run:
+    """A finished run as the analyses see it."""
+    folder: str
+    args: argparse.Namespace  # its flags (config.parse of --resume: resolved, never written)
+    subjects: list  # [str] the subjects it was tuned on; an analysis of one uses the first
+    pretrained: Extractor  # the backbone before tuning, read where the run read it
+    tuned: Extractor  # the tuned one (adapters loaded), or None for a stage-1 run
+    settings: ridge.Settings  # how its ridges are fit and scored
+
+    def subject(self, name):
+        """One subject's data (data.Subject), held out on the run's stories."""
+        a = self.args
+        ds, _ = data.prepare(a.data, [name], a.test_stories, a.val_stories, history=a.history,
+                             tr=a.tr, trim_start=a.trim_start, sound_start=a.sound_start)
+        return ds[0]
+
+    def features(self, extractor, d, protocol=None):
+        """{"train", "test"}: this extractor's features of subject d's rows, (rows, p): its
+        windows, or, with a sliding protocol, a paper's context, Lanczos and delays."""
+        windows = {s: d.windows[s] for s in ("train", "test")}
+        return split_features(extractor, windows, self.args.history, CPU,
+                              batch_size=self.args.batch_size, protocol=protocol)
+
+    def fit(self, extractor, d, settings=None):
+        """The encoding model of subject d on this extractor under the run's protocol (a
+        ridge.RidgeFit)."""
+        X = self.features(extractor, d, self.args.scoring)
+        return ridge.fit_encoding(X, d, settings or self.settings)
+
+    def stage1_cv(self):
+        """Stage 1's cross-validated r of the first subject: what chooses the voxel sets."""
+        saved = load_checkpoint(os.path.join(self.folder, "stage1.pt"))
+        return saved["subjects"][0]["init"]["cv_r"]
+
+    def protocol(self):
+        """The run's protocol as results.json and analyses.json record it."""
+        return dataclasses.asdict(self.args.scoring)
 
 
-def show(run):
-    return ridge.format_table(results(run), json.load(open(os.path.join(run, "results.json"))).get("protocol"))
+def load_run(folder):
+    """The Run in a run folder; a folder that is not a finished run, or one written by an older
+    braintune, is refused in one sentence."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no such run folder")
+    for f in ("config.json", "results.json", "stage1.pt"):
+        if not os.path.isfile(os.path.join(folder, f)):
+            raise ValueError(f"{folder} is incomplete: {f} is missing (did the run finish?)")
+    args = config.parse(["--resume", folder])  # the run's flags, today's defaults for newer ones
+    if not os.path.isdir(args.data):
+        raise ValueError(f"{args.data}: the run's dataset (--data in {folder}/config.json) is not "
+                         "there")
+    saved = load_checkpoint(os.path.join(folder, "stage1.pt"))
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{folder}/stage1.pt: written by an older braintune (not a dict of named "
+                         "fits); run stage 1 again in a new run folder")
+    subjects = args.subject.split(",")
+    listings = data.check_dataset(args.data, subjects, test_stories=args.test_stories,
+                                  val_stories=args.val_stories, folds=args.cv_folds)
+    own = os.path.join(folder, "tiny_pretrained.pt")  # tiny's weights travel with the run
+    weights = own if args.weights is None and os.path.isfile(own) else args.weights
+    pre = load_extractor(args.model, args.layer, weights, args.seed)
+    return Run(folder, args, subjects, pre, tuned_extractor(folder, args, pre),
+               config.ridge_settings(args, listings))
 
 
-def cross_subject(run, subject, loaded=None):
+def tuned_extractor(folder, args, pre):
+    """The tuned Extractor of a run: a copy of the pretrained one with the adapters (and layer
+    weights) of adapter.pt; None for a stage-1 run."""
+    path = os.path.join(folder, "adapter.pt")
+    if not os.path.isfile(path):
+        return None
+    saved = load_checkpoint(path)
+    if saved.get("format") != FORMAT:
+        raise ValueError(f"{path}: written by an older braintune; tune again in a new run folder")
+    tuned = copy.deepcopy(pre)  # the same pretrained weights, read once
+    add_adapters(tuned.backbone, tuned.layer, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                 args.lora_targets)
+    mine = {k[len("extractor."):]: v for k, v in saved["trainable"].items()
+            if k.startswith("extractor.")}
+    missing = set(mine) - set(tuned.state_dict())
+    if missing:
+        raise ValueError(f"{path} does not fit the {args.model} model of its config (e.g. "
+                         f"{sorted(missing)[0]})")
+    tuned.load_state_dict(mine, strict=False)
+    return tuned.eval()
+
+
+def read(run):
+    """A Run, from itself or its folder."""
+    return run if isinstance(run, Run) else load_run(run)
+
+
+# -----------------------------------------------------------------------------
+# the analyses
+
+def show(folder):
+    """The run's results table, as train.py printed it."""
+    res = json.load(open(os.path.join(folder, "results.json")))
+    scored = res.get("protocol")
+    if res.get("control"):
+        c = res["control"]
+        scored = dict(scored, control=f"{c['kind']} (blocks of {c['block']} TRs)")
+    return ridge.format_table(compare.results(folder), scored)
+
+
+def no_tuning(run):
+    """Refuses an analysis of the tuned backbone on a stage-1 run."""
+    if run.tuned is None:
+        raise ValueError(f"{run.folder} has no tuned backbone (adapter.pt); it was a stage-1 run")
+
+
+def cross_subject(run, subject):
     """The backbone tuned on the run's subject(s), ridge refit on another subject: test r against
     the pretrained backbone on that subject (BrainWavLM's transfer test)."""
-    args, layer, pre, tuned, lw = loaded or config.load_run(run)
-    if tuned is None:
-        raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
-    d = config.load_subject(args, subject)
-    if d.name in [data.find_subject(args.data, s) for s in args.subjects]:
-        print(f"note: {d.name} was tuned on in {run}; this is not transfer to a new subject")
-    base, new = config.fit(args, layer, pre, None, d), config.fit(args, layer, tuned, lw, d)
-    res = {"baseline_r": base[4].numpy(), "refit_r": new[4].numpy()}
-    out = ridge.summarize(res, ridge.sets(d, base[3]), d.ceiling, {"baseline": base[5], "refit": new[5]})
-    cache.merge_analyses(run, f"transfer_{d.name}", dict(out, protocol=config.protocol(args)))
-    return ridge.format_table({d.name: out}, config.protocol(args))
+    run = read(run)
+    no_tuning(run)
+    d = run.subject(subject)
+    if d.name in [data.find_subject(run.args.data, s) for s in run.subjects]:
+        print(f"note: {d.name} was tuned on in {run.folder}; this is not transfer to a new subject")
+    base, new = run.fit(run.pretrained, d), run.fit(run.tuned, d)
+    res = ridge.Results(ridge.sets(d, base.cv_r), None, base.test_r.numpy(), base.blocks,
+                        refit_r=new.test_r.numpy(), refit_blocks=new.blocks)
+    out = ridge.summarize(res, d.ceiling)
+    cache.merge_analyses(run.folder, f"transfer_{d.name}", dict(out, protocol=run.protocol()))
+    return ridge.format_table({d.name: out}, run.protocol())
 
 
 def parse_layers(text, depth, model):
@@ -66,208 +185,189 @@ def parse_layers(text, depth, model):
     except ValueError:
         layers = []
     if not layers or not all(1 <= x <= depth for x in layers):
-        raise ValueError(f"--layers {text}: expected 'all' or layers from 1..{depth} of {model}, comma-separated")
+        raise ValueError(f"--layers {text}: expected 'all' or layers from 1..{depth} of {model}, "
+                         "comma-separated")
     return sorted(set(layers))
 
 
-def profile(run, text="all", loaded=None):
-    """The layer-wise encoding profile: for each layer, its features pooled into the run's TR bins,
-    ridge refit on the run's training stories (stage 1's folds, lambdas and z-scoring), the test r of
+def profile(run, text="all"):
+    """The layer-wise encoding profile: for each layer, its features pooled into the run's TR
+    bins, ridge refit on the run's training stories (stage 1's folds and lambdas), the test r of
     each voxel set (chosen by stage-1 cv r); pretrained, and tuned on layers 1..L, those that were
-    tuned (above L the tuned model's weights are the pretrained ones). One forward per window and backbone
-    yields every layer, each cached, then loaded one at a time."""
-    args, layer, pre, tuned, lw = loaded or config.load_run(run)
-    layers = parse_layers(text, len(pre.encoder.transformer.layers), args.model)
-    d = config.load_subject(args, args.subject)
-    sets_ = ridge.sets(d, config.stage1_cv(run))
-    out, cpu = {str(x): {} for x in layers}, torch.device("cpu")
-    for name, bb in (("pretrained", pre), ("tuned", tuned)):
-        chosen = [x for x in layers if name == "pretrained" or x <= layer] if bb is not None else []
-        keys = [feature_key(args.model, bb, x, None, args.normalize) for x in chosen]
-
-        def every(w, bb=bb, chosen=chosen):  # (batch, samples) -> [(batch, history * dim)], one per layer
-            w = torch.nn.functional.layer_norm(w, w.shape[-1:]) if args.normalize else w
-            hs = bb.extract_features(w, num_layers=max(chosen))[0]
-            return [pool_frames(hs[x - 1], args.history).flatten(1) for x in chosen]
+    tuned (above L the tuned model's weights are the pretrained ones). One forward per window and
+    backbone yields every layer, each cached, then loaded one at a time."""
+    run = read(run)
+    args, layer = run.args, run.pretrained.layer
+    layers = parse_layers(text, len(run.pretrained.backbone.encoder.transformer.layers), args.model)
+    d = run.subject(run.subjects[0])
+    sets = ridge.sets(d, run.stage1_cv())
+    out = {str(x): {} for x in layers}
+    for name, ex in (("pretrained", run.pretrained), ("tuned", run.tuned)):
+        chosen = [x for x in layers if name == "pretrained" or x <= layer] if ex else []
+        at = [Extractor(args.model, ex.backbone, x, ex.normalize) for x in chosen] if ex else []
         for s in ("train", "test") if chosen else ():
-            window_features(every, d.windows[s], keys, args.batch_size, cpu, f"{name} layers, {s}")
-        for x, key in zip(chosen, keys):
-            fn = lambda w, bb=bb, x=x: pooled(bb, w, x, args.history, None, args.normalize)
-            X = {s: window_features(fn, d.windows[s], key, args.batch_size, cpu, s) for s in ("train", "test")}
-            r = ridge.stage1(X, d, args.alphas, args.cv_folds, args.block, cpu)[4].numpy()
-            out[str(x)][name] = {k: float(np.nanmean(r[v])) for k, v in sets_.items()}
-    cache.merge_analyses(run, "layers", out)
+            window_features(every_layer(at, args.history), d.windows[s],
+                            [e.key() for e in at], CPU, batch_size=args.batch_size,
+                            desc=f"{name} layers, {s}")
+        for x, e in zip(chosen, at):
+            r = ridge.fit_encoding(run.features(e, d), d, run.settings).test_r.numpy()
+            out[str(x)][name] = {k: float(np.nanmean(r[v])) for k, v in sets.items()}
+    cache.merge_analyses(run.folder, "layers", out)
     lines = [f"{'layer':>5} {'set':>12} {'pretrained':>10} {'tuned':>8} {'change':>8}"]
     for x, row in out.items():
         for k, base in row["pretrained"].items():
             t = row.get("tuned", {}).get(k)
-            lines.append(f"{x:>5} {k:>12} {base:10.4f} " + (f"{t:8.4f} {t - base:+8.4f}" if t is not None else
-                                                             f"{'-':>8} {'-':>8}"))
-    note = f"(the tuned profile stops at layer {layer}, the last that was tuned)" if tuned is not None else ""
-    return out, "\n".join(lines + ([note] if note and max(layers) > layer else []))
+            both = f"{t:8.4f} {t - base:+8.4f}" if t is not None else f"{'-':>8} {'-':>8}"
+            lines.append(f"{x:>5} {k:>12} {base:10.4f} " + both)
+    if run.tuned is not None and max(layers) > layer:
+        lines.append(f"(the tuned profile stops at layer {layer}, the last that was tuned)")
+    return out, "\n".join(lines)
 
 
-def significance(run, permutations=1000, q=0.05, block=None, loaded=None):
-    """Each voxel's baseline and refit test r against zero, by block permutation of the test story's
-    TRs (blocks of `block` TRs, default the run's --block), the false discovery rate held at q over
-    the voxels (Benjamini-Hochberg); per voxel set, how many voxels pass. The p-values go into
-    voxel_r.npz (baseline_p, refit_p)."""
-    args, layer, pre, tuned, lw = loaded or config.load_run(run)
-    args = copy.copy(args)  # the run's, shared by the command's other analyses
-    args.block = block or args.block
-    d = config.load_subject(args, args.subject)
-    sets_ = ridge.sets(d, config.stage1_cv(run))
+def every_layer(extractors, history):
+    """(batch, samples) -> [(batch, history * dim)], one per extractor: the layers of one backbone
+    from one forward."""
+    first, top = extractors[0], max(e.layer for e in extractors)
+
+    def fn(wave):
+        if first.normalize:
+            wave = F.layer_norm(wave, wave.shape[-1:])
+        hs = first.backbone.extract_features(wave, num_layers=top)[0]
+        return [pool_frames(hs[e.layer - 1], history).flatten(1) for e in extractors]
+    return fn
+
+
+def significance(run, permutations=1000, q=0.05, block=None):
+    """Each voxel's baseline and refit test r against zero, by block permutation of the test
+    story's TRs (blocks of `block` TRs, default the run's --block), the false discovery rate held
+    at q over the voxels (Benjamini-Hochberg); per voxel set, how many voxels pass. The p-values
+    go into voxel_r.npz (baseline_p, refit_p)."""
+    run = read(run)
+    settings = dataclasses.replace(run.settings, block=block or run.settings.block)
+    d = run.subject(run.subjects[0])
+    sets = ridge.sets(d, run.stage1_cv())
     good, out, pvals = np.flatnonzero(d.good), {}, {}
-    for name, bb, w in (("baseline", pre, None), ("refit", tuned, lw)):
-        if bb is None:
+    rows = ridge.scored_rows(d, settings.test_skip)
+    for name, ex in (("baseline", run.pretrained), ("refit", run.tuned)):
+        if ex is None:
             continue
-        X = config.features(args, layer, bb, w, d, config.scoring(args))  # from the cache, as is the fit
-        mu, sd, W, *_ = config.stage1(args, X, d)
-        Z, p, rows = (X["test"] - mu) / sd, np.full(len(d.good), np.nan), ridge.scored_rows(d, args.test_skip)
+        X = run.features(ex, d, run.args.scoring)  # from the cache, as is the fit
+        fit = ridge.fit_encoding(X, d, settings)
+        Z, p = (X["test"] - fit.mu) / fit.sd, np.full(len(d.good), np.nan)
         for j in range(0, len(good), 16384):
             idx = good[j:j + 16384]
-            p[idx] = ridge.permutation_p(Z[rows] @ W[:, idx], d.Y["test"][rows, idx], args.block, permutations).numpy()
+            pred, y = Z[rows] @ fit.W[:, idx], d.Y["test"][rows, idx]
+            p[idx] = ridge.permutation_p(pred, y, settings.block, permutations).numpy()
         pvals[name + "_p"], passed = p, ridge.fdr(p, q)
-        out[name] = {k: int(passed[v].sum()) for k, v in sets_.items()}
-    npz = os.path.join(run, "voxel_r.npz")
+        out[name] = {k: int(passed[v].sum()) for k, v in sets.items()}
+    npz = os.path.join(run.folder, "voxel_r.npz")
     old = dict(np.load(npz))
     prefix = f"{d.name}." if any("." in k for k in old) else ""
     save_atomic(dict(old, **{prefix + k: v for k, v in pvals.items()}), npz)
-    cache.merge_analyses(run, "significance", dict(out, q=q, permutations=permutations, block=args.block,
-                                             protocol=config.protocol(args)))
-    lines = [f"voxels whose test r > 0 at a false discovery rate of {q} ({permutations} block permutations of "
-             f"{args.block} TRs)", f"{'set':>12} {'voxels':>7} " + " ".join(f"{k:>9}" for k in out)]
-    lines += [f"{k:>12} {len(v):7d} " + " ".join(f"{out[m][k]:9d}" for m in out) for k, v in sets_.items()]
+    cache.merge_analyses(run.folder, "significance", dict(
+        out, q=q, permutations=permutations, block=settings.block, protocol=run.protocol()))
+    lines = [f"voxels whose test r > 0 at a false discovery rate of {q} ({permutations} block "
+             f"permutations of {settings.block} TRs)",
+             f"{'set':>12} {'voxels':>7} " + " ".join(f"{k:>9}" for k in out)]
+    lines += [f"{k:>12} {len(v):7d} " + " ".join(f"{out[m][k]:9d}" for m in out)
+              for k, v in sets.items()]
     return out, "\n".join(lines)
 
 
-def stability(runs, vs=None):
-    """Mean and standard deviation across runs of each set's change in r (refit minus baseline)."""
-    def changes(group):
-        rows = [{f"{s} {k}" if len(t) > 1 else k: row for s, test in t.items() for k, row in test.items()}
-                for t in map(results, group)]
-        return {k: [row[k]["refit_r"] - row[k]["baseline_r"] for row in rows if row[k].get("refit_r") is not None]
-                for k in rows[0]}
-    out, lines = {}, [f"{'group':>6} {'set':>12} {'runs':>4} {'mean change':>12} {'std':>8}"]
-    for gname, group in (("A", runs), ("B", vs or [])):
-        if not group:
-            continue
-        for k, v in changes(group).items():
-            out.setdefault(gname, {})[k] = {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": len(v)}
-            lines.append(f"{gname:>6} {k:>12} {len(v):4d} {np.mean(v):+12.4f} {np.std(v):8.4f}")
-    return out, "\n".join(lines)
-
-
-def plot(run, loaded=None):
-    """PNG figures in the run folder; returns their paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    args, layer, pre, tuned, lw = loaded or config.load_run(run)
-    npz = np.load(os.path.join(run, "voxel_r.npz"))
-    multi = len(args.subjects) > 1  # keys "<subject>.baseline_r" ..., one scatter and histogram each
-    paths = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(os.path.join(run, name), dpi=100)
-        plt.close(fig)
-        paths.append(os.path.join(run, name))
-
-    for subj in map(lambda s: data.find_subject(args.data, s), args.subjects):
-        r = {k.split(".")[-1]: npz[k] for k in npz.files if not multi or k.startswith(subj + ".")}
-        if "refit_r" not in r:
-            raise ValueError(f"{run} is a stage-1 run (--epochs 0): there is no tuned model to plot")
-        plot_voxels(plt, save, subj, r, data.roi_sets(args.data, subj, len(r["baseline_r"])), f"_{subj}" if multi else "")
-    metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a1.plot([m["epoch"] for m in metrics], [m["train_loss"] for m in metrics], "o-")
-    a1.set(xlabel="epoch", ylabel="training loss", title="training")
-    a2.plot([m["epoch"] for m in metrics], [m["val_r"] for m in metrics], "o-")
-    a2.set(xlabel="epoch", ylabel="validation r (trained voxels)", title="validation")
-    save(fig, "curves.png")
-
-    if args.lora_rank > 0:
-        norms = lora.delta_norms(tuned)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for p in "qkvo":
-            pts = [(int(k.split(".")[3]) + 1, v) for k, v in norms.items() if k.endswith("." + p)]
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=p)
-        ax.set(xlabel="transformer layer", ylabel="||scaling B A|| / ||W||", title="relative weight change")
-        ax.legend()
-        save(fig, "weight_change.png")
-
-    saved = os.path.join(run, "analyses.json")
-    layers = json.load(open(saved)).get("layers") if os.path.exists(saved) else None
-    if layers:  # eval.py --layers: mean r against layer, a panel per voxel set
-        names = list(next(iter(layers.values()))["pretrained"])
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
-        for ax, k in zip(axes[0], names):
-            for model in ("pretrained", "tuned"):
-                pts = sorted((int(x), row[model][k]) for x, row in layers.items() if model in row)
-                if pts:
-                    ax.plot(*zip(*pts), "o-", label=model)
-            ax.set(xlabel="transformer layer", ylabel="mean test r", title=k)
-            ax.legend()
-        save(fig, "layers.png")
-    return paths
-
-
-def plot_voxels(plt, save, subj, r, rois, tag):
-    """One subject's per-voxel figures: refit r against baseline r, by ROI; the change's histogram."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(r["baseline_r"], r["refit_r"], s=4, c="lightgray", label="other")
-    for name, idx in rois.items():
-        ax.scatter(r["baseline_r"][idx], r["refit_r"][idx], s=4, label=name)
-    lim = [np.nanmin([r["baseline_r"], r["refit_r"]]), np.nanmax([r["baseline_r"], r["refit_r"]])]
-    ax.plot(lim, lim, "k--", lw=1)
-    ax.set(xlabel="baseline r (pretrained)", ylabel="tuned r (ridge refit)", title=f"{subj}: test-story r per voxel")
-    ax.legend(markerscale=3)
-    save(fig, f"scatter{tag}.png")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.hist((r["refit_r"] - r["baseline_r"])[np.isfinite(r["refit_r"])], bins=40)
-    ax.axvline(0, color="k", lw=1)
-    ax.set(xlabel="tuned r - baseline r", ylabel="voxels", title=f"{subj}: per-voxel change")
-    save(fig, f"change_hist{tag}.png")
-
-
-def export(run, path, loaded=None):
+def export(run, path):
     """The tuned backbone merged into a plain torchaudio state dict."""
     if os.path.exists(path):
         raise ValueError(f"{path} already exists; choose a new file (nothing was written)")
-    args, layer, pre, tuned, lw = loaded or config.load_run(run)
-    if tuned is None:
-        raise ValueError(f"{run} has no tuned backbone (adapter.pt); it was a stage-1 run")
-    save_atomic(lora.merge_lora(copy.deepcopy(tuned)).state_dict(), path)  # the loaded run stays as it was
+    run = read(run)
+    no_tuning(run)
+    merged = lora.merged_copy(run.tuned.backbone)  # the loaded run stays as it was
+    save_atomic(merged.state_dict(), path)
     return path
+
+
+def write_hf(run, folder):
+    """The tuned backbone, adapters merged, as a Hugging Face checkpoint of its family (hf.py)."""
+    no_tuning(run)
+    hf.export_hf(run.tuned.backbone, run.args.model, folder, normalize=run.tuned.normalize)
+    return folder
+
+
+def downstream_task(run, a):
+    """eval.py --downstream: the speech task's linear probes on the pretrained and the tuned
+    backbone, layer by layer (downstream.py); merged into analyses.json["downstream"][task]."""
+    depth = len(run.pretrained.backbone.encoder.transformer.layers)
+    layers = parse_layers(a.downstream_layers, depth, run.args.model)
+    nets = {"pretrained": run.pretrained.backbone,
+            "tuned": run.tuned.backbone if run.tuned is not None else None}
+    out, table = downstream.evaluate(a.downstream, a.downstream_data, nets,
+                                     model_name=run.args.model, normalize=run.pretrained.normalize,
+                                     layers=layers, limit=a.downstream_limit,
+                                     batch_size=run.args.batch_size)
+    path = os.path.join(run.folder, "analyses.json")
+    saved = json.load(open(path)).get("downstream", {}) if os.path.exists(path) else {}
+    cache.merge_analyses(run.folder, "downstream", dict(saved, **{a.downstream: out}))
+    if a.plot:
+        picture = os.path.join(run.folder, f"downstream_{a.downstream}.png")
+        downstream.plot_downstream(out, a.downstream, picture)
+        table += f"\nwrote {picture}"
+    return table
+
+
+def parse_hours(text):
+    """--hours: comma-separated positive numbers of hours."""
+    try:
+        hours = [float(x) for x in text.split(",")]
+        assert hours and all(h > 0 for h in hours)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--hours {text}: expected positive hours, comma-separated (e.g. "
+                         "0.5,1,2,4)") from None
+    return hours
 
 
 def parser():
     p = argparse.ArgumentParser(description="Analyses of a finished braintune run.")
-    p.add_argument("run", help="run folder written by train.py")
-    p.add_argument("--subject", help="cross-subject transfer: refit on this subject (e.g. S02)")
-    p.add_argument("--probe", choices=["semantic", "phones"], help="linear probe, pretrained vs tuned")
-    p.add_argument("--embeddings", help="word vectors, GloVe text format (default: the dataset's own)")
-    p.add_argument("--lowlevel", action="store_true", help="reliance on low-level (mel band) features")
-    p.add_argument("--seeds", nargs="+", help="more runs: mean and std of the change in r across runs")
-    p.add_argument("--vs", nargs="+", help="a second group of runs to compare with --seeds")
-    p.add_argument("--layers", nargs="?", const="all", help="the encoding r of every layer (or of 2,5,9 ...), "
-                                                              "pretrained and tuned")
-    p.add_argument("--significance", action="store_true", help="each voxel's r against zero by block "
-                                                                 "permutation, false discovery rate 0.05")
-    p.add_argument("--block", type=int, help="TRs per block of --significance's permutations (default: the run's)")
-    p.add_argument("--plot", action="store_true", help="write PNG figures into the run folder")
-    p.add_argument("--export", help="write the merged tuned backbone as a torchaudio state dict here")
+    a = p.add_argument
+    a("run", help="run folder written by train.py")
+    a("--subject", help="cross-subject transfer: refit on this subject (e.g. S02)")
+    a("--probe", choices=["semantic", "phones"], help="linear probe, pretrained vs tuned")
+    a("--embeddings", help="word vectors, GloVe text format (default: the dataset's own)")
+    a("--lowlevel", action="store_true", help="reliance on low-level (mel band) features")
+    a("--seeds", nargs="+", help="more runs: mean and std of the change in r across runs")
+    a("--vs", nargs="+", help="a second group of runs to compare with --seeds")
+    a("--layers", nargs="?", const="all", help="the encoding r of every layer (or of 2,5,9 ...), "
+                                               "pretrained and tuned")
+    a("--significance", action="store_true", help="each voxel's r against zero by block "
+                                                  "permutation, false discovery rate 0.05")
+    a("--block", type=int, help="TRs per block of --significance's permutations (default: the "
+                                "run's)")
+    a("--against", help="another tuned run of the same subject, test story, protocol and "
+                        "baseline: the paired difference of their refit r, with its interval")
+    a("--efficiency", action="store_true", help="encoding r against hours of training fMRI, "
+                                                "pretrained and tuned features")
+    a("--hours", help="--efficiency's hours of training stories, comma-separated (default: "
+                      "doublings up to all)")
+    a("--downstream", choices=sorted(downstream.TASKS), help="a speech task's linear probes, "
+                                                             "pretrained and tuned, by layer")
+    a("--downstream-data", help="the task's folder, in its published layout (README)")
+    a("--downstream-layers", default="all", help="layers probed: all, or 2,5,9 ...")
+    a("--downstream-limit", type=int, help="at most N clips per split, for a quick look")
+    a("--flatmap", action="store_true", help="flatmaps of baseline r, refit r and the change "
+                                             "(pycortex)")
+    a("--pycortex-db", help="the pycortex database (default: the dataset's "
+                            "derivative/pycortex-db)")
+    a("--plot", action="store_true", help="write PNG figures into the run folder")
+    a("--export", help="write the merged tuned backbone as a torchaudio state dict here")
+    a("--export-hf", help="write the tuned backbone, adapters merged, as a Hugging Face "
+                          "transformers checkpoint into this new folder")
     return p
 
 
-def check(a):
-    """Every flag against the run and the files it names, before any analysis runs."""
-    loaded = config.load_run(a.run)  # a clear error for a missing or incomplete run
-    args, _, pre, *_ = loaded
+def check_flags(a):
+    """Every flag against the run and the files it names, before any analysis runs; returns the
+    Run."""
+    run = load_run(a.run)  # a clear error for a missing or incomplete run
     if a.subject:
-        data.find_subject(args.data, a.subject)
+        data.find_subject(run.args.data, a.subject)
     for flag, runs in (("--seeds", a.seeds), ("--vs", a.vs)):
         for r in runs or []:
             if not os.path.isfile(os.path.join(r, "results.json")):
@@ -277,37 +377,98 @@ def check(a):
     if a.block is not None and a.block < 1:
         raise ValueError(f"--block {a.block}: must be at least 1")
     if a.layers is not None:
-        parse_layers(a.layers, len(pre.encoder.transformer.layers), args.model)
+        depth = len(run.pretrained.backbone.encoder.transformer.layers)
+        parse_layers(a.layers, depth, run.args.model)
     if a.embeddings and not os.path.isfile(a.embeddings):
         raise ValueError(f"--embeddings {a.embeddings}: no such file")
-    if a.export and (os.path.exists(a.export) or not os.path.isdir(os.path.dirname(os.path.abspath(a.export)))):
-        raise ValueError(f"--export {a.export}: " + ("already exists; choose a new file" if os.path.exists(a.export)
-                         else f"no folder {os.path.dirname(os.path.abspath(a.export))}"))
-    return loaded
+    if a.export:
+        folder = os.path.dirname(os.path.abspath(a.export))
+        if os.path.exists(a.export):
+            raise ValueError(f"--export {a.export}: already exists; choose a new file")
+        if not os.path.isdir(folder):
+            raise ValueError(f"--export {a.export}: no folder {folder}")
+    if a.export_hf:
+        if os.path.exists(a.export_hf) and (not os.path.isdir(a.export_hf) or
+                                            os.listdir(a.export_hf)):
+            raise ValueError(f"--export-hf {a.export_hf}: already exists; choose a new folder")
+        no_tuning(run)
+        hf.require_transformers()
+    if a.hours and not a.efficiency:
+        raise ValueError("--hours sets --efficiency's subsets; give --efficiency too")
+    if a.hours:
+        parse_hours(a.hours)
+    if a.against:
+        compare.comparable(run, load_other(a.against))
+    if a.downstream:
+        check_downstream(run, a)
+    if a.flatmap:
+        flatmap.check_flatmaps(run.folder, run.args.data, subject_names(run), db=a.pycortex_db)
+    return run
+
+
+def load_other(folder):
+    """--against's run (a Run)."""
+    try:
+        return load_run(folder)
+    except ValueError as e:
+        raise ValueError(f"--against {folder}: {e}") from None
+
+
+def check_downstream(run, a):
+    """--downstream's flags and its task folder's layout, before any forward."""
+    if not a.downstream_data:
+        raise ValueError(f"--downstream {a.downstream}: give the task's folder with "
+                         "--downstream-data PATH")
+    if a.downstream_limit is not None and a.downstream_limit < 1:
+        raise ValueError(f"--downstream-limit {a.downstream_limit}: must be at least 1")
+    depth = len(run.pretrained.backbone.encoder.transformer.layers)
+    parse_layers(a.downstream_layers, depth, run.args.model)
+    downstream.read_task(a.downstream, a.downstream_data, a.downstream_limit)
+
+
+def subject_names(run):
+    """The run's subjects as the dataset names them (UTS01, ...)."""
+    return [data.find_subject(run.args.data, s) for s in run.subjects]
 
 
 def main(argv=None):
     a = parser().parse_args(argv)
-    loaded = check(a)  # the run, loaded once for every analysis of the command
+    run = check_flags(a)  # the run, loaded once for every analysis of the command
     print(show(a.run))
     if a.subject:
-        print(f"\ncross-subject transfer to {a.subject}:\n" + cross_subject(a.run, a.subject, loaded))
+        print(f"\ncross-subject transfer to {a.subject}:\n" + cross_subject(run, a.subject))
     if a.probe:
-        print("\n" + probes.probe(a.run, a.probe, a.embeddings, loaded)[1])
+        print("\n" + probes.probe(run, a.probe, a.embeddings)[1])
     if a.lowlevel:
-        print("\n" + probes.lowlevel(a.run, loaded)[1])
+        print("\n" + probes.lowlevel(run)[1])
     if a.layers is not None:
-        print("\n" + profile(a.run, a.layers, loaded)[1])
+        print("\n" + profile(run, a.layers)[1])
     if a.significance:
-        print("\n" + significance(a.run, block=a.block, loaded=loaded)[1])
+        print("\n" + significance(run, block=a.block)[1])
     if a.seeds:
-        out, table = stability([a.run] + a.seeds, a.vs)
+        out, table = compare.stability([a.run] + a.seeds, a.vs)
         cache.merge_analyses(a.run, "stability", out)
         print("\n" + table)
+    if a.against:
+        out, table = compare.against(run, load_other(a.against))
+        cache.merge_analyses(a.run, "against", out)
+        print("\n" + table)
+    if a.efficiency:
+        out, table = compare.efficiency(run, parse_hours(a.hours) if a.hours else None)
+        cache.merge_analyses(a.run, "efficiency", out)
+        print("\n" + table)
+    if a.downstream:
+        print("\n" + downstream_task(run, a))
+    if a.flatmap:
+        paths = flatmap.run_flatmaps(run.folder, run.args.data, subject_names(run),
+                                     db=a.pycortex_db)
+        print("\nwrote " + ", ".join(paths))
     if a.plot:
-        print("\nwrote " + ", ".join(plot(a.run, loaded)))
+        print("\nwrote " + ", ".join(plots.plot(run)))
     if a.export:
-        print(f"\nwrote {export(a.run, a.export, loaded)}")
+        print(f"\nwrote {export(run, a.export)}")
+    if a.export_hf:
+        print(f"\nwrote {write_hf(run, a.export_hf)}")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 """
-The model: a torchaudio speech backbone (wav2vec2, HuBERT or WavLM) read at one transformer layer,
-its frames averaged into the TR bins of each fMRI frame's window, and a linear head per subject from
-those features to voxels. What turns audio into predicted voxels, and nothing of the run: the
-backbones (and `tiny`, with its cached phone pretraining), LoRA adapters on them (add_adapters), the
-features the ridge sees (each window or story forwarded once and cached: the windows, or a paper's
-sliding context, Lanczos and delays), and BrainModel with its heads.
+The model: a torchaudio speech backbone (wav2vec2, HuBERT or WavLM) read at one transformer layer
+(an Extractor), its frames averaged into the TR bins of each fMRI frame's window, and a linear head
+per subject from those features to voxels. What turns audio into predicted voxels, and nothing of
+the run: the backbones (and `tiny`, with its cached phone pretraining), LoRA adapters on them
+(add_adapters), the features the ridge sees (each window or story forwarded once and cached: the
+windows, or a paper's sliding context, Lanczos and delays), and BrainModel with its heads.
 
-    backbone, normalize = load_backbone("wavlm_base_plus")      # torchaudio's pretrained weights
-    model = BrainModel(backbone, [make_head(W)], mu, sd, layer=9, history=4, normalize=normalize)
-    voxels = model(wave)[0]                                     # (batch, samples) at 16 kHz -> (batch, voxels)
+    extractor = load_extractor("wavlm_base_plus", "9")        # torchaudio's pretrained weights
+    model = BrainModel(extractor, [make_head(W)], mu, sd, history=4)
+    voxels = model(wave)[0]                  # (batch, samples) at 16 kHz -> (batch, voxels)
 """
 import ctypes
+import functools
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,16 +28,19 @@ import data
 import lora
 from cache import cached, digest, file_key, log, progress
 
-BUNDLES = {"wav2vec2_base": "WAV2VEC2_BASE", "wav2vec2_large": "WAV2VEC2_LARGE", "hubert_base": "HUBERT_BASE",
-           "hubert_large": "HUBERT_LARGE", "wavlm_base": "WAVLM_BASE", "wavlm_base_plus": "WAVLM_BASE_PLUS",
-           "wavlm_large": "WAVLM_LARGE"}
-TINY = dict(  # a small WavLM: the real classes, but 40 ms frames (stride 640, not 320) for a fast laptop demo
-    extractor_mode="group_norm", extractor_conv_layer_config=[(32, 40, 20), (32, 4, 4), (32, 2, 2), (32, 2, 2), (32, 2, 2)],
-    extractor_conv_bias=False, encoder_embed_dim=64, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=16,
-    encoder_pos_conv_groups=4, encoder_num_layers=4, encoder_num_heads=4, encoder_num_buckets=32,
-    encoder_max_distance=128, encoder_attention_dropout=0.0, encoder_ff_interm_features=128,
-    encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0,
-    aux_num_out=None)
+BUNDLES = {"wav2vec2_base": "WAV2VEC2_BASE", "wav2vec2_large": "WAV2VEC2_LARGE",
+           "hubert_base": "HUBERT_BASE", "hubert_large": "HUBERT_LARGE", "wavlm_base": "WAVLM_BASE",
+           "wavlm_base_plus": "WAVLM_BASE_PLUS", "wavlm_large": "WAVLM_LARGE"}
+# a small WavLM: the real classes, but 40 ms frames (stride 640, not 320) for a fast laptop demo
+TINY = dict(
+    extractor_mode="group_norm",
+    extractor_conv_layer_config=[(32, 40, 20), (32, 4, 4), (32, 2, 2), (32, 2, 2), (32, 2, 2)],
+    extractor_conv_bias=False, encoder_embed_dim=64, encoder_projection_dropout=0.0,
+    encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4, encoder_num_layers=4,
+    encoder_num_heads=4,
+    encoder_num_buckets=32, encoder_max_distance=128, encoder_attention_dropout=0.0,
+    encoder_ff_interm_features=128, encoder_ff_interm_dropout=0.0, encoder_dropout=0.0,
+    encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=None)
 
 
 # -----------------------------------------------------------------------------
@@ -47,10 +52,12 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") \
+            from None
 
 
-DROPOUTS = ("encoder_projection_dropout", "encoder_attention_dropout", "encoder_dropout", "encoder_ff_interm_dropout")
+DROPOUTS = ("encoder_projection_dropout", "encoder_attention_dropout", "encoder_dropout",
+            "encoder_ff_interm_dropout")
 
 
 def build_backbone(name, dropout=None):
@@ -59,7 +66,9 @@ def build_backbone(name, dropout=None):
     LayerDrop is always off, so that every layer the head reads is computed."""
     if name != "tiny" and name not in BUNDLES:
         raise ValueError(f"unknown model {name!r}; choose tiny or one of {', '.join(BUNDLES)}")
-    override = dict(encoder_layer_drop=0.0, **({k: dropout for k in DROPOUTS} if dropout is not None else {}))
+    override = dict(encoder_layer_drop=0.0)
+    if dropout is not None:
+        override.update({k: dropout for k in DROPOUTS})
     if name == "tiny":
         return wavlm_model(**dict(TINY, **override)), False
     bundle = getattr(torchaudio.pipelines, BUNDLES[name])
@@ -80,36 +89,76 @@ def keep_freed_memory():
 
 
 def load_backbone(name, weights=None, seed=0, dropout=None):
-    """A plain torchaudio Wav2Vec2Model with the bundle's pretrained weights (or `weights`: a path or
-    a state dict), and whether the bundle layer-normalises its input wave."""
+    """A plain torchaudio Wav2Vec2Model with the bundle's pretrained weights (or `weights`: a path
+    or a state dict), and whether the bundle layer-normalises its input wave."""
     torch.manual_seed(seed)
     model, normalize = build_backbone(name, dropout)
     if name != "tiny" and weights is None:
-        bundle, cache = getattr(torchaudio.pipelines, BUNDLES[name]), os.path.join(torch.hub.get_dir(), "checkpoints")
+        bundle = getattr(torchaudio.pipelines, BUNDLES[name])
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
         try:
             weights = bundle._get_state_dict(None)  # from the cache, or downloaded into it once
         except Exception as e:
-            raise ValueError(f"cannot get the {name} weights: {bundle._path} is not in {cache} and the download "
-                             f"failed ({type(e).__name__}); fetch it elsewhere and pass --weights PATH") from None
+            raise ValueError(f"cannot get the {name} weights: {bundle._path} is not in {cache} and "
+                             f"the download failed ({type(e).__name__}); fetch it elsewhere "
+                             "and pass --weights PATH") from None
     if weights is not None:
         state = load_checkpoint(weights) if isinstance(weights, str) else weights
         try:
             model.load_state_dict(state)
         except (RuntimeError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0 if len(str(e).splitlines()) < 2 else 1].strip()
-            raise ValueError(f"{weights if isinstance(weights, str) else name}: the weights do not fit the {name} "
-                             f"architecture ({first})") from None
+            lines = str(e).strip().splitlines()
+            first = lines[0 if len(lines) < 2 else 1].strip()
+            what = weights if isinstance(weights, str) else name
+            raise ValueError(f"{what}: the weights do not fit the {name} architecture ({first})") \
+                from None
     return model.eval(), normalize
 
 
-def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16, max_steps=300):
+class Extractor(nn.Module):
+    """What turns audio into the features the ridge and the heads read: a backbone read at one
+    transformer layer (layers above it are not computed), or at a learned softmax-weighted sum of
+    all of them (Li et al.), the wave layer-normalised first where its bundle does so."""
+
+    def __init__(self, name, backbone, layer, normalize=False, weighted=False):
+        super().__init__()
+        self.name, self.backbone, self.layer, self.normalize = name, backbone, layer, normalize
+        n_layers = len(backbone.encoder.transformer.layers)
+        # (layers,) logits, uniform at the start
+        self.layer_weights = nn.Parameter(torch.zeros(n_layers)) if weighted else None
+
+    def hidden(self, wave):  # (batch, samples) -> (batch, frames, dim)
+        return hidden(self.backbone, wave, self.layer, self.layer_weights, self.normalize)
+
+    def pooled(self, wave, history):  # (batch, samples) -> (batch, history * dim)
+        return pool_frames(self.hidden(wave), history).flatten(1)
+
+    @property
+    def hop(self):
+        """Samples per output frame (frame_hop)."""
+        return frame_hop(self.backbone)
+
+    def key(self):
+        """What the features depend on, for the feature cache (feature_key)."""
+        return feature_key(self.name, self.backbone, self.layer, self.layer_weights, self.normalize)
+
+
+def load_extractor(name, layer=None, weights=None, seed=0, dropout=None):
+    """An Extractor of backbone `name` (load_backbone) read at --layer `layer`: a 1-based layer
+    number as text, None for 3/4 of the depth, or 'weighted'."""
+    backbone, normalize = load_backbone(name, weights, seed, dropout)
+    depth = len(backbone.encoder.transformer.layers)
+    return Extractor(name, backbone, layer_of(layer, depth), normalize, layer == "weighted")
+
+
+def pretrain_tiny(root, audio, epochs=4, seed=0, *, chunk=4.0, batch_size=16, max_steps=300):
     """tiny's stand-in for self-supervised pretraining: `epochs` passes over `audio` ({story: 16 kHz
     wave}) in `chunk`-second pieces, learning to name each 40 ms frame's phone (the story's TextGrid
-    phone tier under root, pauses a class of their own) from the top layer. Like a real speech model,
-    it then knows the sounds of the language but not what its words mean. Each batch is sliced from
-    the (memory-mapped) waves when it is used, and training stops after max_steps steps, so that on
-    a whole subject (16 h of audio) it stays a smoke test of a minute or so. Returns (state dict,
-    frame accuracy of the last epoch)."""
+    phone tier under root, pauses a class of their own) from the top layer. Like a real speech
+    model, it then knows the sounds of the language but not what its words mean. Each batch is
+    sliced from the (memory-mapped) waves when it is used, and training stops after max_steps steps,
+    so that on a whole subject (16 h of audio) it stays a smoke test of a minute or so. Returns
+    (state dict, frame accuracy of the last epoch)."""
     torch.manual_seed(seed)
     model, _ = build_backbone("tiny")
     hop = frame_hop(model)  # samples per frame
@@ -123,16 +172,19 @@ def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16, max_s
             frames[s][round(a * data.SR / hop):round(b * data.SR / hop)] = names.index(p)
     pieces = [(s, start) for s in audio for start in range(0, len(audio[s]) - n + 1, n)]
     if not pieces:
-        raise ValueError(f"pretraining tiny needs stories of at least {chunk:g} s; pass --tiny-pretrain 0")
+        raise ValueError(f"pretraining tiny needs stories of at least {chunk:g} s; pass "
+                         "--tiny-pretrain 0")
     readout = nn.Linear(TINY["encoder_embed_dim"], len(names))
     opt = torch.optim.AdamW([*model.parameters(), *readout.parameters()], lr=1e-3)
     model.train()
     step, accuracy = 0, float("nan")
     for epoch in range(epochs):
         right = total = 0
-        for idx in progress(torch.randperm(len(pieces)).split(batch_size), f"tiny pretraining, epoch {epoch + 1}"):
-            wave = torch.stack([torch.from_numpy(np.array(audio[s][a:a + n])) for s, a in map(pieces.__getitem__, idx)])
-            labels = torch.stack([frames[s][a // hop:(a + n) // hop] for s, a in map(pieces.__getitem__, idx)])
+        batches = torch.randperm(len(pieces)).split(batch_size)
+        for idx in progress(batches, f"tiny pretraining, epoch {epoch + 1}"):
+            chosen = [pieces[i] for i in idx]
+            wave = torch.stack([torch.from_numpy(np.array(audio[s][a:a + n])) for s, a in chosen])
+            labels = torch.stack([frames[s][a // hop:(a + n) // hop] for s, a in chosen])
             h = hidden(model, wave, TINY["encoder_num_layers"])  # (batch, frames, dim)
             f = min(h.shape[1], labels.shape[1])
             logits, y = readout(h[:, :f]), labels[:, :f]
@@ -140,7 +192,8 @@ def pretrain_tiny(root, audio, epochs=4, seed=0, chunk=4.0, batch_size=16, max_s
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            right, total, step = right + (logits.argmax(-1) == y).sum().item(), total + y.numel(), step + 1
+            right += (logits.argmax(-1) == y).sum().item()
+            total, step = total + y.numel(), step + 1
             if step == max_steps:
                 break
         accuracy = right / total
@@ -155,13 +208,15 @@ def tiny_weights(root, windows, epochs, seed, max_steps=300):
     grids = [data.textgrid_path(root, s) for s in windows.stories]
 
     def build():
-        state, accuracy = pretrain_tiny(root, dict(zip(windows.stories, windows.waves)), epochs, seed, max_steps=max_steps)
+        audio = dict(zip(windows.stories, windows.waves))
+        state, accuracy = pretrain_tiny(root, audio, epochs, seed, max_steps=max_steps)
         return {"state": state, "accuracy": accuracy}
     t0 = time.time()
-    key = dict(audio=windows.keys, textgrids=[file_key(p) for p in grids], epochs=epochs, seed=seed,
-               max_steps=max_steps, tiny=TINY, torch=torch.__version__)
+    key = dict(audio=windows.keys, textgrids=[file_key(p) for p in grids], epochs=epochs,
+               seed=seed, max_steps=max_steps, tiny=TINY, torch=torch.__version__)
     e = cached("tiny", key, build, "tiny")
-    log(f"tiny pretrained to name phones: {epochs} epochs, frame accuracy {e['accuracy']:.2f}, {time.time() - t0:.0f} s")
+    log(f"tiny pretrained to name phones: {epochs} epochs, frame accuracy {e['accuracy']:.2f}, "
+        f"{time.time() - t0:.0f} s")
     return e["state"]
 
 
@@ -188,13 +243,7 @@ def hidden(backbone, wave, layer, layer_weights=None, normalize=False):
     return torch.einsum("l,lbfd->bfd", layer_weights.softmax(0), layers)
 
 
-def pooled(backbone, wave, layer, history, layer_weights=None, normalize=False):
-    """(batch, samples) -> (batch, history * dim): frames averaged in TR bins, bin k = the audio
-    heard k..k+1 TRs before the fMRI frame."""
-    return pool_frames(hidden(backbone, wave, layer, layer_weights, normalize), history).flatten(1)
-
-
-def add_adapters(backbone, layer, rank, alpha, dropout, targets, weighted=False):
+def add_adapters(backbone, layer, rank, alpha, dropout, targets, *, weighted=False):
     """The backbone made tunable up to the layer read: LoRA on the attention projections of layers
     1..layer (lora.add_lora), or with rank 0 the whole transformer, frozen above that layer unless
     every layer is read (weighted), as those get no gradient. In place; returns the backbone."""
@@ -219,7 +268,8 @@ def frame_hop(backbone):
 def feature_key(name, backbone, layer, layer_weights, normalize):
     """What pooled() computes, for the feature cache: the architecture and the backbone's weights
     (adapters included), the layer read, the wave's normalisation."""
-    return dict(arch=TINY if name == "tiny" else BUNDLES[name], backbone=digest(backbone.state_dict()), layer=layer,
+    arch = TINY if name == "tiny" else BUNDLES[name]
+    return dict(arch=arch, backbone=digest(backbone.state_dict()), layer=layer,
                 layer_weights=layer_weights, normalize=normalize, torch=torch.__version__)
 
 
@@ -231,33 +281,44 @@ def uses_bf16(device, precision="auto"):
     return device.type == "cuda" and precision != "fp32"
 
 
+def precision_name(device, precision="auto"):
+    """What the features are computed in, for the cache keys: bf16 or fp32."""
+    return "bf16" if uses_bf16(device, precision) else "fp32"
+
+
 @torch.inference_mode()
-def window_features(fn, windows, key, batch_size, device, desc="features", precision="auto"):
+def window_features(fn, windows, key, device, *, batch_size, desc="features", precision="auto"):
     """fn(wave (batch, samples)) -> (batch, p) for every window, in order: (rows, p) float32 on the
     CPU. With a key (what fn computes: backbone, layer, ...), each story's block is cached under it
     and the story's audio, row count and timing, so a second run does not forward it again. With a
-    list of keys, fn returns a list of (batch, p), one per key (several layers of one forward): each
-    story's blocks are cached and nothing is returned, so that no caller holds every layer at once."""
-    precision, many = "bf16" if uses_bf16(device, precision) else "fp32", isinstance(key, list)
+    list of keys, fn returns a list of (batch, p), one per key (several layers of one forward):
+    each story's blocks are cached and nothing is returned, so that no caller holds every layer at
+    once."""
+    precision, many = precision_name(device, precision), isinstance(key, list)
 
     def blocks(i):  # [(rows, p)] of story i, one per key
         out = []
-        for wave, *_ in torch.utils.data.DataLoader(
-                torch.utils.data.Subset(windows, range(windows.starts[i], windows.starts[i + 1])), batch_size):
+        story = range(windows.starts[i], windows.starts[i + 1])
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(windows, story), batch_size)
+        for wave, *_ in loader:
             with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
                 y = fn(wave.to(device))
             out.append([t.float().cpu() for t in (y if many else [y])])
-        return [torch.cat(c).numpy() for c in zip(*out)] if out else [np.zeros((0, 0), np.float32)]
+        if not out:
+            return [np.zeros((0, 0), np.float32)]
+        return [torch.cat(c).numpy() for c in zip(*out)]
     out = []
     for i in progress(range(len(windows.stories)), desc):
         if key is None or windows.keys is None:
             out.append(torch.from_numpy(blocks(i)[0]))
             continue
-        keys = [dict(k, audio=windows.keys[i], rows=len(windows.ends[i]), precision=precision, **windows.timing)
-                for k in (key if many else [key])]
-        got = [cached("features", k, None, windows.stories[i]) for k in keys]
+        keys = [dict(k, audio=windows.keys[i], rows=len(windows.ends[i]), precision=precision,
+                     **windows.timing) for k in (key if many else [key])]
+        name = windows.stories[i]
+        got = [cached("features", k, None, name) for k in keys]
         if any(g is None for g in got):  # one forward for every missing key
-            got = [cached("features", k, lambda x=x: {"x": x}, windows.stories[i]) for k, x in zip(keys, blocks(i))]
+            got = [cached("features", k, functools.partial(dict, x=x), name)
+                   for k, x in zip(keys, blocks(i))]
         if not many:
             out.append(torch.from_numpy(np.array(got[0]["x"])))
     return None if many else torch.cat(out)
@@ -265,42 +326,66 @@ def window_features(fn, windows, key, batch_size, device, desc="features", preci
 
 # the papers' evaluation features: a sliding context, Lanczos to the TRs, FIR delays
 
-PROTOCOLS = {  # what stage 1's baseline, the refit and eval's fits see; the training input stays the windows
-    "windows": dict(delays=(), test_skip=0),
+PROTOCOLS = {  # what stage 1's baseline, the refit and eval's fits see; the training input stays
+    "windows": dict(delays=(), test_skip=0),  # the windows
     "moussa2025": dict(context=16.0, stride=0.1, delays=(1, 2, 3, 4), test_skip=40),
     "brainwavlm": dict(context=3.75, stride=0.25, delays=(1, 2, 3, 4), test_skip=40),
 }
+
+
+@dataclass
+class Protocol:
+    """What stage 1's baseline, the refit and eval's fits are scored on (--protocol and its
+    settings), as results.json records it."""
+    name: str  # windows, moussa2025 or brainwavlm
+    history: int  # TRs of audio in each training window (--history)
+    context: float = None  # seconds heard before each stride (a paper's protocol only)
+    stride: float = None  # seconds between the ends of the feature windows
+    delays: list = ()  # TR delays of the features (finite impulse response)
+    test_skip: int = 0  # rows left out of each test story's score at its start
+
+    @property
+    def sliding(self):
+        """A paper's sliding context, rather than the training windows."""
+        return self.name != "windows"
 
 
 def lanczos(x, old_times, new_times, tr, window=3):
     """x (old samples, p) at old_times resampled to new_times (s) by the Huth lab's Lanczos filter:
     weight sinc(t) sinc(t / window) for |t| <= window, t = (new time - old time) / tr, so the cutoff
     is the new rate's Nyquist frequency; two-sided, not normalised (z-scoring follows). (new, p)."""
-    t = (np.asarray(new_times, np.float64)[:, None] - np.asarray(old_times, np.float64)[None, :]) / tr
-    return torch.as_tensor(np.sinc(t) * np.sinc(t / window) * (np.abs(t) <= window), dtype=x.dtype) @ x
+    new, old = np.asarray(new_times, np.float64), np.asarray(old_times, np.float64)
+    t = (new[:, None] - old[None, :]) / tr
+    weights = np.sinc(t) * np.sinc(t / window) * (np.abs(t) <= window)
+    return torch.as_tensor(weights, dtype=x.dtype) @ x
 
 
 def delayed(x, delays):
-    """(rows, p) -> (rows, len(delays) * p): row t holds rows t - d of x for each delay d, zeros before
-    the story starts (the finite-impulse-response model)."""
+    """(rows, p) -> (rows, len(delays) * p): row t holds rows t - d of x for each delay d, zeros
+    before the story starts (the finite-impulse-response model)."""
     return torch.cat([F.pad(x, (0, 0, d, 0))[:len(x)] for d in delays], 1)
 
 
 @torch.inference_mode()
-def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device, precision="auto"):
-    """Frame features of a whole story, each frame heard with `context` s of audio before its stride:
-    the story cut into chunks of context + stride seconds ending every `stride` s, each forwarded once
-    (in batches; zeros before the story starts and after it ends), the frames of its last stride kept.
-    frames_fn: (batch, samples) -> (batch, frames, dim); hop: samples per frame.
+def stride_frames(frames_fn, wave, hop, protocol, device, *, batch_size, precision="auto"):
+    """Frame features of a whole story, each frame heard with protocol.context s of audio before
+    its stride: the story cut into chunks of context + stride seconds ending every stride s, each
+    forwarded once (in batches; zeros before the story starts and after it ends), the frames of its
+    last stride kept. frames_fn: (batch, samples) -> (batch, frames, dim); hop: samples per frame.
     Returns the frames' times (s) and features (frames, dim)."""
-    n_ctx, n_str = round(context * data.SR), round(stride * data.SR)
-    chunk, ends = n_ctx + n_str, np.arange(n_str, len(wave) + n_str, n_str)  # chunk ends, in samples
+    n_ctx, n_str = round(protocol.context * data.SR), round(protocol.stride * data.SR)
+    chunk = n_ctx + n_str
+    ends = np.arange(n_str, len(wave) + n_str, n_str)  # chunk ends, in samples
     times, feats = [], []
     for i in range(0, len(ends), batch_size):
-        waves = [np.array(wave[max(e - chunk, 0):min(e, len(wave))], np.float32) for e in ends[i:i + batch_size]]
-        waves = [np.pad(w, (max(chunk - e, 0), chunk - max(chunk - e, 0) - len(w))) for w, e in zip(waves, ends[i:])]
+        waves = []
+        for e in ends[i:i + batch_size]:
+            w = np.array(wave[max(e - chunk, 0):min(e, len(wave))], np.float32)
+            before = max(chunk - e, 0)  # zeros before the story starts
+            waves.append(np.pad(w, (before, chunk - before - len(w))))
         with torch.autocast("cuda", torch.bfloat16, enabled=uses_bf16(device, precision)):
-            h = frames_fn(torch.from_numpy(np.stack(waves)).to(device)).float().cpu()  # (batch, frames, dim)
+            h = frames_fn(torch.from_numpy(np.stack(waves)).to(device))
+        h = h.float().cpu()  # (batch, frames, dim)
         at = (np.arange(h.shape[1]) + 0.5) * hop  # each frame's centre, samples into the chunk
         keep = np.flatnonzero((at > chunk - n_str) & (at <= chunk))  # the chunk's last stride
         times.append((ends[i:i + len(waves), None] - chunk + at[keep]) / data.SR)
@@ -308,61 +393,69 @@ def stride_frames(frames_fn, wave, hop, context, stride, batch_size, device, pre
     return np.concatenate(times).ravel(), torch.cat(feats)
 
 
-def protocol_features(frames_fn, hop, windows, key, protocol, batch_size, device, desc="features",
+def protocol_features(extractor, windows, protocol, device, *, batch_size, desc="features",
                       precision="auto"):
-    """Each story's features under a paper's protocol (PROTOCOLS: context, stride, delays), at its
-    fMRI rows: stride_frames, Lanczos to the rows' times, z-scored per story, delayed. (rows, p),
-    the resampled frames cached per story under key and the protocol."""
+    """Each story's features under a paper's protocol (context, stride, delays), at its fMRI rows:
+    stride_frames, Lanczos to the rows' times, z-scored per story, delayed. (rows, p), the
+    resampled frames cached per story under the extractor's key and the protocol. extractor: an
+    Extractor, or anything with its hidden(wave), hop and key() (None: not cached)."""
+    key, timing = extractor.key(), windows.timing
     out = []
     for i in progress(range(len(windows.stories)), desc):
-        t_rows = data.row_times(len(windows.ends[i]), windows.timing["tr"], windows.timing["trim_start"],
-                                windows.timing["sound_start"])
+        t_rows = data.row_times(len(windows.ends[i]), timing["tr"], timing["trim_start"],
+                                timing["sound_start"])
 
         def build():
-            times, x = stride_frames(frames_fn, windows.waves[i], hop, protocol["context"], protocol["stride"],
-                                     batch_size, device, precision)
-            return {"x": lanczos(x, times, t_rows, windows.timing["tr"]).numpy()}
-        k = None if key is None or not windows.keys else dict(
-            key, audio=windows.keys[i], rows=len(t_rows), context=protocol["context"], stride=protocol["stride"],
-            lanczos=3, precision="bf16" if uses_bf16(device, precision) else "fp32", **windows.timing)
-        x = torch.from_numpy(np.array((cached("protocol", k, build, windows.stories[i]) if k else build())["x"]))
-        out.append(delayed((x - x.mean(0)) / x.std(0).clamp_min(1e-6), protocol["delays"]))
+            wave = windows.waves[i]
+            times, x = stride_frames(extractor.hidden, wave, extractor.hop, protocol, device,
+                                     batch_size=batch_size, precision=precision)
+            return {"x": lanczos(x, times, t_rows, timing["tr"]).numpy()}
+        if key is None or not windows.keys:
+            x = build()["x"]
+        else:
+            k = dict(key, audio=windows.keys[i], rows=len(t_rows), context=protocol.context,
+                     stride=protocol.stride, lanczos=3, precision=precision_name(device, precision),
+                     **timing)
+            x = cached("protocol", k, build, windows.stories[i])["x"]
+        x = torch.from_numpy(np.array(x))
+        out.append(delayed((x - x.mean(0)) / x.std(0).clamp_min(1e-6), protocol.delays))
     return torch.cat(out)
 
 
-def split_features(name, backbone, layer, layer_weights, normalize, windows, history, batch_size, device,
-                   protocol=None, precision="auto"):
+def split_features(extractor, windows, history, device, *, batch_size, protocol=None,
+                   precision="auto"):
     """{split: (rows, p)}: the features of the Windows in `windows` {split: Windows} that the ridge
-    fits, cached: each window's frames pooled in `history` TR bins (pooled), or, with a paper's
-    protocol {context, stride, delays}, each story forwarded in strides, Lanczos to the rows, delayed."""
-    key = feature_key(name, backbone, layer, layer_weights, normalize)
-    if protocol:
-        fn = lambda w: hidden(backbone, w, layer, layer_weights, normalize)
-        return {s: protocol_features(fn, frame_hop(backbone), w, key, protocol, batch_size, device, s, precision)
-                for s, w in windows.items()}
-    fn = lambda w: pooled(backbone, w, layer, history, layer_weights, normalize)
-    return {s: window_features(fn, w, key, batch_size, device, s, precision) for s, w in windows.items()}
+    fits, cached: each window's frames pooled in `history` TR bins (Extractor.pooled), or, with a
+    paper's protocol (a Protocol whose .sliding), each story forwarded in strides, Lanczos to the
+    rows, delayed."""
+    if protocol is not None and protocol.sliding:
+        return {s: protocol_features(extractor, w, protocol, device, batch_size=batch_size,
+                                     desc=s, precision=precision) for s, w in windows.items()}
+    fn = functools.partial(extractor.pooled, history=history)
+    key = extractor.key()
+    return {s: window_features(fn, w, key, device, batch_size=batch_size, desc=s,
+                               precision=precision) for s, w in windows.items()}
 
 
 # -----------------------------------------------------------------------------
 # the model trained in stage 2
 
 class BrainModel(nn.Module):
-    """wave -> backbone -> TR bins -> z-score (training statistics) -> a head per subject -> voxels."""
+    """wave -> extractor -> TR bins -> z-score (training statistics) -> a head per subject ->
+    voxels."""
 
-    def __init__(self, backbone, heads, mu, sd, layer, history, n_layers=0, normalize=False):
+    def __init__(self, extractor, heads, mu, sd, history):
         super().__init__()
-        self.backbone, self.layer, self.history, self.normalize = backbone, layer, history, normalize
+        self.extractor, self.history = extractor, history
         self.heads = nn.ModuleList(heads)
         self.register_buffer("mu", mu)
         self.register_buffer("sd", sd)
-        self.layer_weights = nn.Parameter(torch.zeros(n_layers)) if n_layers else None  # uniform at start
 
     def features(self, wave):  # (batch, samples) -> (batch, history * dim)
-        x = pooled(self.backbone, wave, self.layer, self.history, self.layer_weights, self.normalize)
+        x = self.extractor.pooled(wave, self.history)
         return (x - self.mu) / self.sd
 
-    def forward(self, wave):  # (batch, samples) -> [(batch, voxels of subject k)]: one forward, every head
+    def forward(self, wave):  # (batch, samples) -> [(batch, voxels of subject k)]: every head
         x = self.features(wave)
         return [head(x) for head in self.heads]
 

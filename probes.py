@@ -4,8 +4,9 @@ probes of word meaning (BrainWavLM) and phone identity (Moussa et al.) at each w
 TextGrids, and how much of the encoding r survives removing what low-level features (mel band
 energies) predict (Moussa et al.). Each result is merged into RUN/analyses.json.
 
-    out, table = probe("runs/RUN", "semantic")      # mean r of the word vector on the test story
-    res, table = lowlevel("runs/RUN")                # full and residual r per voxel set
+    run = eval.load_run("runs/RUN")
+    out, table = probe(run, "semantic")      # mean r of the word vector on the test story
+    res, table = lowlevel(run)               # full and residual r per voxel set
 """
 import os
 
@@ -14,10 +15,10 @@ import torch
 import torchaudio.functional as AF
 
 import cache
-import config
 import data
 import ridge
-from model import hidden, pool_frames
+from model import pool_frames
+
 
 def load_embeddings(path):
     """{word: (dim,) array} from GloVe's text format (`word v1 v2 ...` per line) or the Huth lab's
@@ -29,7 +30,8 @@ def load_embeddings(path):
             if "data" not in f or "vocab" not in f:
                 raise ValueError(f"{path}: expected 'data' (dimensions, words) and 'vocab'")
             vectors, vocab = np.asarray(f["data"], np.float32), f["vocab"][:]
-        return {(w.decode() if isinstance(w, bytes) else str(w)).lower(): vectors[:, i] for i, w in enumerate(vocab)}
+        words = [(w.decode() if isinstance(w, bytes) else str(w)).lower() for w in vocab]
+        return {w: vectors[:, i] for i, w in enumerate(words)}
     out = {}
     for line in open(path, encoding="utf-8"):
         w, *v = line.rstrip().split(" ")
@@ -38,24 +40,27 @@ def load_embeddings(path):
 
 
 def default_embeddings(root):
-    """The dataset's own word vectors: the synthetic data's embeddings.txt, else ds003020's English1000."""
+    """The dataset's own word vectors: the synthetic data's embeddings.txt, else ds003020's
+    English1000."""
     paths = [os.path.join(root, "derivative", f) for f in ("embeddings.txt", "english1000sm.hf5")]
     for p in paths:
         if os.path.isfile(p):
             return p
-    raise ValueError(f"no word vectors in {root}: neither {paths[0]} nor {paths[1]} (python data.py fetch gets "
-                     "the second; or pass --embeddings PATH)")
+    raise ValueError(f"no word vectors in {root}: neither {paths[0]} nor {paths[1]} (python "
+                     "fetch.py ds003020 gets the second; or pass --embeddings PATH)")
 
 
 @torch.inference_mode()
-def segment_features(args, layer, backbone, lw, wave, segments, context=4.0, batch=32):
-    """Mean frame features over each (start, end) segment, heard with `context` s of audio before its
-    end (BrainWavLM's 4 s windows); a longer segment is heard whole, alone: (segments, dim)."""
-    spans = [max(context, end - start) for start, end in segments]  # seconds of audio each window holds
+def segment_features(extractor, wave, segments, context=4.0, batch=32):
+    """Mean frame features (model.Extractor) over each (start, end) segment, heard with `context`
+    s of audio before its end (BrainWavLM's 4 s windows); a longer segment is heard whole, alone:
+    (segments, dim)."""
+    spans = [max(context, end - start) for start, end in segments]  # seconds each window holds
     short = [k for k, s in enumerate(spans) if s == context]
     out = [None] * len(segments)
-    for group in [short[i:i + batch] for i in range(0, len(short), batch)] + [[k] for k, s in enumerate(spans)
-                                                                              if s > context]:
+    groups = [short[i:i + batch] for i in range(0, len(short), batch)]
+    groups += [[k] for k, s in enumerate(spans) if s > context]
+    for group in groups:
         span = spans[group[0]]
         n = round(span * data.SR)
         waves = []
@@ -63,22 +68,25 @@ def segment_features(args, layer, backbone, lw, wave, segments, context=4.0, bat
             e = round(segments[k][1] * data.SR)
             w = torch.from_numpy(np.array(wave[max(e - n, 0):min(e, len(wave))]))
             waves.append(torch.nn.functional.pad(w, (n - len(w), 0)))
-        weights = config.layer_weights(args, backbone, lw)
-        h = hidden(backbone, torch.stack(waves), layer, weights, args.normalize)  # (batch, frames, dim)
+        h = extractor.hidden(torch.stack(waves))  # (batch, frames, dim)
         for j, k in enumerate(group):
-            first = min(int((span - (segments[k][1] - segments[k][0])) * h.shape[1] / span), h.shape[1] - 1)
+            length = segments[k][1] - segments[k][0]
+            first = min(int((span - length) * h.shape[1] / span), h.shape[1] - 1)
             out[k] = h[j, first:].mean(0)
     return torch.stack(out)
 
 
-def probe(run, kind, embeddings=None, loaded=None):
+def probe(run, kind, embeddings=None):
     """semantic: word vectors from features at each word (ridge, folds by story), mean r over the
     vector's dimensions on the test story. phones: phone identity, a linear (ridge) classifier on
-    one-hot targets, accuracy on the test story. Pretrained against tuned backbone."""
-    args, layer, pre, tuned, lw = loaded or config.load_run(run)
-    subj = data.find_subject(args.data, args.subject)
+    one-hot targets, accuracy on the test story. Pretrained against tuned backbone (run: an
+    eval.Run)."""
+    args = run.args
+    subj = data.find_subject(args.data, run.subjects[0])
     train_s, val_s, test_s = data.splits(args.data, subj, args.test_stories, args.val_stories)
-    emb = load_embeddings(embeddings or default_embeddings(args.data)) if kind == "semantic" else None
+    emb = None
+    if kind == "semantic":
+        emb = load_embeddings(embeddings or default_embeddings(args.data))
     items = {}  # story -> (segments, labels)
     for s in train_s + val_s + test_s:
         phones, words = data.words_and_phones(data.textgrid_path(args.data, s))
@@ -86,28 +94,31 @@ def probe(run, kind, embeddings=None, loaded=None):
         items[s] = ([(a, b) for a, b, _ in segs], [lab.lower() for _, _, lab in segs])
     labels = sorted({lab for _, labs in items.values() for lab in labs})
     if kind == "semantic":
-        target = {s: torch.as_tensor(np.stack([emb[w] for w in labs])) for s, (_, labs) in items.items()}
+        target = {s: torch.as_tensor(np.stack([emb[w] for w in labs]))
+                  for s, (_, labs) in items.items()}
     else:
-        target = {s: torch.nn.functional.one_hot(torch.tensor([labels.index(l) for l in labs]), len(labels)).float()
+        target = {s: torch.nn.functional.one_hot(torch.tensor([labels.index(x) for x in labs]),
+                                                 len(labels)).float()
                   for s, (_, labs) in items.items()}
     fit_s = train_s + val_s
     audio = data.load_audio(args.data, list(items))
     out = {}
-    for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
-        if bb is None:
+    for name, ex in (("pretrained", run.pretrained), ("tuned", run.tuned)):
+        if ex is None:
             continue
-        X = {s: segment_features(args, layer, bb, w, audio[s], items[s][0]) for s in items}
+        X = {s: segment_features(ex, audio[s], items[s][0]) for s in items}
         Xtr = torch.cat([X[s] for s in fit_s])
         mu, sd = Xtr.mean(0), Xtr.std(0).clamp_min(1e-6)
-        groups = ridge.story_folds([len(X[s]) for s in fit_s], args.cv_folds)
-        Wp, _ = ridge.fit_ridge((Xtr - mu) / sd, torch.cat([target[s] for s in fit_s]), args.alphas, groups)
+        groups = ridge.story_folds([len(X[s]) for s in fit_s], run.settings.folds)
+        Y = torch.cat([target[s] for s in fit_s])
+        Wp, _ = ridge.fit_ridge((Xtr - mu) / sd, Y, run.settings.alphas, groups)
         pred = torch.cat([(X[s] - mu) / sd @ Wp for s in test_s])
         truth = torch.cat([target[s] for s in test_s])
         if kind == "semantic":
             out[name] = float(ridge.pearson(pred, truth).mean())
         else:
             out[name] = float((pred.argmax(1) == truth.argmax(1)).float().mean())
-    cache.merge_analyses(run, f"probe_{kind}", out)
+    cache.merge_analyses(run.folder, f"probe_{kind}", out)
     metric = "mean r" if kind == "semantic" else "accuracy"
     return out, "\n".join(f"{kind} probe {metric}: {k} {v:.4f}" for k, v in out.items())
 
@@ -115,26 +126,25 @@ def probe(run, kind, embeddings=None, loaded=None):
 def mel_features(windows, history, n_mels=32):
     """Low-level features per fMRI frame: log mel band energies of its window, pooled in TR bins
     like the backbone's frames: (rows, history * n_mels)."""
-    fb = torchaudio_fbanks(n_mels)
+    fb = AF.melscale_fbanks(201, 20.0, data.SR / 2, n_mels, data.SR)
     out = []
     for wave, *_ in torch.utils.data.DataLoader(windows, batch_size=64):
-        spec = torch.stft(wave, 400, 320, window=torch.hann_window(400), return_complex=True).abs() ** 2
+        spec = torch.stft(wave, 400, 320, window=torch.hann_window(400), return_complex=True)
+        spec = spec.abs() ** 2
         mel = torch.log(1e-6 + (spec.transpose(1, 2) @ fb))  # (batch, frames, n_mels)
         out.append(pool_frames(mel, history).flatten(1))
     return torch.cat(out)
 
 
-def torchaudio_fbanks(n_mels):
-    return AF.melscale_fbanks(201, 20.0, data.SR / 2, n_mels, data.SR)
-
-
 def lowlevel_r(X, L, Ytrain, Ytest, groups, alphas):
     """Test r of encoding models on features X and on X with the part that the low-level features L
-    predict removed (least squares from L to X, fit on training rows). X, L: {"train", "test"} z-scored."""
+    predict removed (least squares from L to X, fit on training rows). X, L: {"train", "test"}
+    z-scored."""
     # least squares, not cross-validated ridge: a shrunken fit would leave part of what L explains
     # in X; a tiny ridge (1e-6 of L's scale) only keeps the solve stable
     G = L["train"].T @ L["train"]
-    B = torch.linalg.solve(G + 1e-6 * G.diagonal().mean() * torch.eye(len(G)), L["train"].T @ X["train"])
+    stable = 1e-6 * G.diagonal().mean() * torch.eye(len(G))
+    B = torch.linalg.solve(G + stable, L["train"].T @ X["train"])
     out = []
     for F_ in (X, {k: X[k] - L[k] @ B for k in X}):
         W, _ = ridge.fit_ridge(F_["train"], Ytrain, alphas, groups)
@@ -142,32 +152,37 @@ def lowlevel_r(X, L, Ytrain, Ytest, groups, alphas):
     return out
 
 
-def lowlevel(run, loaded=None):
+def lowlevel(run):
     """Moussa et al.'s test of reliance on low-level features: encoding r refit on the backbone's
-    features after removing what mel band energies predict, per voxel set, pretrained vs tuned."""
-    args, layer, pre, tuned, lw = loaded or config.load_run(run)
-    d = config.load_subject(args, args.subject)
+    features after removing what mel band energies predict, per voxel set, pretrained vs tuned
+    (run: an eval.Run)."""
+    args = run.args
+    d = run.subject(run.subjects[0])
     L = {s: mel_features(d.windows[s], args.history) for s in ("train", "test")}
     mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)
     L = {s: (v - mu) / sd for s, v in L.items()}
-    groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], args.cv_folds)
+    groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], run.settings.folds)
     # the voxel sets by stage-1 cross-validated r on training stories: the same for both backbones,
     # and not chosen by the test r they report
-    sets_ = ridge.sets(d, config.stage1_cv(run))
+    sets_ = ridge.sets(d, run.stage1_cv())
     res, table = {"sets": {k: v.tolist() for k, v in sets_.items()}}, []
-    for name, bb, w in (("pretrained", pre, None), ("tuned", tuned, lw)):
-        if bb is None:
+    for name, ex in (("pretrained", run.pretrained), ("tuned", run.tuned)):
+        if ex is None:
             continue
-        X = config.features(args, layer, bb, w, d)
+        X = run.features(ex, d)
         m, s_ = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
         X = {k: (v - m) / s_ for k, v in X.items()}
-        r = dict(zip(("full", "residual"), lowlevel_r(X, L, d.Y["train"], d.Y["test"][:, :], groups, args.alphas)))
+        full, residual = lowlevel_r(X, L, d.Y["train"], d.Y["test"][:, :], groups,
+                                    run.settings.alphas)
+        r = dict(full=full, residual=residual)
         r = {k: np.where(d.good, v.numpy(), np.nan) for k, v in r.items()}
-        res[name] = {k: {"full_r": float(np.nanmean(r["full"][v])), "residual_r": float(np.nanmean(r["residual"][v]))}
+        res[name] = {k: {"full_r": float(np.nanmean(r["full"][v])),
+                         "residual_r": float(np.nanmean(r["residual"][v]))}
                      for k, v in sets_.items()}
         res[name + "_voxel_r"] = {k: v.tolist() for k, v in r.items()}
         for k, v in res[name].items():
-            table.append(f"{name:>10} {k:>10} full r {v['full_r']:.4f}  without low-level {v['residual_r']:.4f}  "
-                         f"loss {v['full_r'] - v['residual_r']:+.4f}")
-    cache.merge_analyses(run, "lowlevel", {k: v for k, v in res.items() if k in ("pretrained", "tuned")})
+            table.append(f"{name:>10} {k:>10} full r {v['full_r']:.4f}  without low-level "
+                         f"{v['residual_r']:.4f}  loss {v['full_r'] - v['residual_r']:+.4f}")
+    saved = {k: v for k, v in res.items() if k in ("pretrained", "tuned")}
+    cache.merge_analyses(run.folder, "lowlevel", saved)
     return res, "\n".join(table)

@@ -6,7 +6,8 @@ Each story is a random sequence of consonant-vowel words; each subject's voxels 
 haemodynamic response, to the words' meaning (embedding dimensions) or to the sound (band energies).
 
     python synthetic.py OUT [--subjects 3 --stories 10 --voxels 500 --seed 0]
-    python synthetic.py OUT --sr 44100 --channels 2 --stories 83 --seconds 650 --voxels 95556   # full size
+    # full size
+    python synthetic.py OUT --sr 44100 --channels 2 --stories 83 --seconds 650 --voxels 95556
 """
 import argparse
 import os
@@ -20,12 +21,15 @@ from scipy.signal import resample_poly
 from scipy.stats import gamma
 
 from cache import progress
-from data import (SOUND_START, TEST_STORY, TR, TRAIN_STORIES, TRIM_START, response_path, row_times, textgrid_path,
-                  wav_path, zscore, zscore_)
-SYNTHETIC = "synthetic-v2"  # the quick start's dataset, under the cache; v2: TextGrids with braces and stress
+from data import (SOUND_START, TEST_STORY, TR, TRAIN_STORIES, TRIM_START, response_path,
+                  row_times, textgrid_path, wav_path, zscore, zscore_)
+# the quick start's dataset, under the cache; v2: TextGrids with braces and stress
+SYNTHETIC = "synthetic-v2"
 DEMO_SR = 22050  # not 16 kHz, so that the reader's resampling is exercised
-CONSONANTS = {"K": 1800, "T": 4200, "P": 700, "S": 6000, "SH": 3000, "F": 7000, "HH": 1200}  # noise centre, Hz
-VOWELS = {"AA": (730, 1090), "IY": (270, 2290), "UW": (300, 870), "EH": (530, 1840), "AO": (570, 840),
+# noise centre, Hz
+CONSONANTS = {"K": 1800, "T": 4200, "P": 700, "S": 6000, "SH": 3000, "F": 7000, "HH": 1200}
+VOWELS = {"AA": (730, 1090), "IY": (270, 2290), "UW": (300, 870), "EH": (530, 1840),
+          "AO": (570, 840),
           "AE": (660, 1720)}  # formants F1, F2, Hz
 GRID = 10  # Hz: the time grid on which the true features live before the haemodynamic response
 
@@ -33,7 +37,8 @@ GRID = 10  # Hz: the time grid on which the true features live before the haemod
 def _burst(rng, centre, n):  # a consonant: noise in a band around `centre`
     spec = np.fft.rfft(rng.standard_normal(n))
     f = np.fft.rfftfreq(n, 1 / DEMO_SR)
-    return np.fft.irfft(spec * np.exp(-0.5 * ((f - centre) / (0.15 * centre)) ** 2), n) * np.hanning(n)
+    band = np.exp(-0.5 * ((f - centre) / (0.15 * centre)) ** 2)
+    return np.fft.irfft(spec * band, n) * np.hanning(n)
 
 
 def _vowel(f0, formants, n):  # a vowel: harmonics of f0 shaped by two formant resonances
@@ -78,17 +83,20 @@ def _band_energies(audio, n_bands=8):  # (GRID-rate frames, n_bands) log energy,
     power = np.abs(np.fft.rfft(frames * np.hanning(hop), axis=1)) ** 2
     f = np.fft.rfftfreq(hop, 1 / DEMO_SR)
     edges = np.geomspace(100, 8000, n_bands + 1)
-    return np.log(1e-3 + np.stack([power[:, (f >= a) & (f < b)].sum(1) for a, b in zip(edges, edges[1:])], 1))
+    bands = [power[:, (f >= a) & (f < b)].sum(1) for a, b in zip(edges, edges[1:])]
+    return np.log(1e-3 + np.stack(bands, 1))
 
 
 def hrf(t):
-    """The canonical double-gamma haemodynamic response (SPM): peak near 5 s, undershoot near 15 s."""
+    """The canonical double-gamma haemodynamic response (SPM): peak near 5 s, undershoot near 15 s.
+    """
     return gamma.pdf(t, 6) - gamma.pdf(t, 16) / 6
 
 
 def _textgrid(path, words, seconds):
-    """Praat's long text format: tier 1 'phone', tier 2 'word'; pauses are 'sp', every fifth a breath
-    '{BR}', and vowels carry stress digits (1 in a word's first syllable, else 0), as in ds003020."""
+    """Praat's long text format: tier 1 'phone', tier 2 'word'; pauses are 'sp', every fifth a
+    breath '{BR}', and vowels carry stress digits (1 in a word's first syllable, else 0), as in
+    ds003020."""
     def tier(name, items):
         filled, t = [], 0.0
         for label, a, b in items:
@@ -100,26 +108,30 @@ def _textgrid(path, words, seconds):
         lines = ['        class = "IntervalTier"', f'        name = "{name}"', "        xmin = 0",
                  f"        xmax = {seconds}", f"        intervals: size = {len(filled)}"]
         for i, (label, a, b) in enumerate(filled, 1):
-            lines += [f"        intervals [{i}]:", f"            xmin = {a}", f"            xmax = {b}",
+            lines += [f"        intervals [{i}]:", f"            xmin = {a}",
+                      f"            xmax = {b}",
                       f'            text = "{label}"']
         return lines
-    phones = [(p + ("1" if i == 1 else "0") if p in VOWELS else p, a, b) for w in words for i, (p, a, b) in enumerate(w[3])]
-    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0", f"xmax = {seconds}",
+    phones = [(p + ("1" if i == 1 else "0") if p in VOWELS else p, a, b)
+              for w in words for i, (p, a, b) in enumerate(w[3])]
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0",
+             f"xmax = {seconds}",
              "tiers? <exists>", "size = 2", "item []:", "    item [1]:", *tier("phone", phones),
              "    item [2]:", *tier("word", [w[:3] for w in words])]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150.0, n_vocab=40, dim=16,
-              repeats=10, tr=TR, snr=(0.2, 2.0), sr=DEMO_SR, channels=1):
+def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150.0, *, n_vocab=40,
+              dim=16, repeats=10, tr=TR, snr=(0.2, 2.0), sr=DEMO_SR, channels=1):
     """Write a synthetic dataset in the ds003020 layout, stored as the real one is (float64 hf5).
     Voxels are of three kinds: 'AC' voxels respond to band energies, 'semantic' voxels to the
     meaning vectors of the words being spoken, the rest to nothing; each sees its features through
-    the canonical HRF, plus Gaussian noise at a signal-to-noise ratio drawn log-uniformly from `snr`.
-    Subjects share the feature spaces, with their own weights. The ground truth keeps each story's
-    features and each subject's weights (clean responses: zscore(features @ weights)); one story's
-    responses are in memory at a time, so a subject of the published size is written in < 2 GB."""
+    the canonical HRF, plus Gaussian noise at a signal-to-noise ratio drawn log-uniformly from
+    `snr`. Subjects share the feature spaces, with their own weights. The ground truth keeps each
+    story's features and each subject's weights (clean responses: zscore(features @ weights)); one
+    story's responses are in memory at a time, so a subject of the published size is written in < 2
+    GB."""
     rng = np.random.default_rng(seed)
     for d in ("stimuli", "derivative/TextGrids", "derivative/rois", "derivative/ground_truth"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
@@ -137,21 +149,25 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
     stories = names[:n_stories] + [TEST_STORY]
     n_rows = int((seconds + SOUND_START - tr / 2) / tr) - TRIM_START  # last row inside the audio
     t_rows = row_times(n_rows, tr)
-    features = {s: _write_story(out, rng, s, vocab, emb, seconds, t_rows, sr, channels)  # (rows, 8 + dim) each
+    features = {s: _write_story(out, rng, s, vocab, emb, seconds, t_rows=t_rows, sr=sr,
+                                channels=channels)  # (rows, 8 + dim) each
                 for s in progress(stories, "synthetic audio")}
     for j in range(n_subjects):
-        _write_subject(out, rng, f"UTS{j + 1:02d}", features, n_voxels, snr, repeats)
+        _write_subject(out, rng, f"UTS{j + 1:02d}", features, n_voxels, snr=snr, repeats=repeats)
     return out
 
 
-def _write_story(out, rng, s, vocab, emb, seconds, t_rows, sr, channels):
-    """Story s's wav and TextGrid; returns its true features at the rows' times (rows, 8 + dim): band
-    energies and the spoken word's meaning vector, through the HRF, z-scored."""
+def _write_story(out, rng, s, vocab, emb, seconds, *, t_rows, sr, channels):
+    """Story s's wav and TextGrid; returns its true features at the rows' times (rows, 8 + dim):
+    band energies and the spoken word's meaning vector, through the HRF, z-scored."""
     audio, words = _story(rng, vocab, seconds)
     pcm = audio / np.abs(audio).max() * 0.9 * 32767
-    pcm = (resample_poly(pcm.astype(np.float32), sr, DEMO_SR) if sr != DEMO_SR else pcm).astype(np.int16)
+    if sr != DEMO_SR:
+        pcm = resample_poly(pcm.astype(np.float32), sr, DEMO_SR)
+    pcm = pcm.astype(np.int16)
     if channels > 1:  # the other channels a little quieter
-        pcm = np.stack([(pcm.astype(np.int32) * (5 - c) // 5).astype(np.int16) for c in range(channels)], 1)
+        pcm = np.stack([(pcm.astype(np.int32) * (5 - c) // 5).astype(np.int16)
+                        for c in range(channels)], 1)
     wavfile.write(wav_path(out, s), sr, pcm)
     _textgrid(textgrid_path(out, s), words, seconds)
     low = zscore(_band_energies(audio))
@@ -164,9 +180,10 @@ def _write_story(out, rng, s, vocab, emb, seconds, t_rows, sr, channels):
     return zscore(x[np.round(t_rows * GRID).astype(int)])
 
 
-def _write_subject(out, rng, subj, features, n_voxels, snr, repeats):
+def _write_subject(out, rng, subj, features, n_voxels, *, snr, repeats):
     """One subject's responses to every story (hf5, the test story with its repeats), ROIs and
-    ground truth: a third of the voxels AC, a third semantic, a third nothing, each at its own SNR."""
+    ground truth: a third of the voxels AC, a third semantic, a third nothing, each at its own SNR.
+    """
     os.makedirs(os.path.join(out, "derivative", "preprocessed_data", subj), exist_ok=True)
     p = next(iter(features.values())).shape[1]  # 8 band energies + the meaning's dimensions
     kind = rng.permutation(np.arange(n_voxels) * 3 // n_voxels)  # 0 AC, 1 semantic, 2 neither
@@ -183,8 +200,11 @@ def _write_subject(out, rng, subj, features, n_voxels, snr, repeats):
         zscore_(clean)  # unit variance; voxels of neither kind have zero weights, so stay 0
         total = np.zeros_like(clean)
         with h5py.File(response_path(out, subj, s), "w") as f:
-            n = repeats if s == TEST_STORY else 1  # repeat by repeat: one repeat in memory at a time
-            reps = f.create_dataset("individual_repeats", (n, *clean.shape), np.float64) if n > 1 else None
+            # repeat by repeat: one repeat in memory at a time
+            n = repeats if s == TEST_STORY else 1
+            reps = None
+            if n > 1:
+                reps = f.create_dataset("individual_repeats", (n, *clean.shape), np.float64)
             for i in range(n):
                 noisy = rng.standard_normal(clean.shape)
                 noisy *= noise_sd
@@ -203,16 +223,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="write a synthetic dataset in the ds003020 layout")
     p.add_argument("out", help="folder to write (must not exist yet)")
     p.add_argument("--subjects", type=int, default=3, help="number of subjects")
-    p.add_argument("--stories", type=int, default=10, help="training stories (a test story is added)")
+    p.add_argument("--stories", type=int, default=10, help="training stories (a test story is "
+                                                           "added)")
     p.add_argument("--voxels", type=int, default=500, help="voxels per subject")
     p.add_argument("--seconds", type=float, default=150.0, help="length of each story in seconds")
-    p.add_argument("--sr", type=int, default=DEMO_SR, help="sample rate of the wav files (ds003020: 44100)")
-    p.add_argument("--channels", type=int, default=1, help="channels of the wav files (ds003020: 2)")
+    p.add_argument("--sr", type=int, default=DEMO_SR, help="sample rate of the wav files "
+                                                          "(ds003020: 44100)")
+    p.add_argument("--channels", type=int, default=1, help="channels of the wav files (ds003020: "
+                                                           "2)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
-    for flag, ok, want in (("--subjects", a.subjects >= 1, "at least 1"), ("--stories", a.stories >= 2, "at least 2"),
-                           ("--voxels", a.voxels >= 3, "at least 3"), ("--seconds", a.seconds >= 30, "at least 30"),
-                           ("--sr", a.sr >= 8000, "at least 8000"), ("--channels", 1 <= a.channels <= 8, "1 to 8")):
+    for flag, ok, want in (("--subjects", a.subjects >= 1, "at least 1"),
+                           ("--stories", a.stories >= 2, "at least 2"),
+                           ("--voxels", a.voxels >= 3, "at least 3"),
+                           ("--seconds", a.seconds >= 30, "at least 30"),
+                           ("--sr", a.sr >= 8000, "at least 8000"),
+                           ("--channels", 1 <= a.channels <= 8, "1 to 8")):
         if not ok:
             sys.exit(f"error: {flag} {getattr(a, flag[2:])}: must be {want} (nothing was written)")
     if os.path.exists(a.out):

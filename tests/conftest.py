@@ -11,8 +11,8 @@ import synthetic
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """A small synthetic dataset in the ds003020 layout, made once per test session."""
-    return synthetic.make_demo(str(tmp_path_factory.mktemp("demo") / "ds"), n_subjects=3, n_stories=5, n_voxels=90,
-                               seconds=60.0)
+    return synthetic.make_demo(str(tmp_path_factory.mktemp("demo") / "ds"), n_subjects=3,
+                               n_stories=5, n_voxels=90, seconds=60.0)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,3 +25,12 @@ def cache_folder(tmp_path_factory):
         del os.environ["BRAINTUNE_CACHE"]
     else:
         os.environ["BRAINTUNE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def run(demo, tmp_path_factory):
+    """A finished two-epoch run on the demo dataset, for the analyses' tests."""
+    import train
+    out = tmp_path_factory.mktemp("runs") / "r"
+    return train.main(["--data", demo, "--model", "tiny", "--out", str(out), "--batch-size", "8",
+                       "--epochs", "2", "--lr", "1e-2", "--lora-dropout", "0"])

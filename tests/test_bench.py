@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_benchmark_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -22,7 +23,8 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     for k in ("step_lora", "step_lora_nodrop", "step_full"):
         assert res[k]["step_over_forward"] > 1  # a step does strictly more than a forward
     assert [x["v"] for x in res["scaling_ridge_v"]] == [2000, 4000]
-    assert [x["subjects"] for x in res["step_subjects"]] == [1, 2, 3] and "with 3 subject(s)" in p.stdout
+    assert [x["subjects"] for x in res["step_subjects"]] == [1, 2,
+                                                             3] and "with 3 subject(s)" in p.stdout
     assert "fp32 matmul" in p.stdout and "ridge n=800" in p.stdout
 
 

@@ -1,3 +1,4 @@
+import functools
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import cache
 import data
 import train
 from test_train import count_windows
-from model import feature_key, load_backbone, load_checkpoint, pooled, window_features
+from model import Extractor, load_backbone, load_checkpoint, window_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,8 @@ def fresh(tmp_path, monkeypatch):
 
 
 def stage1_run(demo, out, *extra):
-    return train.main(["--data", demo, "--model", "tiny", "--tiny-pretrain", "0", "--epochs", "0", "--out", str(out),
+    return train.main(["--data", demo, "--model", "tiny", "--tiny-pretrain", "0", "--epochs", "0",
+                       "--out", str(out),
                        *extra])
 
 
@@ -42,20 +44,25 @@ def test_cold_warm_and_off_give_the_same_results(demo, fresh, tmp_path, monkeypa
     runs = {}
     for name, extra in (("cold", []), ("warm", []), ("off", ["--no-cache"])):
         forwarded.clear()
-        runs[name] = stage1_run(demo, tmp_path / name, "--epochs", "1", "--batch-size", "8", *extra), sum(forwarded)
-    # training and test windows, forwarded in stage 1 and for the refit unless the cache has them: the warm
+        runs[name] = stage1_run(demo, tmp_path / name, "--epochs", "1", "--batch-size", "8",
+                                *extra), sum(forwarded)
+    # training and test windows, forwarded in stage 1 and for the refit unless the cache has them:
+    # the warm
     # run tunes the very same backbone, so even its refit features are in the cache
     n_stage1 = 96 + 24
     assert runs["warm"][1] == runs["cold"][1] - 2 * n_stage1 and runs["off"][1] == runs["cold"][1]
     assert not any(e.startswith("nocache") for e in os.listdir(fresh))  # --no-cache leaves nothing
-    s1 = {k: load_checkpoint(os.path.join(run, "stage1.pt")) for k, (run, _) in runs.items()}
+    s1 = {k: load_checkpoint(os.path.join(run, "stage1.pt"))["subjects"][0]["init"]
+          for k, (run, _) in runs.items()}
     r = {k: np.load(os.path.join(run, "voxel_r.npz")) for k, (run, _) in runs.items()}
     for k in ("warm", "off"):
-        torch.testing.assert_close(s1[k][0], s1["cold"][0])  # feature means
-        torch.testing.assert_close(s1[k][2][0][0], s1["cold"][2][0][0])  # W
-        for key in ("baseline_r", "tuned_r", "refit_r"):  # and stage 2 does not depend on what the cache spared
+        torch.testing.assert_close(s1[k]["mu"], s1["cold"]["mu"])  # feature means
+        torch.testing.assert_close(s1[k]["W"], s1["cold"]["W"])
+        # and stage 2 does not depend on what the cache spared
+        for key in ("baseline_r", "tuned_r", "refit_r"):
             np.testing.assert_allclose(r[k][key], r["cold"][key], rtol=1e-5, atol=1e-6)
-    # the responses the cache holds are the hf5's, z-scored per story (numpy, float64, as the oracle)
+    # the responses the cache holds are the hf5's, z-scored per story (numpy, float64, as the
+    # oracle)
     ds, _ = data.prepare(demo, ["S01"])
     d = ds[0]
     with h5py.File(data.response_path(demo, "UTS01", d.stories["train"][1]), "r") as f:
@@ -63,7 +70,8 @@ def test_cold_warm_and_off_give_the_same_results(demo, fresh, tmp_path, monkeypa
     want = (want - want.mean(0)) / want.std(0)
     rows = slice(d.Y["train"].starts[1], d.Y["train"].starts[2])
     np.testing.assert_allclose(d.Y["train"][:, :][rows].numpy(), want, atol=2e-6)
-    np.testing.assert_allclose(d.Y["train"][np.arange(rows.start, rows.stop), 5:9].numpy(), want[:, 5:9], atol=2e-6)
+    some = d.Y["train"][np.arange(rows.start, rows.stop), 5:9].numpy()
+    np.testing.assert_allclose(some, want[:, 5:9], atol=2e-6)
 
 
 def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
@@ -82,7 +90,8 @@ def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
         f["data"][0, 0] += 1
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-    assert data.story_responses(root, "UTS01", story)["data"][0, 0] != data.story_responses(demo, "UTS01", story)["data"][0, 0]
+    changed = data.story_responses(root, "UTS01", story)["data"][0, 0]
+    assert changed != data.story_responses(demo, "UTS01", story)["data"][0, 0]
     data.load_audio(root, [story])
     os.utime(data.wav_path(root, story), ns=(time.time_ns(), time.time_ns() + 2 * 10 ** 9))
     data.load_audio(root, [story])
@@ -96,28 +105,35 @@ def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
 
     def extract(bb=model, layer=2, history=3, normalize=False, **timing):
         w = data.Windows(waves, {story: 10}, [story], history=history, keys=keys, **timing)
-        fn = lambda x: pooled(bb, x, layer, history, None, normalize)
-        return window_features(fn, w, feature_key("tiny", bb, layer, None, normalize), 4, cpu)
+        ex = Extractor("tiny", bb, layer, normalize)
+        return window_features(functools.partial(ex.pooled, history=history), w, ex.key(), cpu,
+                               batch_size=4)
     first = extract()
     n = len(entries("features"))
     assert torch.equal(extract(), first) and len(entries("features")) == n
-    for change in (dict(bb=other), dict(layer=3), dict(history=4), dict(normalize=True), dict(tr=2.0),
+    for change in (dict(bb=other), dict(layer=3), dict(history=4), dict(normalize=True),
+                   dict(tr=2.0),
                    dict(trim_start=9), dict(sound_start=9.0)):
         extract(**change)
         assert len(entries("features")) == n + 1, change
         n += 1
-    # stage 1: other lambdas, folds or training stories refit from the same features; the same settings hit
+    # stage 1: other lambdas, folds or training stories refit from the same features; the same
+    # settings hit
     stage1_run(root, tmp_path / "a")
-    n, kept = len(entries("stage1")), {k: len(entries(k)) for k in ("features", "responses", "audio")}
+    n, kept = len(entries("stage1")), {k: len(entries(k)) for k in ("features", "responses",
+                                                                    "audio")}
     stage1_run(root, tmp_path / "b")
     assert len(entries("stage1")) == n
     stage1_run(root, tmp_path / "c", "--alphas", "1,1e6,7")
     stage1_run(root, tmp_path / "d", "--cv-folds", "3")
-    assert len(entries("stage1")) == n + 2 and {k: len(entries(k)) for k in kept} == kept  # features reused
+    # features reused
+    assert len(entries("stage1")) == n + 2 and {k: len(entries(k)) for k in kept} == kept
     stage1_run(root, tmp_path / "e", "--val-stories", "avatar")  # other training stories
     assert len(entries("stage1")) == n + 3
-    stage1_run(root, tmp_path / "f", "--layer", "2")  # another backbone read: new features, the same data
-    assert len(entries("features")) > kept["features"] and len(entries("responses")) == kept["responses"]
+    # another backbone read: new features, the same data
+    stage1_run(root, tmp_path / "f", "--layer", "2")
+    assert len(entries("features")) > kept["features"]
+    assert len(entries("responses")) == kept["responses"]
     assert len(entries("audio")) == kept["audio"]
 
 
@@ -134,7 +150,8 @@ def test_a_killed_write_is_never_trusted_and_a_broken_entry_is_rebuilt(demo, fre
     assert entries("responses") == [] and not os.listdir(os.path.join(fresh, "responses"))
     good = np.array(data.story_responses(demo, "UTS01", "souls")["data"])
     folder = os.path.join(fresh, "responses", entries("responses")[0])
-    shutil.rmtree(folder)  # a process killed by SIGKILL before its rename leaves only its temporary folder
+    # a process killed by SIGKILL before its rename leaves only its temporary folder
+    shutil.rmtree(folder)
     os.makedirs(folder + ".tmp999999")
     open(os.path.join(folder + ".tmp999999", "data.npy"), "wb").write(b"\x93NUMPY half")
     np.testing.assert_array_equal(data.story_responses(demo, "UTS01", "souls")["data"], good)
@@ -157,21 +174,24 @@ def write_subject(root, n_voxels, stories=12, rows=100, tr=0.5):
     from scipy.io import wavfile
     for i in range(stories):
         s = f"story{i:02d}"
-        wavfile.write(data.wav_path(root, s), data.SR, (rng.standard_normal(int(rows * tr * data.SR)) * 3000).astype(np.int16))
+        wavfile.write(data.wav_path(root, s), data.SR,
+                      (rng.standard_normal(int(rows * tr * data.SR)) * 3000).astype(np.int16))
         with h5py.File(data.response_path(root, "UTS01", s), "w") as f:
             f["data"] = rng.standard_normal((rows, n_voxels), np.float32).astype(np.float64)
     return str(root)
 
 
 def private_peak_mb(cmd, env):
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
     peak = [0]
 
     def sample():
         while p.poll() is None:
             try:
                 with open(f"/proc/{p.pid}/status") as f:
-                    peak[0] = max([peak[0]] + [int(x.split()[1]) for x in f if x.startswith("RssAnon:")])
+                    anon = [int(x.split()[1]) for x in f if x.startswith("RssAnon:")]
+                    peak[0] = max([peak[0]] + anon)
             except OSError:
                 pass
             time.sleep(0.02)
@@ -190,9 +210,12 @@ def test_stage1_never_holds_the_response_matrix(tmp_path):
     for v in (16000, 160000):
         root = write_subject(tmp_path / f"ds{v}", v)
         env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / f"cache{v}"))
-        peaks[v] = private_peak_mb([sys.executable, "train.py", "--data", root, "--model", "tiny", "--tiny-pretrain", "0",
-                                    "--epochs", "0", "--history", "1", "--tr", "0.5", "--trim-start", "0",
-                                    "--sound-start", "0", "--test-stories", "story11", "--val-stories", "story10",
+        peaks[v] = private_peak_mb([sys.executable, "train.py", "--data", root, "--model", "tiny",
+                                    "--tiny-pretrain", "0",
+                                    "--epochs", "0", "--history", "1", "--tr", "0.5",
+                                    "--trim-start", "0",
+                                    "--sound-start", "0", "--test-stories", "story11",
+                                    "--val-stories", "story10",
                                     "--out", str(tmp_path / f"run{v}")], env)
     matrix = 1200 * 144000 * 4 / 2 ** 20  # MB the larger matrix adds, as float32
     assert peaks[160000] - peaks[16000] < 0.6 * matrix, peaks

@@ -19,7 +19,8 @@ def run_all(cmds, env, cwd=ROOT, at_once=4):
     """Each command's (exit status, stdout, stderr), a few processes at a time."""
     out = []
     for i in range(0, len(cmds), at_once):
-        procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
                  for c in cmds[i:i + at_once]]
         out += [(p.returncode, *p.communicate()) if p.wait() is not None else None for p in procs]
     return out
@@ -30,7 +31,8 @@ def assert_refused(results, cases, made=()):
         lines = stderr.strip().splitlines()
         assert code != 0 and "Traceback" not in stderr, (message, stderr[-1500:])
         assert len(lines) == 1 and message in lines[0], (message, stderr)
-        assert "ridge" not in stdout and "windows of" not in stdout  # refused before extraction and ridge
+        # refused before extraction and ridge
+        assert "ridge" not in stdout and "windows of" not in stdout
     for path in made:
         assert not os.path.exists(path), f"{path} was written"
 
@@ -44,10 +46,12 @@ def ds(demo, tmp_path_factory):
     unfetched = shutil.copytree(demo, base / "unfetched")
     hf5 = unfetched / "derivative" / "preprocessed_data" / "UTS01" / "souls.hf5"
     os.remove(hf5)
-    os.symlink("../../../.git/annex/objects/Xx/Yy/SHA256E-s1--0.hf5/SHA256E-s1--0.hf5", hf5)  # datalad, not got
+    # datalad, not got
+    os.symlink("../../../.git/annex/objects/Xx/Yy/SHA256E-s1--0.hf5/SHA256E-s1--0.hf5", hf5)
     pointer = shutil.copytree(demo, base / "pointer")
     (pointer / "stimuli" / "avatar.wav").write_text("/annex/objects/SHA256E-s123--abc.wav\n")
-    return {"demo": demo, "nogrids": str(nogrids), "unfetched": str(unfetched), "pointer": str(pointer)}
+    return {"demo": demo, "nogrids": str(nogrids), "unfetched": str(unfetched),
+            "pointer": str(pointer)}
 
 
 def test_train_refuses_each_mistake_before_any_work(ds, tmp_path):
@@ -60,7 +64,8 @@ def test_train_refuses_each_mistake_before_any_work(ds, tmp_path):
         (["--roi", "top0"], "--roi top0: expected topN"),
         (["--roi", "top100000"], "--roi top100000: UTS01 has 90 voxels"),
         (["--roi", str(np_roi)], f"{np_roi}: no such ROI file"),
-        (["--subject", "S01,S02", "--roi", "mine.npy"], "a .npy file holds one subject's voxel indices"),
+        (["--subject", "S01,S02", "--roi", "mine.npy"],
+         "a .npy file holds one subject's voxel indices"),
         (["--subject", "S07"], "unknown subject 'S07'"),
         (["--model", "nosuch"], "--model nosuch: unknown"),
         (["--layer", "9"], "--layer 9: tiny has layers 1..4"),
@@ -72,23 +77,40 @@ def test_train_refuses_each_mistake_before_any_work(ds, tmp_path):
         (["--sound-start", "-100"], "audio is 60.0 s long but its last fMRI frame needs"),
         (["--lora-targets", "qxz"], "--lora-targets qxz: must be letters of qkvo"),
         (["--lora-dropout", "1.5"], "--lora-dropout 1.5: must be in [0, 1)"),
-        (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "CUDA device(s); use --device cpu"),
-        (["--val-stories", "wheretheressmoke"], "--val-stories wheretheressmoke and --test-stories wheretheressmoke"),
+        (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"],
+         "CUDA device(s); use --device cpu"),
+        (["--val-stories", "wheretheressmoke"],
+         "--val-stories wheretheressmoke and --test-stories wheretheressmoke"),
         (["--val-stories", "nosuchstory"], "story 'nosuchstory' has no responses for UTS01"),
         (["--cv-folds", "12"], "--cv-folds 12: UTS01 has 4 training stories"),
         (["--weights", str(tmp_path / "nope.pt")], "nope.pt: no such file"),
-        (["--data", ds["nogrids"], "--tiny-pretrain", "4"], "alternateithicatom.TextGrid: no such file; tiny's phone pretraining"),
-        (["--data", ds["unfetched"]], "souls.hf5: not fetched yet (a datalad placeholder); run `datalad get"),
+        (["--data", ds["nogrids"], "--tiny-pretrain", "4"],
+         "alternateithicatom.TextGrid: no such file; tiny's phone pretraining"),
+        (["--data", ds["unfetched"]],
+         "souls.hf5: not fetched yet (a datalad placeholder); run `datalad get"),
         (["--data", ds["pointer"]], "avatar.wav: not fetched yet"),
         (["--data", str(tmp_path / "nodata")], "preprocessed_data: no such folder"),
         (["--out", str(tmp_path / "taken")], "already exists; use --resume"),
-        (["--context", "3"], "--context: a setting of moussa2025 or brainwavlm, not of --protocol windows"),
+        (["--context", "3"],
+         "--context: a setting of moussa2025 or brainwavlm, not of --protocol windows"),
         (["--protocol", "brainwavlm", "--delays", "a,b"], "--delays a,b: expected TR delays"),
         (["--protocol", "moussa2025", "--stride", "0"], "--stride 0.0: must be positive"),
-        (["--protocol", "moussa2025"], "--test-skip 40: the test story 'wheretheressmoke' of UTS01 has 24 rows"),
+        (["--protocol", "moussa2025"],
+         "--test-skip 40: the test story 'wheretheressmoke' of UTS01 has 24 rows"),
+        (["--sound-start", "400"], "its first fMRI frame is at -379.0 s, before the audio starts"),
+        (["--sound-start", "1e9"],
+         "before the audio starts (see --sound-start, --trim-start, --tr)"),
+        (["--history", "1000"], "--history 1000: longer than the shortest training story (24 TRs)"),
+        (["--bottleneck", "100000"],
+         "--bottleneck 100000: larger than the features (384) or the voxels (90)"),
+        (["--lora-rank", "65"], "--lora-rank 65: must be at most the layer's width, 64 (tiny)"),
+        (["--protocol", "brainwavlm", "--test-skip", "0", "--context", "100000"],
+         "--context or --batch-size: this run would need about"),
+        (["--control-block", "0"], "--control-block 0: must be at least 1"),
     ]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
-    base = [sys.executable, "train.py", "--data", ds["demo"], "--model", "tiny", "--tiny-pretrain", "0",
+    base = [sys.executable, "train.py", "--data", ds["demo"], "--model", "tiny", "--tiny-pretrain",
+            "0",
             "--epochs", "0", "--out", str(tmp_path / "run")]
     results = run_all([base + flags for flags, _ in cases], env)
     assert_refused(results, cases, made=[tmp_path / "run", tmp_path / "cache"])
@@ -97,36 +119,56 @@ def test_train_refuses_each_mistake_before_any_work(ds, tmp_path):
 
 def test_a_resumed_or_moved_run_works_from_anywhere_and_a_broken_one_is_refused(ds, tmp_path):
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
-    here = os.path.dirname(ds["demo"])  # the dataset given as a relative path, from its parent folder
-    made = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", os.path.basename(ds["demo"]),
-                           "--model", "tiny", "--tiny-pretrain", "0", "--epochs", "1", "--batch-size", "8",
-                           "--out", str(tmp_path / "run")], cwd=here, env=env, capture_output=True, text=True)
+    # the dataset given as a relative path, from its parent folder
+    here = os.path.dirname(ds["demo"])
+    made = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data",
+                           os.path.basename(ds["demo"]),
+                           "--model", "tiny", "--tiny-pretrain", "0", "--epochs", "1",
+                           "--batch-size", "8", "--out", str(tmp_path / "run")],
+                          cwd=here, env=env, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr[-2000:]
     cfg = json.load(open(tmp_path / "run" / "config.json"))
     assert cfg["args"]["data"] == ds["demo"]  # recorded absolute
-    elsewhere = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), str(tmp_path / "run"), "--subject",
+    elsewhere = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"),
+                                str(tmp_path / "run"), "--subject",
                                 "S02"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert elsewhere.returncode == 0 and "cross-subject transfer to S02" in elsewhere.stdout, elsewhere.stderr[-2000:]
+    assert elsewhere.returncode == 0, elsewhere.stderr[-2000:]
+    assert "cross-subject transfer to S02" in elsewhere.stdout
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "run", old)
-    kept = {k: v for k, v in cfg["args"].items() if k not in ("tiny_pretrain", "backbone_dropout", "no_cache")}
-    (old / "config.json").write_text(json.dumps(dict(cfg, args=kept)))  # a run made before these flags
-    assert config.parse(["--resume", str(old)]).backbone_dropout is None  # today's default, not a KeyError
+    kept = {k: v for k, v in cfg["args"].items() if k not in ("tiny_pretrain", "backbone_dropout",
+                                                              "no_cache")}
+    # a run made before these flags
+    (old / "config.json").write_text(json.dumps(dict(cfg, args=kept)))
+    # today's default, not a KeyError
+    assert config.parse(["--resume", str(old)]).backbone_dropout is None
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     results = run_all([[sys.executable, "train.py", "--resume", str(broken)]], env)
-    assert_refused(results, [(None, f"--resume {broken}: {broken}/config.json is not the config of a run")])
+    message = f"--resume {broken}: {broken}/config.json is not the config of a run"
+    assert_refused(results, [(None, message)])
+    resume = [sys.executable, "train.py", "--resume", str(tmp_path / "run")]
+    cases = [(resume + ["--lr", "1"], "--lr: given with --resume, it would change the run"),
+             (resume + ["--roi", "AC"], "--roi: given with --resume, it would change the run"),
+             (resume + ["--batch-size", "4"],
+              "--batch-size 4 --accum 1: with --resume the global batch must stay 8"),
+             (resume + ["--epochs", "-1"], "--epochs -1: must be 0 or more")]
+    before = open(tmp_path / "run" / "config.json").read()
+    assert_refused(run_all([c for c, _ in cases], env), cases)
+    assert open(tmp_path / "run" / "config.json").read() == before  # nothing written
 
 
 def test_eval_refuses_each_mistake(ds, tmp_path):
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
-    run = train.main(["--data", ds["demo"], "--model", "tiny", "--tiny-pretrain", "0", "--epochs", "0",
+    run = train.main(["--data", ds["demo"], "--model", "tiny", "--tiny-pretrain", "0", "--epochs",
+                      "0",
                       "--out", str(tmp_path / "run")])
     ev = [sys.executable, "eval.py", run]
     cases = [
         ([sys.executable, "eval.py", str(tmp_path / "nope")], "nope: no such run folder"),
-        (ev + ["--export", str(tmp_path / "nodir" / "x.pt")], f"--export {tmp_path}/nodir/x.pt: no folder"),
+        (ev + ["--export", str(tmp_path / "nodir" / "x.pt")],
+         f"--export {tmp_path}/nodir/x.pt: no folder"),
         (ev + ["--export", os.path.join(run, "config.json")], "config.json: already exists"),
         (ev + ["--seeds", str(tmp_path)], f"--seeds {tmp_path}: not the folder of a finished run"),
         (ev + ["--vs", run], "--vs compares with the runs of --seeds"),
@@ -135,25 +177,43 @@ def test_eval_refuses_each_mistake(ds, tmp_path):
         (ev + ["--layers", "2,9"], "--layers 2,9: expected 'all' or layers from 1..4 of tiny"),
         (ev + ["--layers", ""], "--layers : expected 'all' or layers from 1..4"),
         (ev + ["--layers", "0"], "--layers 0: expected"),
+        (ev + ["--export-hf", str(tmp_path / "hf")], "has no tuned backbone (adapter.pt)"),
+        (ev + ["--hours", "1"], "--hours sets --efficiency's subsets; give --efficiency too"),
+        (ev + ["--efficiency", "--hours", "x"], "--hours x: expected positive hours"),
+        (ev + ["--against", str(tmp_path / "nope")],
+         f"--against {tmp_path}/nope: {tmp_path}/nope: no such run folder"),
+        (ev + ["--downstream", "cremad"],
+         "--downstream cremad: give the task's folder with --downstream-data"),
+        (ev + ["--downstream", "cremad", "--downstream-data", str(tmp_path)], "AudioWAV"),
+        (ev + ["--flatmap"], "stage-1 run (--epochs 0): there is no tuned r to map"),
     ]
-    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir", os.path.join(run, "analyses.json")])
+    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir",
+                                                                     os.path.join(run,
+                                                                                  "analyses.json")])
 
 
 def test_data_refuses_each_mistake(ds, tmp_path):
     cases = [
         ([sys.executable, "synthetic.py", ds["demo"]], "already exists"),
-        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--voxels", "0"], "--voxels 0: must be at least 3"),
-        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--seconds", "5"], "--seconds 5.0: must be at least 30"),
-        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--channels", "0"], "--channels 0: must be 1 to 8"),
+        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--voxels", "0"],
+         "--voxels 0: must be at least 3"),
+        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--seconds", "5"],
+         "--seconds 5.0: must be at least 30"),
+        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--channels", "0"],
+         "--channels 0: must be 1 to 8"),
     ]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
-    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "d", tmp_path / "d.tmp"])
+    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "d",
+                                                                     tmp_path / "d.tmp"])
 
 
 def test_bench_refuses_each_mistake(tmp_path):
     cases = [
-        ([sys.executable, "bench.py", "--only", "ridge,nosuch"], "--only ridge,nosuch: unknown part 'nosuch'"),
-        ([sys.executable, "bench.py", "--out", str(tmp_path / "nodir" / "b.json")], f"--out {tmp_path}/nodir/b.json: no folder"),
+        ([sys.executable, "bench.py", "--only", "ridge,nosuch"],
+         "--only ridge,nosuch: unknown part 'nosuch'"),
+        ([sys.executable, "bench.py", "--out", str(tmp_path / "nodir" / "b.json")],
+         f"--out {tmp_path}/nodir/b.json: no folder"),
     ]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
-    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir", tmp_path / "cache"])
+    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir",
+                                                                     tmp_path / "cache"])

@@ -9,7 +9,8 @@ from model import TINY
 
 W2V = {k: v for k, v in TINY.items() if k not in ("encoder_num_buckets", "encoder_max_distance")}
 FAMILIES = {  # small random models of each family, built by the functions the real bundles use
-    "wav2vec2": lambda: wav2vec2_model(**dict(W2V, extractor_mode="layer_norm", encoder_layer_norm_first=True)),
+    "wav2vec2": lambda: wav2vec2_model(**dict(W2V, extractor_mode="layer_norm",
+                                              encoder_layer_norm_first=True)),
     "hubert": lambda: wav2vec2_model(**W2V),  # HuBERT base: group-norm extractor, post-norm layers
     "wavlm": lambda: wavlm_model(**TINY),
 }
@@ -74,7 +75,8 @@ def test_fused_wavlm_qkv_is_not_bypassed():
     base = model("wavlm")
     assert (feats(m, x) - feats(base, x)).abs().max() > 1e-3  # a v-only adapter changes the output
     d = lora.delta_norms(m)
-    assert list(d) == ["encoder.transformer.layers.1.attention.v"] and d["encoder.transformer.layers.1.attention.v"] > 0
+    assert list(d) == ["encoder.transformer.layers.1.attention.v"]
+    assert d["encoder.transformer.layers.1.attention.v"] > 0
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "wavlm"])
@@ -131,12 +133,14 @@ def test_peft_agrees_when_installed():
     ours = copy.deepcopy(m)
     lora.add_lora(ours, rank=4, alpha=8, targets="qkvo")
     randomise_B(ours)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                             "out_proj"])
     theirs = peft.inject_adapter_in_model(cfg, m)
     mine = lora.lora_state_dict(ours)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if "lora_A" in n or "lora_B" in n:
-                key = n.replace(".lora_A.default.weight", ".lora_A").replace(".lora_B.default.weight", ".lora_B")
+                key = n.replace(".lora_A.default.weight",
+                                ".lora_A").replace(".lora_B.default.weight", ".lora_B")
                 p.copy_(mine[key])
     torch.testing.assert_close(feats(theirs, x), feats(ours, x), rtol=1e-5, atol=1e-5)

@@ -7,69 +7,24 @@ import numpy as np
 import pytest
 import torch
 
-import config
-import data
 import eval as ev
-import ridge
 import train
-from model import load_backbone, load_checkpoint, make_head, pretrain_tiny, uses_bf16
+from model import load_checkpoint, load_extractor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ridge_np(X, Y, lam):
-    return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y)
-
-
-def test_fit_ridge_one_lambda_is_the_closed_form():
-    rng = np.random.default_rng(0)
-    X, Y = rng.standard_normal((120, 30)), rng.standard_normal((120, 7))
-    W, best = ridge.fit_ridge(torch.tensor(X), torch.tensor(Y), [3.0], np.repeat(np.arange(4), 30))
-    np.testing.assert_allclose(W.numpy(), ridge_np(X, Y, 3.0), rtol=1e-4, atol=1e-8)
-    assert best.tolist() == [3.0] * 7
-
-
-def test_fit_ridge_picks_each_voxels_lambda_by_whole_group_folds():
-    rng = np.random.default_rng(1)
-    n, p = 160, 100
-    X = rng.standard_normal((n, p))
-    W_true = rng.standard_normal((p, 6))
-    noise = np.array([0.01, 0.01, 10.0, 10.0, 100.0, 100.0])  # clean voxels want small lambdas, noisy ones large
-    Y = X @ W_true + noise * rng.standard_normal((n, 6))
-    groups = np.repeat([3, 0, 2, 1], 40)
-    alphas = np.logspace(-2, 4, 7)
-    W, best = ridge.fit_ridge(torch.tensor(X), torch.tensor(Y), alphas, groups)
-    # the oracle: numpy, each group held out in turn
-    score = np.zeros((len(alphas), 6))
-    for g in np.unique(groups):
-        tr, te = groups != g, groups == g
-        for a, lam in enumerate(alphas):
-            pred = X[te] @ ridge_np(X[tr], Y[tr], lam)
-            score[a] += [np.corrcoef(pred[:, v], Y[te, v])[0, 1] for v in range(6)]
-    want = alphas[score.argmax(0)]
-    np.testing.assert_allclose(best.numpy(), want)
-    assert want[0] < want[-1]  # the data really asks for different lambdas
-    for v in range(6):
-        np.testing.assert_allclose(W[:, v].numpy(), ridge_np(X, Y[:, [v]], want[v])[:, 0], rtol=1e-4, atol=1e-8)
-
-
-def test_pearson_equals_corrcoef():
-    rng = np.random.default_rng(2)
-    a, b = rng.standard_normal((50, 5)), rng.standard_normal((50, 5))
-    b[:, 0] += 2 * a[:, 0]
-    r = ridge.pearson(torch.tensor(a), torch.tensor(b)).numpy()
-    np.testing.assert_allclose(r, [np.corrcoef(a[:, v], b[:, v])[0, 1] for v in range(5)], rtol=1e-10)
-    assert ridge.pearson(torch.ones(10, 1), torch.randn(10, 1)).item() == 0.0
-
-
 def test_stage1_on_synthetic_tiny(demo, tmp_path, capsys):
-    run = train.main(["--data", demo, "--model", "tiny", "--subject", "S01", "--epochs", "0", "--out", str(tmp_path / "r")])
-    assert "device cpu: the backbone in float32, the ridge in float32" in capsys.readouterr().out  # named in the log
+    run = train.main(["--data", demo, "--model", "tiny", "--subject", "S01", "--epochs", "0",
+                      "--out", str(tmp_path / "r")])
+    # named in the log
+    assert "device cpu: the backbone in float32, the ridge in float32" in capsys.readouterr().out
     res = json.load(open(os.path.join(run, "results.json")))
     t = res["test"]
     assert res["subject"] == "UTS01" and res["model"] == "tiny"
     assert set(t) == {"all", "AC", "semantic", "top9"}
-    # measured with seed 0 on this small dataset (a 24-TR test story): AC 0.37, semantic 0.03, chance 0.06
+    # measured with seed 0 on this small dataset (a 24-TR test story): AC 0.37, semantic 0.03,
+    # chance 0.06
     kind = np.load(os.path.join(demo, "derivative", "ground_truth", "UTS01.npz"))["kind"]
     chance = np.load(os.path.join(run, "voxel_r.npz"))["baseline_r"][kind == 2].mean()
     assert abs(chance) < 0.12
@@ -79,26 +34,9 @@ def test_stage1_on_synthetic_tiny(demo, tmp_path, capsys):
     assert np.load(os.path.join(run, "voxel_r.npz"))["baseline_r"].shape == (90,)
 
 
-def test_weights_flag_loads_and_reports_bad_files(tmp_path):
-    model, _ = load_backbone("tiny", seed=3)
-    path = str(tmp_path / "w.pt")
-    torch.save(model.state_dict(), path)
-    loaded, _ = load_backbone("tiny", weights=path, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    with pytest.raises(ValueError, match="nope.pt: no such file"):
-        load_backbone("tiny", weights=str(tmp_path / "nope.pt"))
-    (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="bad.pt: not a readable PyTorch checkpoint"):
-        load_backbone("tiny", weights=str(tmp_path / "bad.pt"))
-    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt: the weights do not fit the tiny architecture"):
-        load_backbone("tiny", weights=str(tmp_path / "other.pt"))
-    with pytest.raises(ValueError, match="unknown model 'gpt2'"):
-        load_backbone("gpt2")
-
-
 def quick(demo, out, *extra):
-    return ["--data", demo, "--model", "tiny", "--out", str(out), "--batch-size", "8", "--lr", "1e-3", *extra]
+    return ["--data", demo, "--model", "tiny", "--out", str(out), "--batch-size", "8", "--lr",
+            "1e-3", *extra]
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(demo, tmp_path, monkeypatch):
@@ -158,7 +96,8 @@ def test_existing_run_folder_is_never_overwritten(demo, tmp_path):
 
 
 def test_main_job_tunes_the_backbone_and_keeps_the_model_sound(demo, tmp_path):
-    # Whether tuning beats the baseline on these 96 windows is a coin toss (tuned r with its own head
+    # Whether tuning beats the baseline on these 96 windows is a coin toss (tuned r with its own
+    # head
     # minus baseline r, seeds 0-3: +0.0013, +0.0026, +0.0030, -0.0009); the gain is measured on data
     # made for it (test_eval's semantic test) and in the README. Here: stage 2 fits its training
     # windows, moves every adapter, and leaves a model that predicts the brain as well as before.
@@ -174,15 +113,19 @@ def test_main_job_tunes_the_backbone_and_keeps_the_model_sound(demo, tmp_path):
 
 
 def torchrun(flags, port):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port",
                            str(port), "train.py", *flags], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_torchrun_two_processes_match_one(demo, tmp_path):
-    # 96 windows in batches of 7: shares of 4 and 3, and a last batch of 5 (3 and 2); the gradient is
-    # the mean over the global batch only if the unequal shares are weighed (unweighed: tuned r off by 0.048)
-    flags = quick(demo, tmp_path / "one", "--epochs", "1", "--lora-dropout", "0", "--batch-size", "7")
+    # 96 windows in batches of 7: shares of 4 and 3, and a last batch of 5 (3 and 2); the gradient
+    # is
+    # the mean over the global batch only if the unequal shares are weighed (unweighed: tuned r off
+    # by 0.048)
+    flags = quick(demo, tmp_path / "one", "--epochs", "1", "--lora-dropout", "0", "--batch-size",
+                  "7")
     one = train.main(flags)
     two = str(tmp_path / "two")
     flags[flags.index("--out") + 1] = two
@@ -195,7 +138,8 @@ def test_torchrun_two_processes_match_one(demo, tmp_path):
 
 
 def test_torchrun_with_a_last_batch_smaller_than_the_processes(demo, tmp_path):
-    out = torchrun(quick(demo, tmp_path / "r", "--epochs", "1", "--batch-size", "5"), 29518)  # 96 = 19 x 5 + 1
+    # 96 = 19 x 5 + 1
+    out = torchrun(quick(demo, tmp_path / "r", "--epochs", "1", "--batch-size", "5"), 29518)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())["epoch"] == 1
 
@@ -203,7 +147,8 @@ def test_torchrun_with_a_last_batch_smaller_than_the_processes(demo, tmp_path):
 def test_accumulated_batches_equal_one_large_batch(demo, tmp_path):
     # 96 windows: 24 batches of 4 in groups of 5, the last group of 4 batches (16 windows), against
     # batches of 20 whose last has 16: the same windows, the same mean gradients
-    small = train.main(quick(demo, tmp_path / "a", "--epochs", "1", "--batch-size", "4", "--accum", "5"))
+    small = train.main(quick(demo, tmp_path / "a", "--epochs", "1", "--batch-size", "4", "--accum",
+                             "5"))
     large = train.main(quick(demo, tmp_path / "b", "--epochs", "1", "--batch-size", "20"))
     a, b = (load_checkpoint(os.path.join(r, "adapter.pt"))["trainable"] for r in (small, large))
     for k in a:
@@ -213,100 +158,50 @@ def test_accumulated_batches_equal_one_large_batch(demo, tmp_path):
 def test_corr_loss_is_minus_the_mean_correlation_across_voxels():
     rng = np.random.default_rng(3)
     pred, y = rng.standard_normal((6, 40)), rng.standard_normal((6, 40))
-    want = -np.mean([np.corrcoef(pred[t], y[t])[0, 1] for t in range(6)])  # BrainWavLM: per TR, across voxels
-    assert train.loss_fn(torch.tensor(pred), torch.tensor(y), "corr").item() == pytest.approx(want, rel=1e-9)
-    assert train.loss_fn(torch.tensor(pred), torch.tensor(y), "mse").item() == pytest.approx(np.mean((pred - y) ** 2))
+    # BrainWavLM: per TR, across voxels
+    want = -np.mean([np.corrcoef(pred[t], y[t])[0, 1] for t in range(6)])
+    got = train.loss_fn(torch.tensor(pred), torch.tensor(y), "corr").item()
+    assert got == pytest.approx(want, rel=1e-9)
+    assert train.loss_fn(torch.tensor(pred), torch.tensor(y),
+                         "mse").item() == pytest.approx(np.mean((pred - y) ** 2))
 
 
 def test_l2_shrinks_the_head(demo, tmp_path):
     norm = {}
     for l2 in ("0", "1"):
-        run = train.main(quick(demo, tmp_path / l2, "--epochs", "1", "--head-lr", "1e-2", "--l2", l2))
-        norm[l2] = load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]["heads.0.weight"].norm()
+        run = train.main(quick(demo, tmp_path / l2, "--epochs", "1", "--head-lr", "1e-2", "--l2",
+                               l2))
+        norm[l2] = load_checkpoint(os.path.join(run,
+                                                "adapter.pt"))["trainable"]["heads.0.weight"].norm()
     assert norm["1"] < 0.9 * norm["0"]
 
 
-@pytest.mark.parametrize("recipe", sorted(config.RECIPES))
-def test_each_recipe_sets_its_flags_and_the_command_line_wins(recipe):
-    args = config.parse(["--recipe", recipe, "--data", "somewhere"])
-    for k, v in config.RECIPES[recipe].items():
-        assert getattr(args, k) == (v.split(",") if k.endswith("_stories") else v), k
-    assert config.parse(["--recipe", recipe, "--data", "somewhere", "--lr", "0.123"]).lr == 0.123
-
-
-def test_the_ridge_runs_in_full_float32_whatever_training_uses(monkeypatch):
-    seen, real = [], torch.linalg.eigh
-    matmul = torch.backends.cuda.matmul
-
-    def eigh(a):
-        seen.append(matmul.allow_tf32)
-        return real(a)
-    monkeypatch.setattr(torch.linalg, "eigh", eigh)
-    # allow_tf32 is a property of torch's cuBLAS module, which monkeypatch cannot restore: set and
-    # restore it here
-    before = matmul.allow_tf32
-    matmul.allow_tf32 = True
-    try:
-        ridge.fit_ridge(torch.randn(40, 5), torch.randn(40, 3), [1.0], np.repeat(np.arange(2), 20))
-        assert seen and not any(seen)  # TF32 off while it runs
-        assert matmul.allow_tf32  # and the run's own setting back afterwards
-    finally:
-        matmul.allow_tf32 = before
-
-
-def test_precision_bf16_only_on_a_gpu_and_fp32_turns_it_off():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert uses_bf16(cuda) and uses_bf16(cuda, "auto") and not uses_bf16(cuda, "fp32")
-    assert not uses_bf16(cpu) and not uses_bf16(cpu, "auto")
-    assert config.parse(["--precision", "fp32"]).precision == "fp32" and config.parse([]).precision == "auto"
-
-
-def test_bottleneck_head_is_the_best_rank_k_approximation():
-    W = torch.randn(40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    head = make_head(W.float(), bottleneck=5)
-    got = (head[1].weight @ head[0].weight).T.double().detach()  # (p, v), as W
-    U, s, Vh = np.linalg.svd(W.numpy(), full_matrices=False)
-    want = (U[:, :5] * s[:5]) @ Vh[:5]
-    np.testing.assert_allclose(got.numpy(), want, atol=1e-4)  # a float32 SVD
-    full = make_head(W.float())
-    x = torch.randn(3, 40)
-    torch.testing.assert_close(full(x).detach(), x @ W.float())
-
-
 def test_top_n_roi_weighted_layers_and_bottleneck_run(demo, tmp_path):
-    run = train.main(quick(demo, tmp_path / "r", "--epochs", "1", "--roi", "top20", "--layer", "weighted",
+    run = train.main(quick(demo, tmp_path / "r", "--epochs", "1", "--roi", "top20", "--layer",
+                           "weighted",
                            "--bottleneck", "8"))
     res = json.load(open(os.path.join(run, "results.json")))
     assert res["n_voxels"] == 20 and "top20" in res["test"]
     r = np.load(os.path.join(run, "voxel_r.npz"))
     assert np.isfinite(r["tuned_r"]).sum() == 20 and np.isfinite(r["refit_r"]).all()
     trainable = torch.load(os.path.join(run, "adapter.pt"), weights_only=True)["trainable"]
-    assert trainable["layer_weights"].shape == (4,) and trainable["layer_weights"].abs().sum() > 0  # learned
+    weights = trainable["extractor.layer_weights"]
+    assert weights.shape == (4,) and weights.abs().sum() > 0  # learned
     assert trainable["heads.0.0.weight"].shape[0] == 8
-
-
-def test_failed_bundle_download_names_file_cache_and_flag(monkeypatch, tmp_path):
-    import urllib.error
-
-    import torchaudio
-
-    def offline(dl_kwargs):
-        raise urllib.error.URLError("no network")  # what torch.hub raises here; nothing is contacted
-    monkeypatch.setattr(type(torchaudio.pipelines.WAVLM_BASE_PLUS), "_get_state_dict", lambda self, kw: offline(kw))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(ValueError, match=r"wavlm_base_plus.pth is not in .*checkpoints .*--weights PATH"):
-        load_backbone("wavlm_base_plus")
 
 
 def count_windows(monkeypatch):
     """Counts the windows that go through the backbone's CNN, over every forward of a run."""
-    seen, real = [], load_backbone
+    seen = []
+
+    def count(module, inputs):
+        seen.append(len(inputs[0]))
 
     def counted(*a, **k):
-        model, normalize = real(*a, **k)
-        model.feature_extractor.register_forward_pre_hook(lambda m, inp: seen.append(len(inp[0])))
-        return model, normalize
-    monkeypatch.setattr(train, "load_backbone", counted)
+        extractor = load_extractor(*a, **k)
+        extractor.backbone.feature_extractor.register_forward_pre_hook(count)
+        return extractor
+    monkeypatch.setattr(train, "load_extractor", counted)
     return seen
 
 
@@ -314,7 +209,8 @@ def test_two_subjects_share_each_window_and_keep_their_own_heads(demo, tmp_path,
     seen = count_windows(monkeypatch)
     one = train.main(quick(demo, tmp_path / "one", "--epochs", "1", "--no-cache"))
     n_one, seen[:] = sum(seen), []
-    two = train.main(quick(demo, tmp_path / "two", "--epochs", "1", "--subject", "S01,S02", "--no-cache"))
+    two = train.main(quick(demo, tmp_path / "two", "--epochs", "1", "--subject", "S01,S02",
+                           "--no-cache"))
     # the two subjects heard the same stories: every window is forwarded once, as for one subject
     assert sum(seen) == n_one > 0
     res = json.load(open(os.path.join(two, "results.json")))
@@ -336,62 +232,40 @@ def test_a_subjects_missing_story_names_subject_and_story(demo, tmp_path):
     ds = shutil.copytree(demo, tmp_path / "ds")
     os.remove(ds / "derivative" / "preprocessed_data" / "UTS02" / "wheretheressmoke.hf5")
     args = quick(str(ds), tmp_path / "r", "--epochs", "0", "--subject", "S01,S02")
-    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                         text=True)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "'wheretheressmoke' has no responses for UTS02" in out.stderr
 
 
-def test_backbone_dropout_replaces_the_bundles_own():
-    import torchaudio
-    state = torchaudio.models.wav2vec2_model(**torchaudio.pipelines.HUBERT_BASE._params).state_dict()
-    keep, _ = load_backbone("hubert_base", weights=state)
-    off, _ = load_backbone("hubert_base", weights=state, dropout=0.0)
-    p = lambda m: sorted({x.p for x in m.modules() if isinstance(x, torch.nn.Dropout)} |
-                         {m.encoder.transformer.layers[0].attention.dropout})
-    assert p(keep) == [0.0, 0.1] and p(off) == [0.0]  # the bundle's: 0.1 (its ff dropout is 0)
-    assert keep.encoder.transformer.layer_drop == off.encoder.transformer.layer_drop == 0.0
-
-
-def test_keep_freed_memory_keeps_a_large_freed_tensor():
-    rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024  # MB
-    train.keep_freed_memory()
-    x = torch.ones(64 << 18)  # 64 MB, above glibc's largest default heap block (32 MB)
-    held = rss()
-    del x
-    assert rss() > held - 32  # kept for the next step, not unmapped (glibc's default drops all 64 MB)
-
-
-def test_tiny_pretraining_learns_to_name_phones(demo):
-    audio = data.load_audio(demo, data.splits(demo, "UTS01")[0])
-    _, first = pretrain_tiny(demo, audio, epochs=1)
-    state, last = pretrain_tiny(demo, audio, epochs=4)
-    assert last > 0.5 and last > first + 0.15  # measured: 0.32 after one epoch (pauses are ~0.3), 0.61 after four
-    model, _ = load_backbone("tiny", state)  # loads strictly into the tiny architecture
-    assert torch.equal(model.state_dict()["encoder.feature_projection.projection.weight"],
-                       state["encoder.feature_projection.projection.weight"])
-
-
-def test_a_papers_protocol_scores_the_baseline_and_the_refit_while_the_windows_train(demo, tmp_path):
-    flags = ["--epochs", "1", "--tiny-pretrain", "0", "--protocol", "brainwavlm", "--context", "1.0", "--stride", "0.5",
+def test_a_papers_protocol_scores_the_baseline_and_the_refit_while_the_windows_train(demo,
+                                                                                     tmp_path):
+    flags = ["--epochs", "1", "--tiny-pretrain", "0", "--protocol", "brainwavlm", "--context",
+             "1.0", "--stride", "0.5",
              "--test-skip", "4"]
     run = train.main(quick(demo, tmp_path / "p", *flags))
     windows = train.main(quick(demo, tmp_path / "w", "--epochs", "1", "--tiny-pretrain", "0"))
     res, win = (json.load(open(os.path.join(r, "results.json"))) for r in (run, windows))
-    assert res["protocol"] == {"name": "brainwavlm", "history": 6, "context": 1.0, "stride": 0.5, "delays": [1, 2, 3, 4],
+    assert res["protocol"] == {"name": "brainwavlm", "history": 6, "context": 1.0, "stride": 0.5,
+                               "delays": [1, 2, 3, 4],
                                "test_skip": 4}
-    assert res["test"]["all"]["baseline_r"] != pytest.approx(win["test"]["all"]["baseline_r"], abs=1e-3)
-    mu, sd, fits, scored = load_checkpoint(os.path.join(run, "stage1.pt"))
-    assert scored[0][0].shape[0] == 4 * 64  # the protocol's ridge: 4 delays of tiny's 64 dimensions
-    assert fits[0][0].shape[0] == 6 * 64  # the head's: the windows' 6 TR bins
-    assert int(scored[0][3][1].sum()) == 24 - 4  # the test story's rows from 4 on
+    assert res["test"]["all"]["baseline_r"] != pytest.approx(win["test"]["all"]["baseline_r"],
+                                                             abs=1e-3)
+    fit = load_checkpoint(os.path.join(run, "stage1.pt"))["subjects"][0]
+    # the protocol's ridge: 4 delays of tiny's 64 dimensions; the head's: the windows' 6 TR bins
+    assert fit["baseline"]["W"].shape[0] == 4 * 64 and fit["init"]["W"].shape[0] == 6 * 64
+    assert int(fit["baseline"]["block_rows"].sum()) == 24 - 4  # the test story's rows from 4 on
     a, b = (load_checkpoint(os.path.join(r, "adapter.pt"))["trainable"] for r in (run, windows))
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the training is the windows', whatever scores it
+    # the training is the windows', whatever scores it
+    assert all(torch.equal(a[k], b[k]) for k in a)
     table = ev.show(run)
-    assert table.splitlines()[0].startswith("protocol brainwavlm: 1 s heard before each 0.5 s stride")
+    first = table.splitlines()[0]
+    assert first.startswith("protocol brainwavlm: 1 s heard before each 0.5 s stride")
 
 
 def test_the_imports_run_one_way():
-    """model.py imports nothing of the run, nothing imports train.py, and no two files import each other."""
+    """model.py imports nothing of the run, nothing imports train.py, and no two files import each
+    other."""
     import ast
     import glob
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -399,8 +273,11 @@ def test_the_imports_run_one_way():
     deps = {}
     for name, f in files.items():
         tree = ast.parse(open(f).read())
-        deps[name] = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name in files}
-        deps[name] |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module in files}
+        nodes = list(ast.walk(tree))
+        deps[name] = {a.name for n in nodes if isinstance(n, ast.Import)
+                      for a in n.names if a.name in files}
+        deps[name] |= {n.module for n in nodes
+                       if isinstance(n, ast.ImportFrom) and n.module in files}
 
     def below(name, seen):
         for d in deps[name] - seen:
@@ -408,5 +285,54 @@ def test_the_imports_run_one_way():
             below(d, seen)
         return seen
     assert not [n for n in deps if n in below(n, set())]  # no cycle
-    assert deps["model"] <= {"cache", "data", "lora"} and deps["lora"] == set() and deps["data"] <= {"cache"}
+    assert deps["model"] <= {"cache", "data",
+                             "lora"} and deps["lora"] == set() and deps["data"] <= {"cache"}
     assert not [n for n in deps if "train" in deps[n]]
+
+
+def test_a_resumed_run_extended_by_an_epoch_equals_a_longer_run(demo, tmp_path):
+    three = train.main(quick(demo, tmp_path / "three", "--epochs", "3", "--patience", "5"))
+    two = train.main(quick(demo, tmp_path / "two", "--epochs", "2", "--patience", "5"))
+    extended = train.main(["--resume", two, "--epochs", "3"])
+    a, b = (np.load(os.path.join(r, "voxel_r.npz")) for r in (three, extended))
+    for k in ("baseline_r", "tuned_r", "refit_r"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-4)
+    assert open(os.path.join(extended, "metrics.jsonl")).read().count("\n") == 3
+    cfg = json.load(open(os.path.join(extended, "config.json")))
+    assert cfg["args"]["epochs"] == 3 and cfg["resumed"] == [{"epoch": 2, "flags": {"epochs": 3}}]
+
+
+def test_the_permutation_moves_every_block_and_keeps_each_storys_rows():
+    rows = train.permuted_rows([23, 30], block=5, seed=0).numpy()
+    assert sorted(rows) == list(range(53))  # a permutation of the rows
+    for start, n in ((0, 23), (23, 30)):
+        story = rows[start:start + n]
+        assert ((story >= start) & (story < start + n)).all()  # each story keeps its own rows
+        blocks = np.split(story, np.flatnonzero(np.diff(story) != 1) + 1)  # runs of whole blocks
+        firsts = sorted(b[0] - start for b in blocks)
+        assert all(f % 5 == 0 for f in firsts)  # whole blocks, moved as blocks
+        position = 0
+        for b in blocks:  # no block where it was
+            assert b[0] != start + position
+            position += len(b)
+    singles = train.permuted_rows([10], block=1, seed=1).numpy()
+    assert sorted(singles) == list(range(10)) and (singles != np.arange(10)).all()
+
+
+def test_a_permuted_control_trains_on_shuffled_responses_and_is_scored_on_real_ones(demo, tmp_path):
+    control = train.main(quick(demo, tmp_path / "c", "--epochs", "1", "--control", "permuted"))
+    real = train.main(quick(demo, tmp_path / "r", "--epochs", "1"))
+    res = json.load(open(os.path.join(control, "results.json")))
+    assert res["control"] == {"kind": "permuted", "block": 10}
+    assert json.load(open(os.path.join(control, "config.json")))["args"]["control"] == "permuted"
+    assert "control permuted (blocks of 10 TRs)" in ev.show(control).splitlines()[0]
+    a, b = (np.load(os.path.join(r, "voxel_r.npz")) for r in (control, real))
+    np.testing.assert_array_equal(a["baseline_r"], b["baseline_r"])  # stage 1 is the same
+    args = train.config.parse(quick(demo, tmp_path / "x", "--control", "permuted"))
+    ds, _ = train.load_subjects(args, ["S01"])
+    roi = np.arange(90)
+    test = train.targets(args, ds[0], "test", roi)
+    assert test.rows.tolist() == list(range(24))  # the test story: its real rows, in order
+    trained = train.targets(args, ds[0], "train", roi)
+    assert sorted(trained.row.tolist()) == list(range(96))
+    assert (trained.row != torch.arange(96)).any()
