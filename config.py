@@ -21,10 +21,17 @@ import cache
 import data
 import ridge
 import synthetic
-from model import BUNDLES, PROTOCOLS, TINY, Protocol
+from model import BUNDLES, POOLS, PROTOCOLS, TINY, Protocol
 
-# the papers' values (README: the recipes; docs/recipes.md says where each comes from); the
-# command line still wins
+# Moussa et al.'s training stories, as named in their train_stories_25 (dataset.py:121); their
+# published loop indexes another list by position (REFERENCE.md section 10): the names are meant
+MOUSSA_STORIES = ("souls howtodraw alternateithicatom hangtime swimmingwithastronauts eyespy "
+                  "itsabox myfirstdaywiththeyankees legacy theclosetthatateeverything "
+                  "haveyoumethimyet thatthingonmyarm undertheinfluence avatar tildeath naked "
+                  "fromboyhoodtofatherhood adollshouse odetostepfather adventuresinsayingyes "
+                  "sloth exorcism buck inamoment").replace(" ", ",")
+# the papers' values, as their authors' code runs them (README: the recipes; docs/training.md
+# says where each comes from); the command line still wins
 RECIPES = {
     # the laptop demo (the default with the tiny model): a small model needs larger steps
     "demo": dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="qkvo", lr=1e-2,
@@ -32,16 +39,19 @@ RECIPES = {
     "li2024": dict(model="wav2vec2_base", layer="weighted", history=6, lora_rank=0, loss="mse",
                    l2=1e-4, lr=1e-5, head_lr=1e-4),
     "moussa2025": dict(model="hubert_base", layer="12", history=5, lora_rank=0, loss="mse", l2=0.0,
-                       lr=5e-5, head_lr=1e-4, batch_size=128, epochs=30, warmup=5,
-                       val_stories="stagefright", protocol="moussa2025"),
+                       lr=5e-5, head_lr=1e-4, batch_size=128, epochs=30, patience=30, warmup=5,
+                       schedule="moussa2025", clip=0.0, backbone_dropout=0.0, pool="mean",
+                       roi="nc0.4", train_stories=MOUSSA_STORIES, val_stories="stagefright",
+                       protocol="moussa2025"),
     "brainwavlm": dict(model="wavlm_base_plus", layer="9", history=4, lora_rank=4, lora_alpha=4.0,
                        lora_dropout=0.1, lora_targets="qkv", loss="corr", lr=1e-4, head_lr=1e-4,
-                       epochs=20, bottleneck=100, val_stories="fromboyhoodtofatherhood,stagefright",
-                       protocol="brainwavlm"),
+                       epochs=20, patience=20, warmup=0.0, clip=0.0, select="refit",
+                       bottleneck=100, val_stories="fromboyhoodtofatherhood,stagefright",
+                       protocol="brainwavlm", frame="first", test_skip=0),
 }
 WORLD = int(os.environ.get("WORLD_SIZE", 1))  # processes (torchrun)
 # what --resume may change: what is left to do, and how it runs, not what was done
-STEERING = ("epochs", "patience", "device", "precision", "batch_size", "accum")
+STEERING = ("epochs", "patience", "device", "precision", "batch_size", "accum", "no_cache")
 
 
 def parser():
@@ -52,8 +62,9 @@ def parser():
     a = p.add_argument
     a("--subject", default="S01", help="subject, e.g. S01 or UTS01; several, comma-separated "
                                        "(S01,S02,S03), tune one backbone with a head for each")
-    a("--roi", default="all", help="voxels to train on: all, an ROI name, a .npy file, or topN "
-                                   "(stage-1 cv r)")
+    a("--roi", default="all", help="voxels to train on: all, an ROI name, a .npy file, topN "
+                                   "(stage-1 cv r) or ncT (noise ceiling above T, from the test "
+                                   "story's repeats; Moussa et al.: nc0.4)")
     a("--data", default=None, help="dataset folder (ds003020 layout); default: the synthetic "
                                    "one, made if absent")
     a("--recipe", choices=sorted(RECIPES), help="set the defaults to one paper's recipe (README)")
@@ -66,6 +77,8 @@ def parser():
     a("--layer", default=None, help="transformer layer read (1-based; default 3/4 of the depth, "
       "9 of 12) or 'weighted' (learned weighted sum of all layers, Li et al.)")
     a("--history", type=int, default=6, help="TRs of audio before each fMRI frame (Li et al.: 6)")
+    a("--pool", choices=list(POOLS), default="bins", help="the head's input: bins (the window's "
+      "frames averaged in --history TR bins) or mean (the mean of all its frames, Moussa et al.)")
     a("--tr", type=float, default=data.TR, help="seconds per fMRI frame")
     a("--trim-start", type=int, default=data.TRIM_START, help="TRs dropped at the start of each "
                                                               "run")
@@ -75,6 +88,8 @@ def parser():
                                            "wheretheressmoke)")
     a("--val-stories", default=None, help="comma-separated validation stories (default: "
                                           "stagefright when present, else the last training story)")
+    a("--train-stories", default=None, help="the training stories, comma-separated or a text file "
+      "of one story per line (default: every story that is not a test or validation story)")
     a("--protocol", choices=sorted(PROTOCOLS), default="windows", help="the features that stage "
       "1's baseline, the refit and eval.py's fits are scored with: windows (the training input) "
       "or a paper's (moussa2025, brainwavlm: a sliding context, Lanczos to the TRs, delays 1-4)")
@@ -82,6 +97,9 @@ def parser():
                                                   "16, brainwavlm 3.75)")
     a("--stride", type=float, default=None, help="seconds between the ends of the feature "
                                                  "windows (0.1, 0.25)")
+    a("--frame", choices=["last", "first"], default="last", help="the frames kept of each "
+      "protocol snippet: last (those of its last stride) or first (its first frame, labelled at "
+      "the snippet's end: BrainWavLM's code)")
     a("--delays", default=None, help="TR delays of the protocol's features, comma-separated (the "
                                      "papers: 1,2,3,4)")
     a("--test-skip", type=int, default=None, help="rows left out of each test story's score at "
@@ -115,7 +133,10 @@ def run_flags(a):
     a("--lr", type=float, default=1e-4, help="learning rate of the adapters (or the transformer)")
     a("--head-lr", type=float, default=1e-4, help="learning rate of the head")
     a("--warmup", type=float, default=1.0, help="epochs of linear learning-rate warm-up")
-    a("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    a("--schedule", choices=["warmup", "moussa2025"], default="warmup", help="warmup: --warmup "
+      "epochs of linear warm-up per step, then constant; moussa2025: per epoch, the backbone's lr "
+      "x epoch/5 to epoch 5 then down to 0 at epoch 30, the head's x max(0.8^epoch, 0.1)")
+    a("--clip", type=float, default=1.0, help="gradient-norm clipping; 0: none")
     a("--batch-size", type=int, default=16, help="windows per optimiser step (global, across "
                                                  "processes)")
     a("--accum", type=int, default=1, help="batches accumulated per optimiser step")
@@ -123,6 +144,9 @@ def run_flags(a):
                                              "baseline); with --resume, extends the run")
     a("--patience", type=int, default=3, help="stop after this many epochs without a better "
                                               "validation r")
+    a("--select", choices=["val", "refit"], default="val", help="the epoch kept: val (the best "
+      "validation r of the trained heads) or refit (of a ridge refit on the training stories' "
+      "features, scored on the validation stories; the pretrained backbone a candidate)")
     a("--control", choices=["none", "permuted"], default="none", help="permuted: stage 2 trains "
       "on each training and validation story's responses with blocks of --control-block TRs "
       "permuted within the story (the permuted-brain control); the test story is always real")
@@ -174,9 +198,24 @@ def parse(argv=None):
     for k in ("test_stories", "val_stories"):
         if isinstance(getattr(args, k), str):
             setattr(args, k, getattr(args, k).split(","))
+    if isinstance(args.train_stories, str):
+        args.train_stories = story_list(args.train_stories)
     settle(args)
     check_ranges(args)
     return args
+
+
+def story_list(value):
+    """--train-stories: a text file of one story per line, or stories comma-separated."""
+    if os.path.isfile(value):
+        with open(value) as f:
+            stories = [line.strip() for line in f if line.strip()]
+    else:
+        stories = [s.strip() for s in value.split(",") if s.strip()]
+    if not stories or len(set(stories)) < len(stories):
+        raise ValueError(f"--train-stories {value}: expected stories, comma-separated or one a "
+                         "line in a file, each named once")
+    return stories
 
 
 def resumed(p, run, given):
@@ -216,7 +255,7 @@ def resumed(p, run, given):
     args.resume, args.force, args.steered = run, False, steered
     args.delays, args.test_skip = args.delays or [], args.test_skip or 0  # runs before --protocol
     args.scoring = Protocol(args.protocol, args.history, args.context, args.stride,
-                            list(args.delays), args.test_skip)
+                            list(args.delays), args.test_skip, args.frame)
     check_ranges(args)
     return args
 
@@ -239,6 +278,7 @@ def settle(args):
                                                      1 <= int(args.layer) <= depth):
         raise ValueError(f"--layer {args.layer}: {args.model} has layers 1..{depth} (or "
                          "'weighted')")
+    data.nc_threshold(args.roi)  # ncT: 0 <= T < 1
     m = re.fullmatch(r"top(\d+)", args.roi)
     if args.roi.startswith("top") and not (m and int(m[1]) >= 1):
         raise ValueError(f"--roi {args.roi}: expected topN with a whole number N >= 1, all, an "
@@ -249,6 +289,8 @@ def settle(args):
                          "ROI file")
     names = ("context", "stride", "delays", "test_skip")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.protocol == "windows" and args.frame != "last":
+        given["frame"] = args.frame
     if args.protocol == "windows" and set(given) - {"test_skip"}:
         raise ValueError(f"--{sorted(set(given) - {'test_skip'})[0]}: a setting of moussa2025 or "
                          "brainwavlm, not of --protocol windows")
@@ -264,7 +306,7 @@ def settle(args):
     args.context, args.stride = settings.get("context"), settings.get("stride")
     args.delays, args.test_skip = settings["delays"], settings["test_skip"]
     args.scoring = Protocol(args.protocol, args.history, args.context, args.stride,
-                            args.delays, args.test_skip)
+                            args.delays, args.test_skip, args.frame)
     args.steered = {}
 
 
@@ -298,7 +340,8 @@ def check_ranges(args):
              0 <= args.backbone_dropout < 1, "in [0, 1)"),
             ("--l2", args.l2 >= 0, "0 or more"), ("--lr", args.lr > 0, "positive"),
             ("--head-lr", args.head_lr > 0, "positive"),
-            ("--warmup", args.warmup >= 0, "0 or more"), ("--clip", args.clip > 0, "positive"),
+            ("--warmup", args.warmup >= 0, "0 or more"),
+            ("--clip", args.clip >= 0, "0 (none) or more"),
             ("--batch-size", args.batch_size >= WORLD,
              f"at least the number of processes, {WORLD}"),
             ("--accum", args.accum >= 1, "at least 1"), ("--epochs", args.epochs >= 0, "0 or more"),
@@ -373,7 +416,8 @@ def check_sizes(args, listings, device):
         raise ValueError(f"--history {args.history}: longer than the shortest training story "
                          f"({min(rows.values())} TRs); choose at most {min(rows.values())}")
     dim = architecture(args.model)["encoder_embed_dim"]
-    p, voxels = args.history * dim, min(d.voxels for d in listings)
+    p = dim if args.pool == "mean" else args.history * dim  # the head's input
+    voxels = min(d.voxels for d in listings)
     if args.bottleneck > min(p, voxels):
         raise ValueError(f"--bottleneck {args.bottleneck}: larger than the features ({p}) or the "
                          f"voxels ({voxels}); choose at most {min(p, voxels)}")

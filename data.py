@@ -121,9 +121,11 @@ def zscore_(x):
     return sd
 
 
-def splits(root, subj, test_stories=None, val_stories=None):
+def splits(root, subj, test_stories=None, val_stories=None, train_stories=None):
     """(train, val, test) story lists for a subject. Every story with responses must have audio.
-    Audio with no responses is a story this subject did not hear (UTS04-08 heard 27 of 84)."""
+    Audio with no responses is a story this subject did not hear (UTS04-08 heard 27 of 84).
+    train_stories (--train-stories) restricts the training split to the stories it names, each
+    one that would otherwise be a training story of the subject."""
     folder = os.path.join(root, "derivative", "preprocessed_data", subj)
     resp = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".hf5"))
     stim = os.path.join(root, "stimuli")
@@ -147,6 +149,13 @@ def splits(root, subj, test_stories=None, val_stories=None):
             raise ValueError(f"story {s!r} has no responses for {subj}{why}; its stories are: "
                              f"{', '.join(resp)}")
     train = [s for s in rest if s not in val]
+    for s in train_stories or ():
+        if s not in train:
+            raise ValueError(f"--train-stories: {s!r} is not a training story of {subj} (not "
+                             "heard, or a test or validation story); its training stories are: "
+                             f"{', '.join(train)}")
+    if train_stories:
+        train = [s for s in train if s in set(train_stories)]  # the subject's order, as without
     if not train:
         raise ValueError(f"{subj} has no training stories left after test {test} and validation "
                          f"{val}")
@@ -237,6 +246,21 @@ def noise_ceiling(repeats):
     TP = repeats.var(1).mean(0)
     cc = 1 / np.sqrt(1 + (1 / N) * (TP / np.where(SP > 0, SP, np.nan) - 1))
     return np.where(SP > 0, cc, np.nan)
+
+
+def nc_threshold(roi):
+    """T of --roi ncT (the voxels whose noise ceiling exceeds T), or None for any other --roi."""
+    m = re.fullmatch(r"nc([\d.]+)", roi)
+    if m is None:
+        return None
+    try:
+        t = float(m[1])
+    except ValueError:
+        t = -1.0
+    if not 0 <= t < 1:
+        raise ValueError(f"--roi {roi}: expected ncT with a noise-ceiling threshold 0 <= T < 1, "
+                         "e.g. nc0.4")
+    return t
 
 
 def story_ceiling(root, subj, story, block=4096):
@@ -415,17 +439,19 @@ class Subject:
     ceiling: np.ndarray = None  # (voxels,) the test story's noise ceiling (cc_max), if repeated
 
 
-def prepare(root, subjects, test_stories=None, val_stories=None, **window_kw):
+def prepare(root, subjects, test_stories=None, val_stories=None, train_stories=None,
+            **window_kw):
     """Each subject's splits, responses, usable voxels, ROIs and noise ceiling, and the windows the
     subjects share: one per (story, row), however many subjects heard it, so each is forwarded once.
-    Every subject is held out on the first subject's test and validation stories.
+    Every subject is held out on the first subject's test and validation stories, and trained on
+    train_stories where given (splits).
     Returns (ds, shared): ds a list of Subject, shared {split: Windows} of the audio alone."""
     ds, waves, keys = [], {}, {}
     for name in subjects:
         subj = find_subject(root, name)
         if any(d.name == subj for d in ds):
             raise ValueError(f"subject {subj} is given twice")
-        train, val, test = splits(root, subj, test_stories, val_stories)
+        train, val, test = splits(root, subj, test_stories, val_stories, train_stories)
         test_stories, val_stories = test, val  # the same held-out stories for every subject
         resp, good = load_responses(root, subj, train + val + test)
         waves.update(load_audio(root, [s for s in resp if s not in waves]))  # each story read once
@@ -515,18 +541,19 @@ def story_header(root, subj, story, timing):
 
 
 def check_dataset(root, subjects, *, test_stories=None, val_stories=None, folds=None, timing=None,
-                  test_skip=0, roi="all", textgrids=False):
+                  test_skip=0, roi="all", textgrids=False, train_stories=None):
     """What can be known before reading any data, from listings and file headers alone: each
-    subject and its splits, every file there and fetched, its frames within its audio, no more
-    folds than training stories, test stories longer than test_skip rows, the ROI in each
-    subject's file (roi: all, topN, a name or a .npy file), and with textgrids the training
+    subject and its splits (train_stories each a training story of it), every file there and
+    fetched, its frames within its audio, no more folds than training stories, test stories longer
+    than test_skip rows, the ROI in each subject's file (roi: all, topN, ncT, a name or a .npy
+    file; ncT: one test story, with its repeats), and with textgrids the training
     stories' TextGrids (tiny's pretraining). Raises ValueError naming the flag or the file.
     Returns a Listing per subject."""
     timing = dict(dict(tr=TR, trim_start=TRIM_START, sound_start=SOUND_START), **(timing or {}))
     out = []
     for name in subjects:
         subj = find_subject(root, name)
-        train, val, test = splits(root, subj, test_stories, val_stories)
+        train, val, test = splits(root, subj, test_stories, val_stories, train_stories)
         test_stories, val_stories = test, val  # the first subject's, for every subject
         if folds is not None and folds > len(train):
             raise ValueError(f"--cv-folds {folds}: {subj} has {len(train)} training stories, and a "
@@ -544,7 +571,9 @@ def check_dataset(root, subjects, *, test_stories=None, val_stories=None, folds=
                                  f"{rows[s]} rows")
         if roi.startswith("top") and int(roi[3:]) > voxels:
             raise ValueError(f"--roi {roi}: {subj} has {voxels} voxels")
-        if not roi.startswith("top"):
+        if nc_threshold(roi) is not None:
+            check_repeats(root, subj, test, roi)
+        elif not roi.startswith("top"):
             load_roi(root, subj, roi, voxels)
         for s in train if textgrids else ():
             if not os.path.isfile(textgrid_path(root, s)):
@@ -554,3 +583,15 @@ def check_dataset(root, subjects, *, test_stories=None, val_stories=None, folds=
                                  "own)")
         out.append(Listing(subj, voxels, dict(train=train, val=val, test=test), rows, seconds))
     return out
+
+
+def check_repeats(root, subj, test, roi):
+    """--roi ncT needs one test story whose hf5 holds its repeats (the noise ceiling's input)."""
+    if len(test) != 1:
+        raise ValueError(f"--roi {roi}: the noise ceiling comes from one test story's repeats; "
+                         f"there are {len(test)} test stories ({', '.join(test)})")
+    path = response_path(root, subj, test[0])
+    with open_hf5(path) as f:
+        if "individual_repeats" not in f:
+            raise ValueError(f"--roi {roi}: {path} has no 'individual_repeats' (the test story's "
+                             "repeats, from which the noise ceiling comes); choose another --roi")

@@ -603,6 +603,7 @@ def words_to_speechcommands(data_root, out, *, valid_story=None, test_story=data
                          f"than the test story, and at least one more for training")
     if os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out}: exists and is not empty; choose a new folder")
+    os.makedirs(out, exist_ok=True)
 
     def words(story):  # [(start, end, folder name)]
         got = data.words_and_phones(data.textgrid_path(data_root, story))[1]

@@ -63,8 +63,9 @@ class Run:
     def subject(self, name):
         """One subject's data (data.Subject), held out on the run's stories."""
         a = self.args
-        ds, _ = data.prepare(a.data, [name], a.test_stories, a.val_stories, history=a.history,
-                             tr=a.tr, trim_start=a.trim_start, sound_start=a.sound_start)
+        ds, _ = data.prepare(a.data, [name], a.test_stories, a.val_stories, a.train_stories,
+                             history=a.history, tr=a.tr, trim_start=a.trim_start,
+                             sound_start=a.sound_start)
         return ds[0]
 
     def features(self, extractor, d, protocol=None):
@@ -108,10 +109,11 @@ def load_run(folder):
                          "fits); run stage 1 again in a new run folder")
     subjects = args.subject.split(",")
     listings = data.check_dataset(args.data, subjects, test_stories=args.test_stories,
-                                  val_stories=args.val_stories, folds=args.cv_folds)
+                                  val_stories=args.val_stories, folds=args.cv_folds,
+                                  train_stories=args.train_stories)
     own = os.path.join(folder, "tiny_pretrained.pt")  # tiny's weights travel with the run
     weights = own if args.weights is None and os.path.isfile(own) else args.weights
-    pre = load_extractor(args.model, args.layer, weights, args.seed)
+    pre = load_extractor(args.model, args.layer, weights, args.seed, pool=args.pool)
     return Run(folder, args, subjects, pre, tuned_extractor(folder, args, pre),
                config.ridge_settings(args, listings))
 
@@ -204,7 +206,8 @@ def profile(run, text="all"):
     out = {str(x): {} for x in layers}
     for name, ex in (("pretrained", run.pretrained), ("tuned", run.tuned)):
         chosen = [x for x in layers if name == "pretrained" or x <= layer] if ex else []
-        at = [Extractor(args.model, ex.backbone, x, ex.normalize) for x in chosen] if ex else []
+        at = [Extractor(args.model, ex.backbone, x, ex.normalize, pool=ex.pool)
+              for x in chosen] if ex else []
         for s in ("train", "test") if chosen else ():
             window_features(every_layer(at, args.history), d.windows[s],
                             [e.key() for e in at], CPU, batch_size=args.batch_size,
@@ -233,7 +236,8 @@ def every_layer(extractors, history):
         if first.normalize:
             wave = F.layer_norm(wave, wave.shape[-1:])
         hs = first.backbone.extract_features(wave, num_layers=top)[0]
-        return [pool_frames(hs[e.layer - 1], history).flatten(1) for e in extractors]
+        return [hs[e.layer - 1].mean(1) if e.pool == "mean" else
+                pool_frames(hs[e.layer - 1], history).flatten(1) for e in extractors]
     return fn
 
 

@@ -115,14 +115,20 @@ def load_backbone(name, weights=None, seed=0, dropout=None):
     return model.eval(), normalize
 
 
+POOLS = ("bins", "mean")  # --pool: a window's frames in TR bins, or their mean (Moussa et al.)
+
+
 class Extractor(nn.Module):
     """What turns audio into the features the ridge and the heads read: a backbone read at one
     transformer layer (layers above it are not computed), or at a learned softmax-weighted sum of
-    all of them (Li et al.), the wave layer-normalised first where its bundle does so."""
+    all of them (Li et al.), the wave layer-normalised first where its bundle does so; a window's
+    frames pooled by `pool` (--pool): bins, the mean of each TR bin; mean, of all of them."""
 
-    def __init__(self, name, backbone, layer, normalize=False, weighted=False):
+    def __init__(self, name, backbone, layer, normalize=False, weighted=False, *, pool="bins"):
         super().__init__()
+        assert pool in POOLS, pool
         self.name, self.backbone, self.layer, self.normalize = name, backbone, layer, normalize
+        self.pool = pool
         n_layers = len(backbone.encoder.transformer.layers)
         # (layers,) logits, uniform at the start
         self.layer_weights = nn.Parameter(torch.zeros(n_layers)) if weighted else None
@@ -130,7 +136,9 @@ class Extractor(nn.Module):
     def hidden(self, wave):  # (batch, samples) -> (batch, frames, dim)
         return hidden(self.backbone, wave, self.layer, self.layer_weights, self.normalize)
 
-    def pooled(self, wave, history):  # (batch, samples) -> (batch, history * dim)
+    def pooled(self, wave, history):  # (batch, samples) -> (batch, history * dim); mean: dim
+        if self.pool == "mean":  # the whole window's frames (Moussa et al.'s hubert_linear.py)
+            return self.hidden(wave).mean(1)
         return pool_frames(self.hidden(wave), history).flatten(1)
 
     @property
@@ -140,15 +148,17 @@ class Extractor(nn.Module):
 
     def key(self):
         """What the features depend on, for the feature cache (feature_key)."""
-        return feature_key(self.name, self.backbone, self.layer, self.layer_weights, self.normalize)
+        return feature_key(self.name, self.backbone, self.layer, self.layer_weights, self.normalize,
+                           pool=self.pool)
 
 
-def load_extractor(name, layer=None, weights=None, seed=0, dropout=None):
+def load_extractor(name, layer=None, weights=None, seed=0, dropout=None, *, pool="bins"):
     """An Extractor of backbone `name` (load_backbone) read at --layer `layer`: a 1-based layer
-    number as text, None for 3/4 of the depth, or 'weighted'."""
+    number as text, None for 3/4 of the depth, or 'weighted'; its windows pooled by `pool`."""
     backbone, normalize = load_backbone(name, weights, seed, dropout)
     depth = len(backbone.encoder.transformer.layers)
-    return Extractor(name, backbone, layer_of(layer, depth), normalize, layer == "weighted")
+    return Extractor(name, backbone, layer_of(layer, depth), normalize, layer == "weighted",
+                     pool=pool)
 
 
 def pretrain_tiny(root, audio, epochs=4, seed=0, *, chunk=4.0, batch_size=16, max_steps=300):
@@ -265,12 +275,14 @@ def frame_hop(backbone):
     return math.prod(block.conv.stride[0] for block in backbone.feature_extractor.conv_layers)
 
 
-def feature_key(name, backbone, layer, layer_weights, normalize):
+def feature_key(name, backbone, layer, layer_weights, normalize, *, pool="bins"):
     """What pooled() computes, for the feature cache: the architecture and the backbone's weights
-    (adapters included), the layer read, the wave's normalisation."""
+    (adapters included), the layer read, the wave's normalisation, the pooling (named only when it
+    is not bins, so that the keys of features made before --pool still find them)."""
     arch = TINY if name == "tiny" else BUNDLES[name]
-    return dict(arch=arch, backbone=digest(backbone.state_dict()), layer=layer,
-                layer_weights=layer_weights, normalize=normalize, torch=torch.__version__)
+    key = dict(arch=arch, backbone=digest(backbone.state_dict()), layer=layer,
+               layer_weights=layer_weights, normalize=normalize, torch=torch.__version__)
+    return key if pool == "bins" else dict(key, pool=pool)
 
 
 # -----------------------------------------------------------------------------
@@ -343,6 +355,7 @@ class Protocol:
     stride: float = None  # seconds between the ends of the feature windows
     delays: list = ()  # TR delays of the features (finite impulse response)
     test_skip: int = 0  # rows left out of each test story's score at its start
+    frame: str = "last"  # the frames kept of each snippet: its last stride's, or its first one
 
     @property
     def sliding(self):
@@ -371,8 +384,10 @@ def stride_frames(frames_fn, wave, hop, protocol, device, *, batch_size, precisi
     """Frame features of a whole story, each frame heard with protocol.context s of audio before
     its stride: the story cut into chunks of context + stride seconds ending every stride s, each
     forwarded once (in batches; zeros before the story starts and after it ends), the frames of its
-    last stride kept. frames_fn: (batch, samples) -> (batch, frames, dim); hop: samples per frame.
-    Returns the frames' times (s) and features (frames, dim)."""
+    last stride kept, or with protocol.frame "first" its first frame alone, labelled at the
+    snippet's end (BrainWavLM's code: the hidden state at the first token). frames_fn: (batch,
+    samples) -> (batch, frames, dim); hop: samples per frame. Returns the frames' times (s) and
+    features (frames, dim)."""
     n_ctx, n_str = round(protocol.context * data.SR), round(protocol.stride * data.SR)
     chunk = n_ctx + n_str
     ends = np.arange(n_str, len(wave) + n_str, n_str)  # chunk ends, in samples
@@ -387,6 +402,10 @@ def stride_frames(frames_fn, wave, hop, protocol, device, *, batch_size, precisi
             h = frames_fn(torch.from_numpy(np.stack(waves)).to(device))
         h = h.float().cpu()  # (batch, frames, dim)
         at = (np.arange(h.shape[1]) + 0.5) * hop  # each frame's centre, samples into the chunk
+        if protocol.frame == "first":
+            times.append(ends[i:i + len(waves)] / data.SR)  # (batch,) the snippets' ends
+            feats.append(h[:, 0])
+            continue
         keep = np.flatnonzero((at > chunk - n_str) & (at <= chunk))  # the chunk's last stride
         times.append((ends[i:i + len(waves), None] - chunk + at[keep]) / data.SR)
         feats.append(h[:, keep].reshape(-1, h.shape[2]))
@@ -416,6 +435,8 @@ def protocol_features(extractor, windows, protocol, device, *, batch_size, desc=
             k = dict(key, audio=windows.keys[i], rows=len(t_rows), context=protocol.context,
                      stride=protocol.stride, lanczos=3, precision=precision_name(device, precision),
                      **timing)
+            if protocol.frame != "last":  # named only then: the keys made before --frame hold
+                k["frame"] = protocol.frame
             x = cached("protocol", k, build, windows.stories[i])["x"]
         x = torch.from_numpy(np.array(x))
         out.append(delayed((x - x.mean(0)) / x.std(0).clamp_min(1e-6), protocol.delays))
@@ -441,8 +462,8 @@ def split_features(extractor, windows, history, device, *, batch_size, protocol=
 # the model trained in stage 2
 
 class BrainModel(nn.Module):
-    """wave -> extractor -> TR bins -> z-score (training statistics) -> a head per subject ->
-    voxels."""
+    """wave -> extractor -> TR bins (or the mean of the frames: pool) -> z-score (training
+    statistics) -> a head per subject -> voxels."""
 
     def __init__(self, extractor, heads, mu, sd, history):
         super().__init__()
@@ -451,7 +472,12 @@ class BrainModel(nn.Module):
         self.register_buffer("mu", mu)
         self.register_buffer("sd", sd)
 
-    def features(self, wave):  # (batch, samples) -> (batch, history * dim)
+    @property
+    def pool(self):
+        """How the window's frames are pooled (--pool): the extractor's, bins or mean."""
+        return self.extractor.pool
+
+    def features(self, wave):  # (batch, samples) -> (batch, p): history * dim, or dim (mean)
         x = self.extractor.pooled(wave, self.history)
         return (x - self.mu) / self.sd
 

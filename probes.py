@@ -83,7 +83,8 @@ def probe(run, kind, embeddings=None):
     eval.Run)."""
     args = run.args
     subj = data.find_subject(args.data, run.subjects[0])
-    train_s, val_s, test_s = data.splits(args.data, subj, args.test_stories, args.val_stories)
+    train_s, val_s, test_s = data.splits(args.data, subj, args.test_stories, args.val_stories,
+                                         args.train_stories)
     emb = None
     if kind == "semantic":
         emb = load_embeddings(embeddings or default_embeddings(args.data))

@@ -327,8 +327,12 @@ def cell(x, width=8):
 def protocol_line(p=None):
     """The line naming the protocol p (results.json's "protocol") above a results table."""
     p = p or {"name": "windows", "history": "the run's"}
+    pooled = "the mean of its frames" if p.get("pool") == "mean" else "in TR bins"  # --pool
     if p["name"] == "windows":
-        how = f"{p['history']} TRs of audio before each row, in TR bins"
+        how = f"{p['history']} TRs of audio before each row, {pooled}"
+    elif p.get("frame") == "first":  # --frame first
+        how = (f"the first frame of each {p['context'] + p['stride']:g} s snippet every "
+               f"{p['stride']:g} s, Lanczos to the TRs, delays {','.join(map(str, p['delays']))}")
     else:
         how = (f"{p['context']:g} s heard before each {p['stride']:g} s stride, Lanczos to the "
                f"TRs, delays {','.join(map(str, p['delays']))}")

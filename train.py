@@ -11,6 +11,7 @@ backbone's features are re-extracted and ridge refit, the field's protocol (READ
     torchrun --nproc_per_node 2 train.py ...    # data parallel, one process per device
 """
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -65,6 +66,8 @@ class TrainState:
     bad_epochs: int = 0  # epochs since it improved
     metrics: list = None  # one dict per epoch (metrics.jsonl)
     best: dict = None  # {name: tensor}: the trainable parameters of the best epoch
+    best_epoch: int = 0  # the epoch they are of (0: the initial state)
+    pretrained_val: float = None  # --select refit: the pretrained backbone's refit validation r
 
 
 # -----------------------------------------------------------------------------
@@ -82,19 +85,23 @@ def brain_tune(args):
     pretraining = args.model == "tiny" and weights is None and args.tiny_pretrain > 0
     if not pretraining:  # a failed download or a bad --weights file, before the data are read
         extractor = load_extractor(args.model, args.layer, weights, args.seed,
-                                   args.backbone_dropout)
+                                   args.backbone_dropout, pool=args.pool)
     if WORLD > 1 and RANK > 0:
         torch.distributed.barrier()  # rank 0 fills the caches (data, tiny, stage 1) first
     STEP[0] = "loading the data"
     ds, shared = load_subjects(args, args.subject.split(","))
+    threshold = data.nc_threshold(args.roi)
     for d in ds:
         if args.roi.startswith("top") and int(args.roi[3:]) > d.good.sum():
             raise ValueError(f"--roi {args.roi}: {d.name} has {d.good.sum()} usable voxels")
+        if threshold is not None and not (d.good & (d.ceiling > threshold)).any():
+            raise ValueError(f"--roi {args.roi}: no usable voxel of {d.name} has a noise ceiling "
+                             f"above {threshold:g}")
     if pretraining:
         STEP[0] = "tiny's pretraining"
         state = tiny_weights(args.data, shared["train"], args.tiny_pretrain, args.seed)
         extractor = load_extractor(args.model, args.layer, state, args.seed,
-                                   args.backbone_dropout)
+                                   args.backbone_dropout, pool=args.pool)
     begin(args, run, ds, shared, extractor, device, pretrained=state if pretraining else None)
     extractor.to(device)
     fits = stage1(args, extractor, ds, shared, run, settings)
@@ -134,7 +141,8 @@ def preflight(args, device):
     listings = data.check_dataset(args.data, args.subject.split(","),
                                   test_stories=args.test_stories, val_stories=args.val_stories,
                                   folds=args.cv_folds, timing=timing, test_skip=args.test_skip,
-                                  roi=args.roi, textgrids=textgrids and not args.resume)
+                                  roi=args.roi, textgrids=textgrids and not args.resume,
+                                  train_stories=args.train_stories)
     config.check_sizes(args, listings, device)
     return listings
 
@@ -143,8 +151,8 @@ def load_subjects(args, names):
     """data.prepare under the run's flags: each subject's data (data.Subject), held out on the
     run's test and validation stories, and the windows they share."""
     return data.prepare(args.data, names, args.test_stories, args.val_stories,
-                        history=args.history, tr=args.tr, trim_start=args.trim_start,
-                        sound_start=args.sound_start)
+                        args.train_stories, history=args.history, tr=args.tr,
+                        trim_start=args.trim_start, sound_start=args.sound_start)
 
 
 def begin(args, run, ds, shared, extractor, device, *, pretrained=None):
@@ -231,10 +239,14 @@ def read_stage1(path):
 
 def choose_voxels(args, d, fit):
     """A subject's results so far (ridge.Results): its voxel sets, the voxels trained on
-    (--roi), the baseline r and its block sums."""
+    (--roi; ncT: those whose noise ceiling d.ceiling exceeds T), the baseline r and its block
+    sums."""
     sets = ridge.sets(d, fit.init.cv_r, args.roi)
+    threshold = data.nc_threshold(args.roi)
     if args.roi.startswith("top"):
         roi = sets[args.roi]
+    elif threshold is not None:
+        roi = np.intersect1d(np.flatnonzero(d.ceiling > threshold), sets["all"])
     else:
         roi = np.intersect1d(data.load_roi(args.data, d.name, args.roi, len(d.good)), sets["all"])
     return ridge.Results(sets, roi, fit.baseline.test_r.numpy(), fit.baseline.blocks)
@@ -256,8 +268,9 @@ def brain_model(args, extractor, fits, results, device):
 
 def stage2(args, model, ds, results, shared, run):
     """The adapters (or the transformer) and every head trained together, from the run's last
-    checkpoint when resuming; the best epoch by validation r (the mean over subjects) is kept.
-    Returns the model, in eval mode."""
+    checkpoint when resuming; the best epoch by validation r (the mean over subjects) is kept:
+    the heads' own (--select val), or a ridge refit's (--select refit: refit_val_r), where the
+    initial state (epoch 0) is a candidate. Returns the model, in eval mode."""
     device = model.mu.device
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt, sched = optimiser(args, trainable, len(shared["train"]))
@@ -265,6 +278,11 @@ def stage2(args, model, ds, results, shared, run):
         metrics=[], best={n: p.detach().clone() for n, p in trainable.items()})
     train = [targets(args, d, "train", r.roi) for d, r in zip(ds, results)]
     val = [targets(args, d, "val", r.roi) for d, r in zip(ds, results)]
+    if args.select == "refit" and not state.metrics:  # the pretrained backbone, a candidate
+        model.eval()
+        state.pretrained_val = state.best_val = refit_val_r(args, model.extractor, ds, train,
+                                                            val, shared, cached=True)
+        log(f"epoch 0 (pretrained): refit validation r {state.pretrained_val:.4f}")
     net = model if WORLD == 1 else nn.parallel.DistributedDataParallel(  # a subject may hear none
         model, find_unused_parameters=args.lora_rank == 0 or len(ds) > 1)
     windows, B = shared["train"], args.batch_size
@@ -293,37 +311,104 @@ def stage2(args, model, ds, results, shared, run):
             group = min(args.accum, n - i // args.accum * args.accum)  # the last may be short
             (loss * share / group).backward()
             if (i + 1) % args.accum == 0 or first + B >= len(order):
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                if args.clip > 0:  # 0: no clipping
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 opt.step()
-                sched.step()
+                if args.schedule == "warmup":  # stepped per optimiser step
+                    sched.step()
                 opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+        if args.schedule == "moussa2025":  # stepped once per epoch, as their LambdaLR
+            sched.step()
         model.eval()
         Z = window_features(model.features, shared["val"], None, device,
                             batch_size=args.batch_size, desc="validation", precision=args.precision)
         val_r = [r.nanmean().item() for r in heads_r(model, Z, val)]
-        record_epoch(args, state, dict(epoch=epoch + 1, train_loss=float(np.mean(losses)),
-                                       val_r=float(np.mean(val_r)), lr=opt.param_groups[0]["lr"],
-                                       head_lr=opt.param_groups[1]["lr"],
-                                       seconds=round(time.time() - t0, 2)), trainable)
+        m = dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_r=float(np.mean(val_r)),
+                 lr=opt.param_groups[0]["lr"], head_lr=opt.param_groups[1]["lr"])
+        if args.select == "refit":
+            m["refit_val_r"] = refit_val_r(args, model.extractor, ds, train, val, shared)
+            if epoch == 0:
+                m["pretrained_refit_val_r"] = state.pretrained_val
+        record_epoch(args, state, dict(m, seconds=round(time.time() - t0, 2)), trainable)
         if len(ds) > 1:
             state.metrics[-1]["val_r_subjects"] = {d.name: v for d, v in zip(ds, val_r)}
         if RANK == 0:
             save_checkpoint(run, state, opt, sched, trainable)
     model.load_state_dict(state.best, strict=False)
+    if args.select == "refit":
+        log(f"kept epoch {state.best_epoch} (refit validation r {state.best_val:.4f}; 0 is the "
+            "pretrained backbone)")
     if RANK == 0:
-        save_atomic(dict(format=FORMAT, trainable=state.best, args=config.flags_record(args)),
-                    os.path.join(run, "adapter.pt"))
+        save_atomic(dict(format=FORMAT, trainable=state.best, epoch=state.best_epoch,
+                         args=config.flags_record(args)), os.path.join(run, "adapter.pt"))
     return model.eval()
 
 
+def refit_val_r(args, extractor, ds, train, val, shared, *, cached=False):
+    """--select refit's score of the backbone as it is: its window features of the training and
+    validation stories (cached only with `cached`: each epoch's are new), z-scored by the training
+    rows', a ridge (ridge.fit_ridge, the run's lambdas and folds) fit on each subject's training
+    rows for its trained voxels (train: [Targets]), scored on its validation rows (val); the mean
+    over subjects of the mean r over the trained voxels."""
+    device = next(extractor.parameters()).device
+    fn = functools.partial(extractor.pooled, history=args.history)
+    key = extractor.key() if cached else None
+    X = {s: window_features(fn, shared[s], key, device, batch_size=args.batch_size,
+                            desc=f"refit {s}", precision=args.precision) for s in ("train", "val")}
+    mu, sd = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
+    settings = config.ridge_settings(args, ds)
+    out = []
+    for d, t, v in zip(ds, train, val):
+        Z = {s: (x[e.take] - mu) / sd for (s, x), e in zip(X.items(), (t, v))}
+        groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], settings.folds)
+        W, _ = ridge.fit_ridge(Z["train"].to(device), TrainedVoxels(t), settings.alphas, groups)
+        r = ridge.pearson(Z["val"] @ W, v.Y[v.rows, v.roi])  # (trained voxels,)
+        out.append(r.nanmean().item())
+    return float(np.mean(out))
+
+
+class TrainedVoxels:
+    """A subject's Targets as the (rows, trained voxels) matrix fit_ridge reads a block of voxels
+    at a time (Y[:, cols]), its rows in the order the targets score them (--control permuted)."""
+
+    def __init__(self, t):
+        self.t, self.shape = t, (len(t.take), len(t.roi))
+
+    def __getitem__(self, index):
+        rows, cols = index
+        assert rows == slice(None), "fit_ridge reads whole columns"
+        return self.t.Y[self.t.rows, self.t.roi[cols]]
+
+
+MOUSSA_WARMUP, MOUSSA_EPOCHS = 5, 30  # brain_trainer_story.py:40-53 (increase_epochs, epochs)
+
+
+def moussa_backbone_factor(epoch):
+    """Moussa et al.'s backbone lr factor at 0-based epoch e (their schedule_group_0): e / 5 for
+    e < 5 (0 in the first epoch), then 1 - (e - 5) / 25, 0 from epoch 30 on (never negative)."""
+    if epoch < MOUSSA_WARMUP:
+        return epoch / MOUSSA_WARMUP
+    return max(0.0, 1 - (epoch - MOUSSA_WARMUP) / (MOUSSA_EPOCHS - MOUSSA_WARMUP))
+
+
+def moussa_head_factor(epoch):
+    """Moussa et al.'s head lr factor at 0-based epoch e (their schedule_group_1)."""
+    return max(0.8 ** epoch, 0.1)
+
+
 def optimiser(args, trainable, n_windows):
-    """AdamW with --lr for the backbone and --head-lr for the heads, and its linear warm-up over
-    --warmup epochs of optimiser steps."""
+    """AdamW with --lr for the backbone and --head-lr for the heads (weight decay 0: Adam), and
+    its scheduler: --schedule warmup, a linear warm-up over --warmup epochs of optimiser steps,
+    stepped per step; moussa2025, the factors above, stepped once per epoch (stage2), so that
+    0-based epoch e trains with factor(e), as their LambdaLR does."""
     heads = [p for n, p in trainable.items() if n.startswith("heads.")]
     backbone = [p for n, p in trainable.items() if not n.startswith("heads.")]
     opt = torch.optim.AdamW([{"params": backbone, "lr": args.lr},
                              {"params": heads, "lr": args.head_lr}], weight_decay=0.0)
+    if args.schedule == "moussa2025":
+        factors = [moussa_backbone_factor, moussa_head_factor]
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factors)
     steps = -(-n_windows // (args.batch_size * args.accum))  # optimiser steps per epoch
     warmup = max(1, args.warmup * steps)
 
@@ -360,15 +445,19 @@ def resume_stage2(args, run, model, opt, sched):
 
 
 def record_epoch(args, state, metrics, trainable):
-    """One epoch's metrics into the state: the best epoch's parameters kept, patience counted."""
-    better = metrics["val_r"] > state.best_val
+    """One epoch's metrics into the state: the best epoch's parameters kept (by --select's
+    validation r), patience counted."""
+    score = metrics["refit_val_r" if args.select == "refit" else "val_r"]
+    better = score > state.best_val
     state.metrics.append(metrics)
-    state.epoch, state.best_val = metrics["epoch"], max(state.best_val, metrics["val_r"])
+    state.epoch, state.best_val = metrics["epoch"], max(state.best_val, score)
     state.bad_epochs = 0 if better else state.bad_epochs + 1
     if better:
         state.best = {n: p.detach().clone() for n, p in trainable.items()}
+        state.best_epoch = metrics["epoch"]
+    refit = f", refit validation r {score:.4f}" if args.select == "refit" else ""
     log(f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, validation r "
-        f"{metrics['val_r']:.4f}, {metrics['seconds']:.1f} s")
+        f"{metrics['val_r']:.4f}{refit}, {metrics['seconds']:.1f} s")
 
 
 def save_checkpoint(run, state, opt, sched, trainable):
@@ -478,6 +567,10 @@ def report(args, run, ds, results):
     """results.json, voxel_r.npz and the results table."""
     tests = {d.name: ridge.summarize(r, d.ceiling) for d, r in zip(ds, results)}
     scored = dict(vars(args.scoring))
+    if scored["frame"] == "last":  # named only when not the default: today's keys unchanged
+        del scored["frame"]
+    if args.pool != "bins":  # the head's input (and the windows protocol's features)
+        scored["pool"] = args.pool
     extra = {} if args.control == "none" else dict(control=dict(kind=args.control,
                                                                 block=args.control_block))
     per = {d.name: dict(subject=d.name, model=args.model, roi=args.roi,

@@ -183,3 +183,38 @@ def test_a_click_reaches_the_rows_the_stride_lanczos_and_delays_imply(tmp_path, 
     reached = np.flatnonzero((x[1:, 0] - silence).abs().numpy() > 1e-6) + 1
     first = t[reached[0]]
     assert click - 2 * data.TR - p.stride <= first < click - 2 * data.TR + data.TR
+
+
+def test_mean_pooling_is_the_mean_of_the_windows_frames_and_keys_its_own_features():
+    from model import Extractor, load_backbone
+    backbone, _ = load_backbone("tiny", seed=0)
+    bins, mean = Extractor("tiny", backbone, 3), Extractor("tiny", backbone, 3, pool="mean")
+    wave = torch.randn(2, 16000 * 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        frames = mean.hidden(wave)  # (2, frames, 64)
+        torch.testing.assert_close(mean.pooled(wave, 3), frames.mean(1))
+        torch.testing.assert_close(bins.pooled(wave, 3), pool_frames(frames, 3).flatten(1))
+    assert mean.pooled(wave, 3).shape == (2, 64) and bins.pooled(wave, 3).shape == (2, 3 * 64)
+    assert bins.key() != mean.key() and mean.key()["pool"] == "mean"
+    assert "pool" not in bins.key()  # the keys of features made before --pool still hold
+
+
+class FrameIndex:
+    """A stand-in extractor whose feature is each frame's index within its snippet."""
+    hop = 320
+
+    def hidden(self, w):  # (batch, samples) -> (batch, frames, 1)
+        n = w.shape[1] // self.hop
+        return torch.arange(n, dtype=torch.float32)[None, :, None].expand(len(w), n, 1)
+
+
+def test_frame_first_keeps_each_snippets_first_frame_at_its_end():
+    wave, cpu = np.zeros(16000 * 10, np.float32), torch.device("cpu")
+    last = Protocol("brainwavlm", 1, 3.75, 0.25, [1], 0)
+    first = Protocol("brainwavlm", 1, 3.75, 0.25, [1], 0, "first")
+    t_last, x_last = stride_frames(FrameIndex().hidden, wave, 320, last, cpu, batch_size=16)
+    t_first, x_first = stride_frames(FrameIndex().hidden, wave, 320, first, cpu, batch_size=16)
+    ends = np.arange(0.25, 10.0 + 0.25, 0.25)  # one snippet every stride, labelled at its end
+    np.testing.assert_allclose(t_first, ends[:len(t_first)])
+    assert len(t_first) == 40 and torch.equal(x_first, torch.zeros(40, 1))  # frame 0 of each
+    assert x_last.min() > 180 and len(t_last) > len(t_first)  # 200 frames: the last stride's

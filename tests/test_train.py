@@ -336,3 +336,101 @@ def test_a_permuted_control_trains_on_shuffled_responses_and_is_scored_on_real_o
     trained = train.targets(args, ds[0], "train", roi)
     assert sorted(trained.row.tolist()) == list(range(96))
     assert (trained.row != torch.arange(96)).any()
+
+
+def fast(demo, out, *extra):
+    return quick(demo, out, "--tiny-pretrain", "0", "--epochs", "1", *extra)
+
+
+def test_train_stories_restrict_the_training_rows_and_an_unknown_one_is_refused(demo):
+    import data
+    ds, shared = data.prepare(demo, ["S01"], train_stories=["legacy", "avatar"], history=6)
+    assert ds[0].stories["train"] == ["avatar", "legacy"]  # the subject's order
+    assert shared["train"].stories == ["avatar", "legacy"] and len(shared["train"]) == 2 * 24
+    assert ds[0].Y["train"].shape == (48, 90) and ds[0].stories["val"] == ["souls"]
+    for story in ("souls", "stagefright"):  # the validation story, and one not heard
+        with pytest.raises(ValueError, match=f"--train-stories: '{story}' is not a training story"):
+            data.check_dataset(demo, ["S01"], train_stories=["avatar", story])
+
+
+def test_nc_roi_is_the_voxels_whose_noise_ceiling_is_above_the_threshold(demo, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    import h5py
+
+    import data
+    args = train.config.parse(fast(demo, tmp_path / "r", "--roi", "nc0.4"))
+    d = train.load_subjects(args, ["S01"])[0][0]
+    path = data.response_path(demo, "UTS01", "wheretheressmoke")
+    with h5py.File(path) as f:
+        cc = data.noise_ceiling(np.asarray(f["individual_repeats"]))  # float64, as stored
+    np.testing.assert_allclose(d.ceiling, cc, rtol=1e-6)
+    fit = SimpleNamespace(init=SimpleNamespace(cv_r=torch.zeros(90)),
+                          baseline=SimpleNamespace(test_r=torch.zeros(90), blocks=None))
+    roi = train.choose_voxels(args, d, fit).roi
+    want = np.flatnonzero(d.good & (np.nan_to_num(cc) > 0.4))
+    assert roi.tolist() == want.tolist() and 0 < len(roi) < 90  # measured: 70 of 90
+    bare = shutil.copytree(demo, tmp_path / "bare")
+    with h5py.File(data.response_path(str(bare), "UTS01", "wheretheressmoke"), "a") as f:
+        del f["individual_repeats"]
+    with pytest.raises(ValueError, match="--roi nc0.4: .*wheretheressmoke.hf5 has no "
+                                         "'individual_repeats'"):
+        data.check_dataset(str(bare), ["S01"], roi="nc0.4")
+
+
+def test_the_moussa2025_schedule_is_the_authors_per_epoch_formulas():
+    args = train.config.parse(["--schedule", "moussa2025", "--lr", "5e-5", "--head-lr", "1e-4"])
+    trainable = {"extractor.w": torch.nn.Parameter(torch.zeros(2)),
+                 "heads.0.weight": torch.nn.Parameter(torch.zeros(2))}
+    opt, sched = train.optimiser(args, trainable, n_windows=100)
+    for epoch in range(30):  # 0-based, as their LambdaLR counts
+        backbone = epoch / 5 if epoch < 5 else 1 - (epoch - 5) / 25
+        assert opt.param_groups[0]["lr"] == pytest.approx(5e-5 * backbone, abs=1e-15), epoch
+        assert opt.param_groups[1]["lr"] == pytest.approx(1e-4 * max(0.8 ** epoch, 0.1)), epoch
+        opt.step()
+        sched.step()  # once per epoch
+    assert opt.param_groups[0]["lr"] == 0 and opt.param_groups[1]["lr"] == pytest.approx(1e-5)
+    again, resumed = train.optimiser(args, trainable, n_windows=100)
+    resumed.load_state_dict(sched.state_dict())  # the checkpoint's
+    resumed.step()
+    assert again.param_groups[1]["lr"] == pytest.approx(1e-5) and resumed.last_epoch == 31
+
+
+def scripted_refit(monkeypatch, scores):
+    """train.refit_val_r replaced by one returning `scores` in turn (epoch 0 first)."""
+    left = list(scores)
+    monkeypatch.setattr(train, "refit_val_r", lambda *a, **k: left.pop(0))
+
+
+def test_select_refit_keeps_the_epoch_of_the_best_refit_and_the_pretrained_one(demo, tmp_path,
+                                                                                monkeypatch):
+    clipped = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(1))
+    scripted_refit(monkeypatch, [0.1, 0.3, 0.2])
+    run = train.main(fast(demo, tmp_path / "a", "--select", "refit", "--epochs", "2", "--clip",
+                          "0"))
+    assert clipped == []  # --clip 0: no clipping
+    m = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert [x["refit_val_r"] for x in m] == [0.3, 0.2] and m[0]["pretrained_refit_val_r"] == 0.1
+    kept = load_checkpoint(os.path.join(run, "adapter.pt"))
+    last = load_checkpoint(os.path.join(run, "checkpoint.pt"))["trainable"]
+    assert kept["epoch"] == 1 and any(not torch.equal(v, last[k])
+                                      for k, v in kept["trainable"].items())
+    assert all(v.abs().max() > 0 for k, v in kept["trainable"].items() if "lora_B" in k)
+    scripted_refit(monkeypatch, [0.5, 0.3])  # tuning hurts: the pretrained backbone is kept
+    run = train.main(fast(demo, tmp_path / "b", "--select", "refit"))
+    kept = load_checkpoint(os.path.join(run, "adapter.pt"))
+    assert kept["epoch"] == 0
+    assert all(v.abs().max() == 0 for k, v in kept["trainable"].items() if "lora_B" in k)
+    r = np.load(os.path.join(run, "voxel_r.npz"))
+    np.testing.assert_allclose(r["refit_r"], r["baseline_r"], atol=1e-6)
+
+
+def test_select_refit_scores_the_pretrained_backbone_and_each_epoch(demo, tmp_path):
+    run = train.main(fast(demo, tmp_path / "r", "--select", "refit", "--lr", "1e-2"))
+    m = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
+    pre, tuned = m["pretrained_refit_val_r"], m["refit_val_r"]
+    assert -1 < pre < 1 and -1 < tuned < 1 and pre != tuned
+    kept = load_checkpoint(os.path.join(run, "adapter.pt"))
+    assert kept["epoch"] == (1 if tuned > pre else 0)
