@@ -521,3 +521,7 @@ def format_report(res):
                   f"peak resident {v['resident_gb']:.2f} GB, cache {v['cache_gb']:.1f} GB"
                   for k, v in f.items() if k != "dataset"]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
