@@ -440,6 +440,27 @@ def check_sizes(args, listings, device):
                              "smaller")
 
 
+def timing(args):
+    """The run's fMRI timing (--tr, --trim-start, --sound-start), as data's functions take it."""
+    return dict(tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
+
+
+def list_subjects(args, names, *, textgrids=False):
+    """data.check_dataset under the run's flags: a data.Listing per subject, or one ValueError
+    naming the flag or file (textgrids: tiny's pretraining needs the training TextGrids)."""
+    return data.check_dataset(args.data, names, test_stories=args.test_stories,
+                              val_stories=args.val_stories, folds=args.cv_folds,
+                              timing=timing(args), test_skip=args.test_skip, roi=args.roi,
+                              textgrids=textgrids, train_stories=args.train_stories)
+
+
+def load_subjects(args, names):
+    """data.prepare under the run's flags: each subject's data (data.Subject), held out on the
+    run's test, validation and training stories, and the windows they share."""
+    return data.prepare(args.data, names, args.test_stories, args.val_stories,
+                        args.train_stories, history=args.history, **timing(args))
+
+
 def ridge_settings(args, listings):
     """How the run fits every ridge (ridge.Settings); the folds default to 5, or one per training
     story where there are fewer."""

@@ -62,11 +62,7 @@ class Run:
 
     def subject(self, name):
         """One subject's data (data.Subject), held out on the run's stories."""
-        a = self.args
-        ds, _ = data.prepare(a.data, [name], a.test_stories, a.val_stories, a.train_stories,
-                             history=a.history, tr=a.tr, trim_start=a.trim_start,
-                             sound_start=a.sound_start)
-        return ds[0]
+        return config.load_subjects(self.args, [name])[0][0]
 
     def features(self, extractor, d, protocol=None):
         """{"train", "test"}: this extractor's features of subject d's rows, (rows, p): its
@@ -108,9 +104,7 @@ def load_run(folder):
         raise ValueError(f"{folder}/stage1.pt: written by an older braintune (not a dict of named "
                          "fits); run stage 1 again in a new run folder")
     subjects = args.subject.split(",")
-    listings = data.check_dataset(args.data, subjects, test_stories=args.test_stories,
-                                  val_stories=args.val_stories, folds=args.cv_folds,
-                                  train_stories=args.train_stories)
+    listings = config.list_subjects(args, subjects)
     own = os.path.join(folder, "tiny_pretrained.pt")  # tiny's weights travel with the run
     weights = own if args.weights is None and os.path.isfile(own) else args.weights
     pre = load_extractor(args.model, args.layer, weights, args.seed, pool=args.pool)

@@ -89,7 +89,7 @@ def brain_tune(args):
     if WORLD > 1 and RANK > 0:
         torch.distributed.barrier()  # rank 0 fills the caches (data, tiny, stage 1) first
     STEP[0] = "loading the data"
-    ds, shared = load_subjects(args, args.subject.split(","))
+    ds, shared = config.load_subjects(args, args.subject.split(","))
     threshold = data.nc_threshold(args.roi)
     for d in ds:
         if args.roi.startswith("top") and int(args.roi[3:]) > d.good.sum():
@@ -137,22 +137,10 @@ def preflight(args, device):
     """The flags against the dataset's listings and headers (data.check_dataset) and against
     memory (config.check_sizes), before anything is loaded; returns the listings."""
     textgrids = args.model == "tiny" and args.weights is None and args.tiny_pretrain > 0
-    timing = dict(tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
-    listings = data.check_dataset(args.data, args.subject.split(","),
-                                  test_stories=args.test_stories, val_stories=args.val_stories,
-                                  folds=args.cv_folds, timing=timing, test_skip=args.test_skip,
-                                  roi=args.roi, textgrids=textgrids and not args.resume,
-                                  train_stories=args.train_stories)
+    listings = config.list_subjects(args, args.subject.split(","),
+                                    textgrids=textgrids and not args.resume)
     config.check_sizes(args, listings, device)
     return listings
-
-
-def load_subjects(args, names):
-    """data.prepare under the run's flags: each subject's data (data.Subject), held out on the
-    run's test and validation stories, and the windows they share."""
-    return data.prepare(args.data, names, args.test_stories, args.val_stories,
-                        args.train_stories, history=args.history, tr=args.tr,
-                        trim_start=args.trim_start, sound_start=args.sound_start)
 
 
 def begin(args, run, ds, shared, extractor, device, *, pretrained=None):

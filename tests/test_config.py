@@ -75,3 +75,16 @@ def test_the_new_flags_default_to_what_ran_before_and_bad_values_are_refused(tmp
         with pytest.raises(ValueError, match=message):
             config.parse(flags)
     assert config.parse(["--protocol", "brainwavlm", "--frame", "first"]).scoring.frame == "first"
+
+
+def test_the_dataset_is_listed_and_read_under_the_runs_own_timing(demo):
+    """train and eval list and read a run's subjects through one place, with its --tr,
+    --trim-start and --sound-start (eval once checked a run's dataset under the defaults)."""
+    late = config.parse(["--data", demo, "--sound-start", "400"])
+    with pytest.raises(ValueError, match="before the audio starts"):
+        config.list_subjects(late, ["S01"])
+    args = config.parse(["--data", demo, "--trim-start", "9"])
+    (listing,) = config.list_subjects(args, ["S01"])
+    ds, _ = config.load_subjects(args, ["S01"])
+    assert ds[0].windows["train"].timing["trim_start"] == 9
+    assert listing.stories["train"] == ds[0].stories["train"]

@@ -329,7 +329,7 @@ def test_a_permuted_control_trains_on_shuffled_responses_and_is_scored_on_real_o
     a, b = (np.load(os.path.join(r, "voxel_r.npz")) for r in (control, real))
     np.testing.assert_array_equal(a["baseline_r"], b["baseline_r"])  # stage 1 is the same
     args = train.config.parse(quick(demo, tmp_path / "x", "--control", "permuted"))
-    ds, _ = train.load_subjects(args, ["S01"])
+    ds, _ = train.config.load_subjects(args, ["S01"])
     roi = np.arange(90)
     test = train.targets(args, ds[0], "test", roi)
     assert test.rows.tolist() == list(range(24))  # the test story: its real rows, in order
@@ -361,7 +361,7 @@ def test_nc_roi_is_the_voxels_whose_noise_ceiling_is_above_the_threshold(demo, t
 
     import data
     args = train.config.parse(fast(demo, tmp_path / "r", "--roi", "nc0.4"))
-    d = train.load_subjects(args, ["S01"])[0][0]
+    d = train.config.load_subjects(args, ["S01"])[0][0]
     path = data.response_path(demo, "UTS01", "wheretheressmoke")
     with h5py.File(path) as f:
         cc = data.noise_ceiling(np.asarray(f["individual_repeats"]))  # float64, as stored
