@@ -1,10 +1,14 @@
 """Every mistake a user can make on the command line is refused in one clear line, before any costly
 work: non-zero exit, no traceback, the flag or file named, nothing written."""
+import contextlib
+import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -15,15 +19,43 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_all(cmds, env, cwd=ROOT, at_once=4):
-    """Each command's (exit status, stdout, stderr), a few processes at a time."""
-    out = []
-    for i in range(0, len(cmds), at_once):
-        procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-                 for c in cmds[i:i + at_once]]
-        out += [(p.returncode, *p.communicate()) if p.wait() is not None else None for p in procs]
-    return out
+def run_all(cmds, env, cwd=ROOT):
+    """Each command's (exit status, stdout, stderr): a command [python, SCRIPT, ARGS...] runs as
+    `python SCRIPT ARGS` would, but in this process (its file executed as __main__ under env and
+    cwd), as a refusal needs no process of its own and torch's import costs seconds each; an
+    exception other than SystemExit escaping it counts as a traceback (a broken --resume and a
+    missing run folder are checked in processes of their own, run_processes)."""
+    return [run_here(c[1:], env, cwd) for c in cmds]
+
+
+def run_here(argv, env, cwd):
+    saved = sys.argv, os.getcwd(), dict(os.environ)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = list(argv)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as e:  # sys.exit("error: ...") prints its message and exits with 1
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    except Exception:  # noqa: BLE001 - what a process would print as a traceback
+        code = 1
+        err.write("Traceback (most recent call last):\n" + traceback.format_exc())
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        os.environ.clear()
+        os.environ.update(saved[2])
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_processes(cmds, env, cwd=ROOT):
+    """Each command's (exit status, stdout, stderr), each in a process of its own."""
+    done = [subprocess.run(c, cwd=cwd, env=env, capture_output=True, text=True) for c in cmds]
+    return [(d.returncode, d.stdout, d.stderr) for d in done]
 
 
 def assert_refused(results, cases, made=()):
@@ -121,19 +153,17 @@ def test_a_resumed_or_moved_run_works_from_anywhere_and_a_broken_one_is_refused(
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
     # the dataset given as a relative path, from its parent folder
     here = os.path.dirname(ds["demo"])
-    made = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data",
-                           os.path.basename(ds["demo"]),
-                           "--model", "tiny", "--tiny-pretrain", "0", "--epochs", "1",
-                           "--batch-size", "8", "--out", str(tmp_path / "run")],
-                          cwd=here, env=env, capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr[-2000:]
+    (code, _, err), = run_all([[sys.executable, os.path.join(ROOT, "train.py"), "--data",
+                                os.path.basename(ds["demo"]), "--model", "tiny", "--tiny-pretrain",
+                                "0", "--epochs", "1", "--batch-size", "8", "--out",
+                                str(tmp_path / "run")]], env, cwd=here)
+    assert code == 0, err[-2000:]
     cfg = json.load(open(tmp_path / "run" / "config.json"))
     assert cfg["args"]["data"] == ds["demo"]  # recorded absolute
-    elsewhere = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"),
-                                str(tmp_path / "run"), "--subject",
-                                "S02"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert elsewhere.returncode == 0, elsewhere.stderr[-2000:]
-    assert "cross-subject transfer to S02" in elsewhere.stdout
+    (code, out, err), = run_all([[sys.executable, os.path.join(ROOT, "eval.py"),
+                                  str(tmp_path / "run"), "--subject", "S02"]], env, cwd=tmp_path)
+    assert code == 0, err[-2000:]
+    assert "cross-subject transfer to S02" in out
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "run", old)
     kept = {k: v for k, v in cfg["args"].items() if k not in ("tiny_pretrain", "backbone_dropout",
@@ -145,7 +175,7 @@ def test_a_resumed_or_moved_run_works_from_anywhere_and_a_broken_one_is_refused(
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    results = run_all([[sys.executable, "train.py", "--resume", str(broken)]], env)
+    results = run_processes([[sys.executable, "train.py", "--resume", str(broken)]], env)
     message = f"--resume {broken}: {broken}/config.json is not the config of a run"
     assert_refused(results, [(None, message)])
     resume = [sys.executable, "train.py", "--resume", str(tmp_path / "run")]
@@ -187,9 +217,9 @@ def test_eval_refuses_each_mistake(ds, tmp_path):
         (ev + ["--downstream", "cremad", "--downstream-data", str(tmp_path)], "AudioWAV"),
         (ev + ["--flatmap"], "stage-1 run (--epochs 0): there is no tuned r to map"),
     ]
-    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir",
-                                                                     os.path.join(run,
-                                                                                  "analyses.json")])
+    made = [tmp_path / "nodir", os.path.join(run, "analyses.json")]
+    assert_refused(run_processes([cases[0][0]], env), cases[:1])
+    assert_refused(run_all([c for c, _ in cases], env), cases, made=made)
 
 
 def test_data_refuses_each_mistake(ds, tmp_path):
