@@ -42,6 +42,7 @@ import lora
 import plots
 import probes
 import ridge
+import tasks
 from cache import save_atomic
 from model import (Extractor, add_adapters, load_checkpoint, load_extractor, pool_frames,
                    split_features, window_features)
@@ -344,7 +345,7 @@ def parser():
                                                 "pretrained and tuned features")
     a("--hours", help="--efficiency's hours of training stories, comma-separated (default: "
                       "doublings up to all)")
-    a("--downstream", choices=sorted(downstream.TASKS), help="a speech task's linear probes, "
+    a("--downstream", choices=sorted(tasks.TASKS), help="a speech task's linear probes, "
                                                              "pretrained and tuned, by layer")
     a("--downstream-data", help="the task's folder, in its published layout (README)")
     a("--downstream-layers", default="all", help="layers probed: all, or 2,5,9 ...")
@@ -421,7 +422,7 @@ def check_downstream(run, a):
         raise ValueError(f"--downstream-limit {a.downstream_limit}: must be at least 1")
     depth = len(run.pretrained.backbone.encoder.transformer.layers)
     parse_layers(a.downstream_layers, depth, run.args.model)
-    downstream.read_task(a.downstream, a.downstream_data, a.downstream_limit)
+    tasks.read_task(a.downstream, a.downstream_data, a.downstream_limit)
 
 
 def subject_names(run):

@@ -11,6 +11,7 @@ from torchaudio.models import wav2vec2_model
 import downstream as ds
 import model
 import synthetic
+import tasks
 
 TONE_HZ = (200, 1000, 4000)  # class k is a tone near this frequency
 
@@ -127,27 +128,27 @@ def tiny():
 
 
 def test_timit_folding_table_is_lee_and_hon():
-    assert len(ds.TIMIT61) == len(set(ds.TIMIT61)) == 61 and set(ds.TIMIT39) == set(ds.TIMIT61)
-    assert len(ds.PHONES39) == 39 and "sil" in ds.PHONES39 and ds.TIMIT39["q"] is None
+    assert len(tasks.TIMIT61) == len(set(tasks.TIMIT61)) == 61 and set(tasks.TIMIT39) == set(tasks.TIMIT61)
+    assert len(tasks.PHONES39) == 39 and "sil" in tasks.PHONES39 and tasks.TIMIT39["q"] is None
     pairs = ("ao aa, ax ah, ax-h ah, axr er, hv hh, ix ih, el l, em m, en n, nx n, eng ng, "
              "zh sh, ux uw, bcl sil, dcl sil, gcl sil, pcl sil, tcl sil, kcl sil, h# sil, "
              "pau sil, epi sil")
     folded = dict(p.split() for p in pairs.split(", "))
-    assert {p: ds.TIMIT39[p] for p in folded} == folded
-    assert all(ds.TIMIT39[p] == p for p in ds.TIMIT61 if p not in folded and p != "q")
+    assert {p: tasks.TIMIT39[p] for p in folded} == folded
+    assert all(tasks.TIMIT39[p] == p for p in tasks.TIMIT61 if p not in folded and p != "q")
 
 
 def test_sphere_reads_as_its_riff_twin(tmp_path):
     x = np.random.default_rng(0).uniform(-0.5, 0.5, 4000)
     write_wav(str(tmp_path / "a.wav"), x)
-    riff = ds.read_sphere_or_wav(str(tmp_path / "a.wav"))
+    riff = tasks.read_sphere_or_wav(str(tmp_path / "a.wav"))
     for order in ("01", "10"):
         write_sphere(str(tmp_path / f"{order}.WAV"), x, order)
-        assert torch.equal(ds.read_sphere_or_wav(str(tmp_path / f"{order}.WAV")), riff)
+        assert torch.equal(tasks.read_sphere_or_wav(str(tmp_path / f"{order}.WAV")), riff)
     write_sphere(str(tmp_path / "8k.WAV"), x, rate=8000)
     wavfile.write(str(tmp_path / "8k.wav"), 8000, np.round(x * 32767).astype(np.int16))
-    got = ds.read_sphere_or_wav(str(tmp_path / "8k.WAV"))
-    assert len(got) == 8000 and torch.allclose(got, ds.read_sphere_or_wav(str(tmp_path / "8k.wav")))
+    got = tasks.read_sphere_or_wav(str(tmp_path / "8k.WAV"))
+    assert len(got) == 8000 and torch.allclose(got, tasks.read_sphere_or_wav(str(tmp_path / "8k.wav")))
 
 
 @pytest.mark.parametrize("task", list(WRITERS))
@@ -177,26 +178,26 @@ def test_readers_split_as_published(tmp_path):
     below = tmp_path / "sc" / "SpeechCommands" / "speech_commands_v0.02"
     sc = speechcommands_folder(below, rng, (8, 2, 3))
     for root in (sc, str(tmp_path / "sc")):  # torchaudio's layout, two levels up
-        t = ds.read_task("speechcommands", root)
+        t = tasks.read_task("speechcommands", root)
         sizes = {s: len(c) for s, c in t.splits.items()}
         assert t.classes == ["aa", "iy", "uw"] and sizes == {"train": 24, "valid": 6, "test": 9}
         assert not any("_background_noise_" in c.path for c in t.splits["train"])
     timit = timit_folder(tmp_path / "timit", rng)
-    t = ds.read_task("timit-sentence", timit)
+    t = tasks.read_task("timit-sentence", timit)
     speakers = {s: {os.path.dirname(c.path) for c in clips} for s, clips in t.splits.items()}
     assert [len(speakers[s]) for s in ("train", "valid", "test")] == [9, 1, 2]
     assert all("TEST" in c.path for c in t.splits["test"])
     assert not speakers["train"] & speakers["valid"]
     assert sorted(c.label for c in t.splits["valid"]) == [0, 0, 1, 1, 2, 2]
-    p = ds.read_task("timit-phones", timit)
+    p = tasks.read_task("timit-phones", timit)
     assert p.multilabel and len(p.classes) == 38 and "sil" not in p.classes
     held = {tuple(p.classes[i] for i in c.label) for c in p.splits["test"]}
     assert held == {("aa",), ("iy",), ("ih",), ("uw",)}  # sil and q left out, ao ix ux folded
-    t = ds.read_task("cremad", cremad_folder(tmp_path / "cremad", rng), seed=3)
+    t = tasks.read_task("cremad", cremad_folder(tmp_path / "cremad", rng), seed=3)
     actors = {s: {os.path.basename(c.path)[:4] for c in clips} for s, clips in t.splits.items()}
     assert [len(actors[s]) for s in ("train", "valid", "test")] == [16, 2, 2]
-    assert len(set.union(*actors.values())) == 20 and t.classes == ds.EMOTIONS
-    t = ds.read_task("fluent", fluent_folder(tmp_path / "fsc", rng, (8, 2, 3)))
+    assert len(set.union(*actors.values())) == 20 and t.classes == tasks.EMOTIONS
+    t = tasks.read_task("fluent", fluent_folder(tmp_path / "fsc", rng, (8, 2, 3)))
     assert t.classes == sorted("/".join(i) for i in INTENTS) and len(t.splits["test"]) == 9
 
 
@@ -245,10 +246,10 @@ BAD = {  # name: (task, how the good folder is spoiled, what the message names)
 def test_bad_input_is_refused_in_one_line_naming_the_file(case, tmp_path):
     task, spoil, says = BAD[case]
     root = WRITERS[task](tmp_path / "d", np.random.default_rng(4))
-    ds.read_task(task, root)  # the good folder reads
+    tasks.read_task(task, root)  # the good folder reads
     spoil(root)
     with pytest.raises(ValueError) as e:
-        ds.read_task(task, root)
+        tasks.read_task(task, root)
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
@@ -338,16 +339,16 @@ def test_paired_difference_is_zero_for_twins_and_finds_a_known_gain():
 
 
 def test_limit_covers_the_classes_deterministically():
-    clips = [ds.Clip(f"{i}.wav", i % 5) for i in range(100)]
-    first = ds.limit_clips(clips, 10, seed=0)
-    assert first == ds.limit_clips(clips, 10, seed=0) and len(first) == 10
+    clips = [tasks.Clip(f"{i}.wav", i % 5) for i in range(100)]
+    first = tasks.limit_clips(clips, 10, seed=0)
+    assert first == tasks.limit_clips(clips, 10, seed=0) and len(first) == 10
     assert sorted(c.label for c in first) == sorted(list(range(5)) * 2)
-    assert ds.limit_clips(clips, None) is clips
+    assert tasks.limit_clips(clips, None) is clips
 
 
 def test_features_are_cached_and_one_forward_fills_every_layer(tiny, tmp_path, monkeypatch):
     root = speechcommands_folder(tmp_path / "sc", np.random.default_rng(6), (2, 1, 1))
-    clips = ds.read_task("speechcommands", root).splits["train"]
+    clips = tasks.read_task("speechcommands", root).splits["train"]
     calls = []
     real = ds.pooled_layers
 
@@ -367,8 +368,8 @@ def test_words_to_speechcommands_splits_by_story(tmp_path):
     demo = synthetic.make_demo(str(tmp_path / "demo"), n_subjects=1, n_stories=2, n_voxels=3,
                                seconds=30.0)
     out = str(tmp_path / "words")
-    ds.main(["words", demo, out])
-    t = ds.read_task("speechcommands", out)
+    tasks.main(["words", demo, out])
+    t = tasks.read_task("speechcommands", out)
     story = {s: {os.path.basename(c.path).split("_nohash_")[0] for c in clips}
              for s, clips in t.splits.items()}
     assert story["test"] == {"wheretheressmoke"} and len(story["valid"]) == 1
@@ -376,4 +377,4 @@ def test_words_to_speechcommands_splits_by_story(tmp_path):
     sr, x = wavfile.read(t.splits["valid"][0].path)
     assert sr == 16000 and x.shape == (16000,) and x.dtype == np.int16 and np.abs(x).max() > 1000
     with pytest.raises(SystemExit):
-        ds.main(["words", demo, out])  # the folder exists: refused
+        tasks.main(["words", demo, out])  # the folder exists: refused
