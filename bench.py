@@ -5,6 +5,8 @@ warm-up; every target is a ratio measured in the same run.
 
     python bench.py            # the full sizes (about 30 minutes on 2 CPU cores)
     python bench.py --quick    # scaled down, under a minute
+    python bench.py --only fullscale,downstream   # train.py on a whole subject; eval.py
+                                                   # --downstream at Speech Commands' size
 """
 import argparse
 import ctypes
@@ -23,13 +25,16 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
 import numpy as np
 import torch
 import torch.nn as nn
+from scipy.io import wavfile
+from torchaudio.models import wavlm_model
 
 import cache
 import data
+import downstream
 import lora
 import ridge
-from model import (BrainModel, Extractor, build_backbone, hidden, keep_freed_memory, layer_of,
-                   make_head, window_features)
+from model import (TINY, BrainModel, Extractor, build_backbone, hidden, keep_freed_memory,
+                   layer_of, make_head, window_features)
 
 
 def timeit(fn, reps=3, warmup=1):
@@ -395,6 +400,83 @@ def bench_fullscale(quick):
     return res
 
 
+# Speech Commands v0.02's size: 35 words, testing_list 11,005 clips, validation_list 9,981
+SPEECH_COMMANDS = dict(words=35, train=84843, valid=9981, test=11005)
+WIDE = dict(encoder_embed_dim=768, encoder_num_heads=12, encoder_num_layers=1,
+            encoder_ff_interm_features=3072)  # tiny's CNN under one layer as wide as a base model
+
+
+def write_speechcommands(root, sizes, seed=0):
+    """A Speech Commands folder of `sizes` (as SPEECH_COMMANDS) in the published layout, each word
+    a tone of its own at a random level and phase in noise, 1 s of 16 kHz int16; written under a
+    temporary name and renamed, so that a half-written folder is never used."""
+    if os.path.isdir(root):
+        return root
+    tmp, rng = root + ".tmp", np.random.default_rng(seed)
+    shutil.rmtree(tmp, ignore_errors=True)
+    t = np.arange(data.SR) / data.SR  # (samples,)
+    lists = {"valid": [], "test": []}
+    for w in range(sizes["words"]):
+        os.makedirs(os.path.join(tmp, f"word{w:02d}"))
+    for split in ("train", "valid", "test"):
+        for i in range(sizes[split]):
+            w = i % sizes["words"]  # the words in turn
+            rel = f"word{w:02d}/{split}{i:05x}_nohash_0.wav"
+            phase, level = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.5)
+            wave = level * np.sin(2 * np.pi * (200 + 40 * w) * t + phase)
+            wave += 0.05 * rng.standard_normal(data.SR)
+            wavfile.write(os.path.join(tmp, rel), data.SR, (wave * 32767).astype(np.int16))
+            if split != "train":
+                lists[split].append(rel)
+    for split, name in (("valid", "validation_list.txt"), ("test", "testing_list.txt")):
+        with open(os.path.join(tmp, name), "w") as f:
+            f.writelines(r + "\n" for r in lists[split])
+    os.rename(tmp, root)
+    return root
+
+
+def downstream_child(root, name, limit, out):
+    """What bench_downstream measures, in a process of its own: eval.py --downstream's evaluation
+    of speechcommands in root, every layer of two random backbones `name` ("wide": WIDE), the first
+    `limit` clips of each split (None: all), the probes at 10 epochs; its time to the JSON `out`."""
+    nets = {}
+    for seed, k in enumerate(("pretrained", "tuned")):
+        torch.manual_seed(seed)
+        nets[k] = wavlm_model(**dict(TINY, **WIDE)) if name == "wide" else build_backbone(name)[0]
+    t = time.perf_counter()
+    # "wide" is keyed as tiny: its weights' digest tells it apart
+    result, _ = downstream.evaluate("speechcommands", root, nets, model_name=name.replace(
+        "wide", "tiny"), normalize=False, limit=limit, epochs=10, every=10)
+    seconds, clips = time.perf_counter() - t, sum(result["clips"].values())
+    with open(out, "w") as f:
+        json.dump(dict(model=name, clips=clips, seconds=seconds, clips_per_s=2 * clips / seconds,
+                       layers=len(result["layers"])), f)
+
+
+def bench_downstream(quick):
+    """eval.py --downstream speechcommands, each run in a fresh process with a fresh cache, its
+    private memory sampled: a base model (wavlm_base_plus's architecture) on 100 clips a split, for
+    the speed and the memory of its forwards; and every clip of a folder of Speech Commands v0.02's
+    size (105,829 clips, made once under the cache) with a backbone as wide as a base model but
+    light (WIDE), so that what grows with the clips (the listing, the memory maps, the cache, the
+    probes on (84,843, 768) features, the bootstrap) is measured at full size."""
+    sizes = dict(words=5, train=40, valid=10, test=10) if quick else SPEECH_COMMANDS
+    home = os.path.join(cache.cache_root(), "downstream-bench" + ("-quick" if quick else ""))
+    root = write_speechcommands(os.path.join(home, "speechcommands"), sizes)
+    res = {"folder": sizes}
+    for key, name, limit in (("base", "tiny" if quick else "wavlm_base_plus", 4 if quick else 100),
+                             ("full_size", "wide", None)):
+        fresh, out = os.path.join(home, "cache"), os.path.join(home, key + ".json")
+        shutil.rmtree(fresh, ignore_errors=True)
+        code = f"import bench; bench.downstream_child({root!r}, {name!r}, {limit!r}, {out!r})"
+        r = run_measured([sys.executable, "-c", code], os.path.join(home, key + ".log"),
+                         dict(os.environ, BRAINTUNE_CACHE=fresh))
+        assert r["exit"] == 0, f"downstream {key} failed: see {os.path.join(home, key + '.log')}"
+        res[key] = dict(r, **json.load(open(out)))
+        shutil.rmtree(fresh, ignore_errors=True)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description="braintune speed and memory benchmark")
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
@@ -402,11 +484,12 @@ def main():
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated parts to run (default all but fullscale): ridge, "
-        "step, subjects, extract, head, scaling, stats, fullscale",
+        help="comma-separated parts to run (default all but fullscale and downstream): ridge, "
+        "step, subjects, extract, head, scaling, stats, fullscale, downstream",
     )
     a = ap.parse_args()
-    parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "stats", "fullscale")
+    parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "stats", "fullscale",
+             "downstream")
     unknown = [x for x in a.only.split(",") if a.only and x not in parts]
     if unknown or not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
         sys.exit(
@@ -414,7 +497,7 @@ def main():
             if unknown
             else f"error: --out {a.out}: no folder {os.path.dirname(os.path.abspath(a.out))}"
         )
-    want = lambda part: part in a.only.split(",") if a.only else part != "fullscale"
+    want = set(a.only.split(",") if a.only else parts[:-2]).__contains__
     q = a.quick
     reps = 2 if q else 3
     if not torch.cuda.is_available():
@@ -460,6 +543,8 @@ def main():
         res["stats"] = bench_stats(2000 if q else 81126)
     if want("fullscale"):  # about an hour, and 45 GB of disk, at the published size
         res["fullscale"] = bench_fullscale(q)
+    if want("downstream"):  # about 20 minutes, and 4 GB of disk, at Speech Commands' size
+        res["downstream"] = bench_downstream(q)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print(format_report(res))
@@ -520,6 +605,12 @@ def format_report(res):
         lines += [f"fullscale {k}: {v['seconds']:.0f} s, peak private {v['private_gb']:.2f} GB, "
                   f"peak resident {v['resident_gb']:.2f} GB, cache {v['cache_gb']:.1f} GB"
                   for k, v in f.items() if k != "dataset"]
+    for k, d in res.get("downstream", {}).items():
+        if k != "folder":
+            lines.append(f"downstream speechcommands, {d['model']}, {d['clips']} clips x 2 "
+                         f"backbones, {d['layers']} layer(s): {d['seconds']:.0f} s, "
+                         f"{d['clips_per_s']:.1f} clips/s, peak private {d['private_gb']:.2f} GB "
+                         "(target <= 4 GB)")
     return "\n".join(lines)
 
 

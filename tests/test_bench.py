@@ -10,9 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_benchmark_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT,
-                       capture_output=True,
-                       text=True, timeout=600)
+    parts = "ridge,step,subjects,scaling,downstream"
+    env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "bench.py", "--quick", "--only", parts, "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["machine"]["quick"] is True and res["matmul_gflops"] > 0
@@ -26,6 +27,10 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     assert [x["subjects"] for x in res["step_subjects"]] == [1, 2,
                                                              3] and "with 3 subject(s)" in p.stdout
     assert "fp32 matmul" in p.stdout and "ridge n=800" in p.stdout
+    down = res["downstream"]  # every clip of the folder, two backbones, every layer pooled
+    assert down["full_size"]["clips"] == sum(v for k, v in down["folder"].items() if k != "words")
+    assert down["base"]["layers"] == 4 and down["full_size"]["layers"] == 1
+    assert 0 < down["full_size"]["private_gb"] < 4 and "clips x 2 backbones" in p.stdout
 
 
 def test_dropout_masks_are_drawn_only_where_there_is_dropout():
