@@ -95,22 +95,16 @@ def ridge_flops(n, p, v, n_alphas=10, folds=5):
     setup = (
         4 * n * p * p + (folds + 1) * 9 * p**3 + folds * 2 * n_te * p * (p + (p if n_te > p else 0))
     )
-    per_voxel = (
-        2 * n * p
-        + folds * (2 * p * p + 2 * min(n_te, p) * p * (1 + n_alphas) + 2 * n_alphas * p)
-        + 4 * p * p
-    )
+    per_voxel = (2 * n * p
+                 + folds * (2 * p * p + 2 * min(n_te, p) * p * (1 + n_alphas) + 2 * n_alphas * p)
+                 + 4 * p * p)
     return setup + per_voxel * v
 
 
 def bench_ridge(n, p, v, reps, peer=True):
     X, Y, alphas, groups = ridge_problem(n, p, v)
-    out = {
-        "n": n,
-        "p": p,
-        "v": v,
-        "seconds": timeit(lambda: ridge.fit_ridge(X, Y, alphas, groups), reps),
-    }
+    out = {"n": n, "p": p, "v": v,
+           "seconds": timeit(lambda: ridge.fit_ridge(X, Y, alphas, groups), reps)}
     out["peak_mb"] = peak_mb(lambda: ridge.fit_ridge(X, Y, alphas, groups))
     out["gflops"] = ridge_flops(n, p, v) / out["seconds"] / 1e9
     with torch.profiler.profile() as prof:
@@ -119,11 +113,8 @@ def bench_ridge(n, p, v, reps, peer=True):
     total = sum(ops.values())
     dec = sum(t for k, t in ops.items() if "eigh" in k or "svd" in k)
     prod = sum(t for k, t in ops.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
-    out["share"] = {
-        "decompositions": dec / total,
-        "products": prod / total,
-        "scoring and rest": 1 - (dec + prod) / total,
-    }
+    out["share"] = {"decompositions": dec / total, "products": prod / total,
+                    "scoring and rest": 1 - (dec + prod) / total}
     if not peer:
         return out
     try:
@@ -132,16 +123,9 @@ def bench_ridge(n, p, v, reps, peer=True):
         from himalaya.scoring import correlation_score
         set_backend("torch", on_error="raise")
         cv = [(np.flatnonzero(groups != k), np.flatnonzero(groups == k)) for k in np.unique(groups)]
-        run = lambda: solve_ridge_cv_svd(
-            X,
-            Y,
-            alphas=alphas,
-            cv=cv,
-            score_func=correlation_score,
-            n_alphas_batch=len(alphas),
-            n_targets_batch=v,
-            n_targets_batch_refit=v,
-        )
+        run = functools.partial(solve_ridge_cv_svd, X, Y, alphas=alphas, cv=cv,
+                                score_func=correlation_score, n_alphas_batch=len(alphas),
+                                n_targets_batch=v, n_targets_batch_refit=v)
         last = []
         out["himalaya_seconds"] = timeit(lambda: last.append(run()), max(1, reps - 1), warmup=0)
         ba, coef, _ = last[-1]
@@ -252,12 +236,9 @@ def bench_extract(name, n_windows, history, batch, reps):
                 model.extract_features(waves[i:i + batch], num_layers=L)
     t_full = timeit(full, reps)
     t_bare = timeit(bare, reps)
-    return {
-        "model": name,
-        "windows": n_windows,
-        "audio_s_per_s": n_windows * history * data.TR / t_full,
-        "overhead": t_full / t_bare - 1,
-    }
+    return {"model": name, "windows": n_windows,
+            "audio_s_per_s": n_windows * history * data.TR / t_full,
+            "overhead": t_full / t_bare - 1}
 
 
 def bench_head(n_vox, p, bottleneck, batch=8):
@@ -270,13 +251,8 @@ def bench_head(n_vox, p, bottleneck, batch=8):
         nn.functional.mse_loss(head(x), y).backward()
         opt.step()
     params = sum(q.numel() for q in head.parameters()) * 4 / 2 ** 20
-    return {
-        "voxels": n_vox,
-        "p": p,
-        "bottleneck": bottleneck,
-        "params_mb": params,
-        "peak_mb": peak_mb(step),
-    }
+    return {"voxels": n_vox, "p": p, "bottleneck": bottleneck, "params_mb": params,
+            "peak_mb": peak_mb(step)}
 
 
 def bench_stats(v, rows=291, block=10, sets=4):
@@ -324,12 +300,8 @@ def run_measured(cmd, log, env=None, every=0.05):
     threading.Thread(target=sample, daemon=True).start()
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    return {
-        "seconds": time.time() - t0,
-        "private_gb": peak[0] / 2**20,
-        "resident_gb": usage.ru_maxrss / 2**20,
-        "exit": p.returncode,
-    }
+    return {"seconds": time.time() - t0, "private_gb": peak[0] / 2**20,
+            "resident_gb": usage.ru_maxrss / 2**20, "exit": p.returncode}
 
 
 def du_gb(path):
@@ -344,40 +316,24 @@ def bench_fullscale(quick):
     command in a fresh process with a fresh run cache: stage 1 cold, again warm with another ROI,
     one epoch of stage 2 on the whole cortex, and three subjects (S02 and S03 link to S01's files).
     """
-    size = (
-        dict(stories=3, seconds=60, voxels=3000)
-        if quick
-        else dict(stories=84, seconds=650, voxels=81126)
-    )
+    size = (dict(stories=3, seconds=60, voxels=3000) if quick
+            else dict(stories=84, seconds=650, voxels=81126))
     home = os.path.join(cache.cache_root(), "fullscale-quick" if quick else "fullscale")
     ds, fresh, out = (os.path.join(home, k) for k in ("dataset", "cache", "runs"))
     py, env = sys.executable, dict(os.environ, BRAINTUNE_CACHE=fresh)
     res = {"dataset": {**size, "gb": None}}
     if not os.path.isdir(ds):
         os.makedirs(home, exist_ok=True)
-        res["dataset"]["make"] = run_measured(
-            [
-                py,
-                "synthetic.py",
-                ds,
-                "--subjects",
-                "1",
-                "--sr",
-                "44100",
-                "--channels",
-                "2",
-                *(f"--{k}={v}" for k, v in size.items()),
-            ],
-            os.path.join(home, "make.log"),
-        )
+        res["dataset"]["make"] = run_measured([py, "synthetic.py", ds, "--subjects", "1", "--sr",
+                                              "44100", "--channels", "2",
+                                              *(f"--{k}={v}" for k, v in size.items())],
+                                              os.path.join(home, "make.log"))
     for s in ("UTS02", "UTS03"):
         link = os.path.join(ds, "derivative", "preprocessed_data", s)
         if not os.path.lexists(link):
             os.symlink("UTS01", link)
-            shutil.copy(
-                os.path.join(ds, "derivative", "rois", "UTS01.npz"),
-                os.path.join(ds, "derivative", "rois", s + ".npz"),
-            )
+            shutil.copy(os.path.join(ds, "derivative", "rois", "UTS01.npz"),
+                        os.path.join(ds, "derivative", "rois", s + ".npz"))
     res["dataset"]["gb"] = du_gb(ds)
     shutil.rmtree(fresh, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -387,16 +343,12 @@ def bench_fullscale(quick):
             "stage2_one_epoch": ["--subject", "S01", "--roi", "all", "--epochs", "1"],
             "three_subjects": ["--subject", "S01,S02,S03", "--roi", "all", "--epochs", "0"]}
     for name, flags in runs.items():
-        r = run_measured(
-            common + flags + ["--out", os.path.join(out, name)],
-            os.path.join(home, name + ".log"),
-            env,
-        )
+        r = run_measured(common + flags + ["--out", os.path.join(out, name)],
+                         os.path.join(home, name + ".log"), env)
         assert r["exit"] == 0, f"{name} failed: see {os.path.join(home, name + '.log')}"
         res[name] = dict(r, cache_gb=du_gb(fresh))
-        print(
-            f"fullscale {name}: {r['seconds']:.0f} s, private {r['private_gb']:.2f} GB", flush=True
-        )
+        print(f"fullscale {name}: {r['seconds']:.0f} s, private {r['private_gb']:.2f} GB",
+              flush=True)
     return res
 
 
@@ -502,15 +454,10 @@ def main():
     reps = 2 if q else 3
     if not torch.cuda.is_available():
         keep_freed_memory()  # as train.py runs on a CPU
-    res = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(),
-            "quick": q,
-        }
-    }
+    machine = {"cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "cuda": torch.cuda.is_available(), "quick": q}
+    res = {"machine": machine}
     res["matmul_gflops"] = matmul_gflops(1024 if q else 4096, reps)
     model = "tiny" if q else "wavlm_base"
     if want("ridge"):
@@ -528,14 +475,10 @@ def main():
     if want("head"):
         res["head"] = [bench_head(2000 if q else 81126, 384 if q else 4608, k) for k in (0, 256)]
     if want("scaling"):
-        res["scaling_ridge_v"] = [
-            bench_ridge(1000, 500, v, 1, peer=False)
-            for v in ((2000, 4000) if q else (10000, 20000, 40000, 80000))
-        ]
-        res["scaling_ridge_n"] = [
-            bench_ridge(n, 500, 2000 if q else 10000, 1, peer=False)
-            for n in ((500, 1000) if q else (2000, 4000, 8000))
-        ]
+        res["scaling_ridge_v"] = [bench_ridge(1000, 500, v, 1, peer=False)
+                                  for v in ((2000, 4000) if q else (10000, 20000, 40000, 80000))]
+        res["scaling_ridge_n"] = [bench_ridge(n, 500, 2000 if q else 10000, 1, peer=False)
+                                  for n in ((500, 1000) if q else (2000, 4000, 8000))]
         res["scaling_step"] = [
             bench_step(model, b, 6, 8, 1, step_only=True) for b in ((1, 2) if q else (1, 2, 4, 8))
         ]
