@@ -37,6 +37,9 @@ from model import (TINY, BrainModel, Extractor, build_backbone, hidden, keep_fre
                    layer_of, make_head, window_features)
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))  # where train.py and synthetic.py are
+
+
 def timeit(fn, reps=3, warmup=1):
     for _ in range(warmup):
         fn()
@@ -62,10 +65,8 @@ def peak_mb(fn):
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     libc = ctypes.CDLL("libc.so.6")
     # while measuring, blocks over 1 MB are mapped and unmapped one by one (M_MMAP_THRESHOLD), so
-    # the
-    # high-water mark counts live memory, not what glibc's heap keeps; it slows allocation, so
-    # timings
-    # run with train.py's allocator settings instead
+    # the high-water mark counts live memory, not what glibc's heap keeps; it slows allocation, so
+    # timings run with train.py's allocator settings instead
     libc.mallopt(-3, 1 << 20)
     # M_TRIM_THRESHOLD back to glibc's default: freed heap tops are returned
     libc.mallopt(-1, 128 << 10)
@@ -279,21 +280,20 @@ def bench_stats(v, rows=291, block=10, sets=4):
             "permutation_peak_mb": peak_mb(perm)}
 
 
-def run_measured(cmd, log, env=None, every=0.05):
+def run_measured(cmd, log, env=None, every=0.05):  # cmd runs in bench.py's folder
     """Run cmd in a fresh process, its output to `log`: wall seconds, peak private memory (RssAnon,
     sampled every `every` s: memory-mapped file pages the kernel can drop do not count), peak
     resident memory (max RSS, mapped pages included) and exit status."""
     t0, peak = time.time(), [0]
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def sample():
         while p.returncode is None:
             try:
                 with open(f"/proc/{p.pid}/status") as f:
-                    peak[0] = max(
-                        [peak[0]] + [int(x.split()[1]) for x in f if x.startswith("RssAnon:")]
-                    )
+                    anon = [int(x.split()[1]) for x in f if x.startswith("RssAnon:")]  # kB
+                    peak[0] = max([peak[0]] + anon)
             except OSError:
                 return
             time.sleep(every)
@@ -305,9 +305,8 @@ def run_measured(cmd, log, env=None, every=0.05):
 
 
 def du_gb(path):
-    return (
-        sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2**30
-    )
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs]
+    return sum(sizes) / 2 ** 30
 
 
 def bench_fullscale(quick):
@@ -361,9 +360,12 @@ WIDE = dict(encoder_embed_dim=768, encoder_num_heads=12, encoder_num_layers=1,
 def write_speechcommands(root, sizes, seed=0):
     """A Speech Commands folder of `sizes` (as SPEECH_COMMANDS) in the published layout, each word
     a tone of its own at a random level and phase in noise, 1 s of 16 kHz int16; written under a
-    temporary name and renamed, so that a half-written folder is never used."""
-    if os.path.isdir(root):
+    temporary name and renamed, so that a half-written folder is never used; one of other sizes
+    is made again."""
+    recorded = os.path.join(root, "sizes.json")
+    if os.path.isfile(recorded) and cache.read_json(recorded) == dict(sizes, seed=seed):
         return root
+    shutil.rmtree(root, ignore_errors=True)
     tmp, rng = root + ".tmp", np.random.default_rng(seed)
     shutil.rmtree(tmp, ignore_errors=True)
     t = np.arange(data.SR) / data.SR  # (samples,)
@@ -383,14 +385,17 @@ def write_speechcommands(root, sizes, seed=0):
     for split, name in (("valid", "validation_list.txt"), ("test", "testing_list.txt")):
         with open(os.path.join(tmp, name), "w") as f:
             f.writelines(r + "\n" for r in lists[split])
+    with open(os.path.join(tmp, "sizes.json"), "w") as f:
+        json.dump(dict(sizes, seed=seed), f)
     os.rename(tmp, root)
     return root
 
 
 def downstream_child(root, name, limit, out):
-    """What bench_downstream measures, in a process of its own: eval.py --downstream's evaluation
-    of speechcommands in root, every layer of two random backbones `name` ("wide": WIDE), the first
-    `limit` clips of each split (None: all), the probes at 10 epochs; its time to the JSON `out`."""
+    """What bench_downstream measures, in a process of its own: downstream.evaluate (eval.py
+    --downstream's work) of speechcommands in root, every layer of two random backbones `name`
+    ("wide": WIDE), the first `limit` clips of each split (None: all), the probes trained 10 epochs
+    (eval's 300 take longer and no more memory); its time and clips to the JSON `out`."""
     nets = {}
     for seed, k in enumerate(("pretrained", "tuned")):
         torch.manual_seed(seed)
@@ -401,17 +406,18 @@ def downstream_child(root, name, limit, out):
         "wide", "tiny"), normalize=False, limit=limit, epochs=10, every=10)
     seconds, clips = time.perf_counter() - t, sum(result["clips"].values())
     with open(out, "w") as f:
-        json.dump(dict(model=name, clips=clips, seconds=seconds, clips_per_s=2 * clips / seconds,
-                       layers=len(result["layers"])), f)
+        json.dump(dict(model=name, clips=clips, splits=result["clips"], evaluate_seconds=seconds,
+                       clips_per_s=2 * clips / seconds, layers=len(result["layers"])), f)
 
 
 def bench_downstream(quick):
-    """eval.py --downstream speechcommands, each run in a fresh process with a fresh cache, its
-    private memory sampled: a base model (wavlm_base_plus's architecture) on 100 clips a split, for
-    the speed and the memory of its forwards; and every clip of a folder of Speech Commands v0.02's
-    size (105,829 clips, made once under the cache) with a backbone as wide as a base model but
-    light (WIDE), so that what grows with the clips (the listing, the memory maps, the cache, the
-    probes on (84,843, 768) features, the bootstrap) is measured at full size."""
+    """eval.py --downstream speechcommands's work (downstream_child), each run in a fresh process
+    with a fresh cache, its private memory sampled: a base model (wavlm_base_plus's architecture) on
+    100 clips a split, for the speed and the memory of its forwards; and every clip of a folder of
+    Speech Commands v0.02's size (105,829 clips, made once under the cache) with a backbone as wide
+    as a base model but light (WIDE), so that the memory of what grows with the clips (the listing,
+    the memory maps, the cache, the probes on (84,843, 768) features, the bootstrap) is measured at
+    full size."""
     sizes = dict(words=5, train=40, valid=10, test=10) if quick else SPEECH_COMMANDS
     home = os.path.join(cache.cache_root(), "downstream-bench" + ("-quick" if quick else ""))
     root = write_speechcommands(os.path.join(home, "speechcommands"), sizes)
@@ -424,7 +430,7 @@ def bench_downstream(quick):
         r = run_measured([sys.executable, "-c", code], os.path.join(home, key + ".log"),
                          dict(os.environ, BRAINTUNE_CACHE=fresh))
         assert r["exit"] == 0, f"downstream {key} failed: see {os.path.join(home, key + '.log')}"
-        res[key] = dict(r, **json.load(open(out)))
+        res[key] = dict(r, **cache.read_json(out))
         shutil.rmtree(fresh, ignore_errors=True)
     return res
 
@@ -433,23 +439,18 @@ def main():
     ap = argparse.ArgumentParser(description="braintune speed and memory benchmark")
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
     ap.add_argument("--out", default="bench.json", help="where to write the numbers")
-    ap.add_argument(
-        "--only",
-        default="",
-        help="comma-separated parts to run (default all but fullscale and downstream): ridge, "
-        "step, subjects, extract, head, scaling, stats, fullscale, downstream",
-    )
+    ap.add_argument("--only", default="", help="comma-separated parts to run (default all but "
+                    "fullscale and downstream): ridge, step, subjects, extract, head, scaling, "
+                    "stats, fullscale, downstream")
     a = ap.parse_args()
     parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "stats", "fullscale",
              "downstream")
     unknown = [x for x in a.only.split(",") if a.only and x not in parts]
     if unknown or not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
-        sys.exit(
-            f"error: --only {a.only}: unknown part {unknown[0]!r}; choose from {', '.join(parts)}"
-            if unknown
-            else f"error: --out {a.out}: no folder {os.path.dirname(os.path.abspath(a.out))}"
-        )
-    want = set(a.only.split(",") if a.only else parts[:-2]).__contains__
+        folder = os.path.dirname(os.path.abspath(a.out))
+        sys.exit(f"error: --only {a.only}: unknown part {unknown[0]!r}; choose from "
+                 f"{', '.join(parts)}" if unknown else f"error: --out {a.out}: no folder {folder}")
+    wanted = set(a.only.split(",") if a.only else parts[:-2])  # fullscale, downstream: asked for
     q = a.quick
     reps = 2 if q else 3
     if not torch.cuda.is_available():
@@ -460,33 +461,32 @@ def main():
     res = {"machine": machine}
     res["matmul_gflops"] = matmul_gflops(1024 if q else 4096, reps)
     model = "tiny" if q else "wavlm_base"
-    if want("ridge"):
+    if "ridge" in wanted:
         res["ridge"] = bench_ridge(*((800, 400, 2000) if q else (4000, 2000, 10000)), reps)
-    if want("step"):
+    if "step" in wanted:
         res["step_lora"] = bench_step(model, 2 if q else 8, 6, 8, reps)
         res["step_lora_nodrop"] = bench_step(model, 2 if q else 8, 6, 8, reps, dropout=0.0)
         res["step_full"] = bench_step(model, 2 if q else 8, 6, 0, reps)
-    if want("subjects"):  # a window heard by k subjects is forwarded once: k heads on one forward
+    if "subjects" in wanted:  # a window heard by k subjects is forwarded once: k heads on it
         res["step_subjects"] = [bench_step(model, 2 if q else 8, 6, 8, reps,
                                            n_vox=2000 if q else 10000, step_only=True, subjects=k)
                                 for k in (1, 2, 3)]
-    if want("extract"):
+    if "extract" in wanted:
         res["extract"] = bench_extract(model, 16 if q else 32, 6, 8, reps)
-    if want("head"):
+    if "head" in wanted:
         res["head"] = [bench_head(2000 if q else 81126, 384 if q else 4608, k) for k in (0, 256)]
-    if want("scaling"):
+    if "scaling" in wanted:
         res["scaling_ridge_v"] = [bench_ridge(1000, 500, v, 1, peer=False)
                                   for v in ((2000, 4000) if q else (10000, 20000, 40000, 80000))]
         res["scaling_ridge_n"] = [bench_ridge(n, 500, 2000 if q else 10000, 1, peer=False)
                                   for n in ((500, 1000) if q else (2000, 4000, 8000))]
-        res["scaling_step"] = [
-            bench_step(model, b, 6, 8, 1, step_only=True) for b in ((1, 2) if q else (1, 2, 4, 8))
-        ]
-    if want("stats"):
+        res["scaling_step"] = [bench_step(model, b, 6, 8, 1, step_only=True)
+                               for b in ((1, 2) if q else (1, 2, 4, 8))]
+    if "stats" in wanted:
         res["stats"] = bench_stats(2000 if q else 81126)
-    if want("fullscale"):  # about an hour, and 45 GB of disk, at the published size
+    if "fullscale" in wanted:  # about an hour, and 45 GB of disk, at the published size
         res["fullscale"] = bench_fullscale(q)
-    if want("downstream"):  # about 20 minutes, and 4 GB of disk, at Speech Commands' size
+    if "downstream" in wanted:  # about 20 minutes, and 4 GB of disk, at Speech Commands' size
         res["downstream"] = bench_downstream(q)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
@@ -512,9 +512,7 @@ def format_report(res):
         if k in res:
             s = res[k]
             drop = "the bundle's dropout" if s["dropout"] is None else f"dropout {s['dropout']}"
-            masks = (
-                f"; drawing its dropout masks alone {s['masks_s']:.2f} s" if s["masks_s"] else ""
-            )
+            masks = f"; drawing its dropout masks alone {s['masks_s']:.2f} s" * bool(s["masks_s"])
             lines.append(f"{k} {s['model']} batch {s['batch']}, {drop}: step {s['step_s']:.2f} s / "
                          f"forward {s['forward_s']:.2f} s = {s['step_over_forward']:.2f} (target "
                          f"<= 2.2), peak {s['peak_mb']:.0f} MB; forward "

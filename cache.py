@@ -170,6 +170,12 @@ def _read_entry(path):
     return out
 
 
+def read_json(path):
+    """The JSON in file `path`, the file closed after."""
+    with open(path) as f:
+        return json.load(f)
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash never leaves a broken file behind. JSON text
     (.json, .jsonl), arrays (.npz) or anything torch.save takes."""
@@ -188,6 +194,6 @@ def save_atomic(obj, path):
 def merge_analyses(run, key, value):
     """RUN/analyses.json with `key` set to `value`, its other keys kept, written atomically."""
     path = os.path.join(run, "analyses.json")
-    old = json.load(open(path)) if os.path.exists(path) else {}
+    old = read_json(path) if os.path.exists(path) else {}
     old[key] = value
     save_atomic(json.dumps(old, indent=1), path)

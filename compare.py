@@ -9,18 +9,18 @@ features need (Moussa & Toneva 2025: about five times less with brain-tuned feat
     out, table = efficiency(eval.load_run("runs/A"), hours=[0.5, 1, 2])
 """
 import dataclasses
-import json
 import os
 
 import numpy as np
 
 import data
 import ridge
+from cache import read_json
 
 
 def results(folder):
     """{subject: {set: row}} from results.json, one subject or several."""
-    res = json.load(open(os.path.join(folder, "results.json")))
+    res = read_json(os.path.join(folder, "results.json"))
     if "subjects" in res:
         return {k: v["test"] for k, v in res["subjects"].items()}
     return {res.get("subject", "-"): res["test"]}
@@ -49,8 +49,8 @@ def stability(runs, vs=None):
 def comparable(a, b):
     """Refuses, in one sentence, two runs (eval.Run) whose refits cannot be paired: another
     subject, test story, protocol or baseline (backbone, layer, windows)."""
-    res = [json.load(open(os.path.join(r.folder, "results.json"))) for r in (a, b)]
-    stories = [json.load(open(os.path.join(r.folder, "config.json")))["stories"] for r in (a, b)]
+    res = [read_json(os.path.join(r.folder, "results.json")) for r in (a, b)]
+    stories = [read_json(os.path.join(r.folder, "config.json"))["stories"] for r in (a, b)]
     base = [np.load(os.path.join(r.folder, "voxel_r.npz")) for r in (a, b)]
     first = [data.find_subject(r.args.data, r.subjects[0]) for r in (a, b)]
     tests = [s[f]["test"] for s, f in zip(stories, first)]

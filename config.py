@@ -434,7 +434,7 @@ def check_sizes(args, listings, device):
         needs.append(("--context or --batch-size",
                       forward_bytes(args.model, args.batch_size, chunk, False)))
     for flag, need in needs:
-        keep = " (--batch-size B/N --accum N keeps the global batch of B)" if "batch" in flag else ""
+        keep = " (--batch-size B/N --accum N keeps the global batch of B)" * ("batch" in flag)
         if need > free:
             raise ValueError(f"{flag}: this run would need about {need / 2 ** 30:.1f} GB at once "
                              f"and {device} has {free / 2 ** 30:.1f} GB free; make {flag} "

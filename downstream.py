@@ -13,6 +13,7 @@ import functools
 import glob
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -309,3 +310,8 @@ def plot_downstream(result, task, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit("downstream.py has no command of its own: run `python eval.py RUN --downstream TASK "
+             "--downstream-data PATH`, or `python tasks.py words DATA OUT` for the stories' words")

@@ -22,7 +22,6 @@ and hands it to every analysis it asks for.
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -145,7 +144,7 @@ def read(run):
 
 def show(folder):
     """The run's results table, as train.py printed it."""
-    res = json.load(open(os.path.join(folder, "results.json")))
+    res = cache.read_json(os.path.join(folder, "results.json"))
     scored = res.get("protocol")
     if res.get("control"):
         c = res["control"]
@@ -303,7 +302,7 @@ def downstream_task(run, a):
                                      layers=layers, limit=a.downstream_limit,
                                      batch_size=run.args.batch_size)
     path = os.path.join(run.folder, "analyses.json")
-    saved = json.load(open(path)).get("downstream", {}) if os.path.exists(path) else {}
+    saved = cache.read_json(path).get("downstream", {}) if os.path.exists(path) else {}
     cache.merge_analyses(run.folder, "downstream", dict(saved, **{a.downstream: out}))
     if a.plot:
         picture = os.path.join(run.folder, f"downstream_{a.downstream}.png")
@@ -346,7 +345,7 @@ def parser():
     a("--hours", help="--efficiency's hours of training stories, comma-separated (default: "
                       "doublings up to all)")
     a("--downstream", choices=sorted(tasks.TASKS), help="a speech task's linear probes, "
-                                                             "pretrained and tuned, by layer")
+                                                        "pretrained and tuned, by layer")
     a("--downstream-data", help="the task's folder, in its published layout (README)")
     a("--downstream-layers", default="all", help="layers probed: all, or 2,5,9 ...")
     a("--downstream-limit", type=int, help="at most N clips per split, for a quick look")

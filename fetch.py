@@ -86,7 +86,9 @@ def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
     resumed with an HTTP Range after an interruption, is checked against the size the server
     announces, then renamed: a file under its real name is complete, and a second run downloads
     nothing."""
-    manifest = manifest or json.load(open(MANIFEST))
+    if manifest is None:
+        with open(MANIFEST) as f:
+            manifest = json.load(f)
     base = (base_url or os.environ.get("BRAINTUNE_MIRROR") or OPENNEURO).rstrip("/")
     subjects = ["UT" + s if "UT" + s in REAL_SUBJECTS else s for s in subjects]
     for s in subjects:

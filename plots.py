@@ -12,6 +12,7 @@ import numpy as np
 
 import data
 import lora
+from cache import read_json
 
 
 def pyplot():
@@ -54,7 +55,7 @@ def plot(run):
     if args.lora_rank > 0:
         plot_weight_change(lora.delta_norms(run.tuned.backbone), folder, paths)
     saved = os.path.join(folder, "analyses.json")
-    analyses = json.load(open(saved)) if os.path.exists(saved) else {}
+    analyses = read_json(saved) if os.path.exists(saved) else {}
     if analyses.get("layers"):
         plot_layers(analyses["layers"], folder, paths)
     if analyses.get("efficiency"):

@@ -423,7 +423,7 @@ def resume_stage2(args, run, model, opt, sched):
         epoch = state.epoch
     if args.steered and RANK == 0:
         path = os.path.join(run, "config.json")
-        cfg = json.load(open(path))
+        cfg = cache.read_json(path)
         cfg["args"].update(args.steered)
         cfg.setdefault("resumed", []).append(dict(epoch=epoch, flags=args.steered))
         save_atomic(json.dumps(cfg, indent=1), path)

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_benchmark_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
-    parts = "ridge,step,subjects,scaling,downstream"
+    parts = "ridge,step,subjects,extract,head,scaling,stats,downstream"  # all but fullscale
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
     p = subprocess.run([sys.executable, "bench.py", "--quick", "--only", parts, "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -28,9 +28,12 @@ def test_quick_benchmark_writes_its_table(tmp_path):
                                                              3] and "with 3 subject(s)" in p.stdout
     assert "fp32 matmul" in p.stdout and "ridge n=800" in p.stdout
     down = res["downstream"]  # every clip of the folder, two backbones, every layer pooled
-    assert down["full_size"]["clips"] == sum(v for k, v in down["folder"].items() if k != "words")
+    sizes = {k: v for k, v in down["folder"].items() if k != "words"}
+    assert down["full_size"]["splits"] == sizes  # each split's list as written
+    assert down["base"]["splits"] == dict.fromkeys(sizes, 4)  # the limit, per split
     assert down["base"]["layers"] == 4 and down["full_size"]["layers"] == 1
-    assert 0 < down["full_size"]["private_gb"] < 4 and "clips x 2 backbones" in p.stdout
+    assert down["full_size"]["private_gb"] > 0 and "clips x 2 backbones" in p.stdout
+    assert "extraction tiny" in p.stdout and "head step" in p.stdout and "statistics" in p.stdout
 
 
 def test_dropout_masks_are_drawn_only_where_there_is_dropout():

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -23,32 +24,40 @@ def run_all(cmds, env, cwd=ROOT):
     """Each command's (exit status, stdout, stderr): a command [python, SCRIPT, ARGS...] runs as
     `python SCRIPT ARGS` would, but in this process (its file executed as __main__ under env and
     cwd), as a refusal needs no process of its own and torch's import costs seconds each; an
-    exception other than SystemExit escaping it counts as a traceback (a broken --resume and a
-    missing run folder are checked in processes of their own, run_processes)."""
+    exception other than SystemExit escaping it counts as a traceback (one refusal of each script
+    is also checked in a process of its own, run_processes)."""
     return [run_here(c[1:], env, cwd) for c in cmds]
 
 
 def run_here(argv, env, cwd):
-    saved = sys.argv, os.getcwd(), dict(os.environ)
+    """(exit status, stdout, stderr) of `python *argv` run in this process: argv[0] executed as
+    __main__ with sys.argv, the folder and the environment set for it and restored after; Python
+    warnings are printed to its stderr as a process would print them."""
+    old_argv, old_cwd, old_env = sys.argv, os.getcwd(), dict(os.environ)
     out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv = list(argv)
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        sys.argv = list(argv)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            warnings.resetwarnings()  # Python's own default filters, not pytest's capture
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                          ResourceWarning):
+                warnings.simplefilter("ignore", quiet)
             runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as e:  # sys.exit("error: ...") prints its message and exits with 1
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+        err.write("" if e.code is None or isinstance(e.code, int) else f"{e.code}\n")
     except Exception:  # noqa: BLE001 - what a process would print as a traceback
         code = 1
-        err.write("Traceback (most recent call last):\n" + traceback.format_exc())
+        err.write(traceback.format_exc())
     finally:
-        sys.argv = saved[0]
-        os.chdir(saved[1])
+        sys.argv = old_argv
+        os.chdir(old_cwd)
         os.environ.clear()
-        os.environ.update(saved[2])
+        os.environ.update(old_env)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -235,6 +244,7 @@ def test_data_refuses_each_mistake(ds, tmp_path):
          "--channels 0: must be 1 to 8"),
     ]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
+    assert_refused(run_processes([cases[1][0]], env), cases[1:2])
     assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "d",
                                                                      tmp_path / "d.tmp"])
 
@@ -247,5 +257,6 @@ def test_bench_refuses_each_mistake(tmp_path):
          f"--out {tmp_path}/nodir/b.json: no folder"),
     ]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
+    assert_refused(run_processes([cases[0][0]], env), cases[:1])
     assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir",
                                                                      tmp_path / "cache"])
