@@ -486,7 +486,7 @@ def main():
         res["stats"] = bench_stats(2000 if q else 81126)
     if "fullscale" in wanted:  # about an hour, and 45 GB of disk, at the published size
         res["fullscale"] = bench_fullscale(q)
-    if "downstream" in wanted:  # about 20 minutes, and 4 GB of disk, at Speech Commands' size
+    if "downstream" in wanted:  # 33 min here (docs/speed.md), 3.3 GB of disk
         res["downstream"] = bench_downstream(q)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
