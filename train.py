@@ -301,6 +301,7 @@ def stage2(args, model, ds, results, shared, run):
             if (i + 1) % args.accum == 0 or first + B >= len(order):
                 if args.clip > 0:  # 0: no clipping
                     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                rates = [g["lr"] for g in opt.param_groups]  # the epoch's last step's, logged
                 opt.step()
                 if args.schedule == "warmup":  # stepped per optimiser step
                     sched.step()
@@ -313,7 +314,7 @@ def stage2(args, model, ds, results, shared, run):
                             batch_size=args.batch_size, desc="validation", precision=args.precision)
         val_r = [r.nanmean().item() for r in heads_r(model, Z, val)]
         m = dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_r=float(np.mean(val_r)),
-                 lr=opt.param_groups[0]["lr"], head_lr=opt.param_groups[1]["lr"])
+                 lr=rates[0], head_lr=rates[1])
         if args.select == "refit":
             m["refit_val_r"] = refit_val_r(args, model.extractor, ds, train, val, shared)
             if epoch == 0:

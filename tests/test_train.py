@@ -434,3 +434,13 @@ def test_select_refit_scores_the_pretrained_backbone_and_each_epoch(demo, tmp_pa
     assert -1 < pre < 1 and -1 < tuned < 1 and pre != tuned
     kept = load_checkpoint(os.path.join(run, "adapter.pt"))
     assert kept["epoch"] == (1 if tuned > pre else 0)
+
+
+def test_metrics_log_the_rates_each_epoch_trained_at(demo, tmp_path):
+    """Moussa et al.'s schedule: the backbone at 0 in the first epoch, then 1/5 of --lr; the head
+    at --head-lr, then x 0.8 (the rates of each epoch's steps, not the next epoch's)."""
+    run = train.main(fast(demo, tmp_path / "r", "--schedule", "moussa2025", "--epochs", "2",
+                          "--lr", "1e-3", "--head-lr", "1e-4", "--patience", "2"))
+    m = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert [x["lr"] for x in m] == pytest.approx([0.0, 2e-4])
+    assert [x["head_lr"] for x in m] == pytest.approx([1e-4, 8e-5])
