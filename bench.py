@@ -366,28 +366,26 @@ def write_speechcommands(root, sizes, seed=0):
     if os.path.isfile(recorded) and cache.read_json(recorded) == dict(sizes, seed=seed):
         return root
     shutil.rmtree(root, ignore_errors=True)
-    tmp, rng = root + ".tmp", np.random.default_rng(seed)
-    shutil.rmtree(tmp, ignore_errors=True)
-    t = np.arange(data.SR) / data.SR  # (samples,)
+    rng, t = np.random.default_rng(seed), np.arange(data.SR) / data.SR  # t (samples,)
     lists = {"valid": [], "test": []}
-    for w in range(sizes["words"]):
-        os.makedirs(os.path.join(tmp, f"word{w:02d}"))
-    for split in ("train", "valid", "test"):
-        for i in range(sizes[split]):
-            w = i % sizes["words"]  # the words in turn
-            rel = f"word{w:02d}/{split}{i:05x}_nohash_0.wav"
-            phase, level = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.5)
-            wave = level * np.sin(2 * np.pi * (200 + 40 * w) * t + phase)
-            wave += 0.05 * rng.standard_normal(data.SR)
-            wavfile.write(os.path.join(tmp, rel), data.SR, (wave * 32767).astype(np.int16))
-            if split != "train":
-                lists[split].append(rel)
-    for split, name in (("valid", "validation_list.txt"), ("test", "testing_list.txt")):
-        with open(os.path.join(tmp, name), "w") as f:
-            f.writelines(r + "\n" for r in lists[split])
-    with open(os.path.join(tmp, "sizes.json"), "w") as f:
-        json.dump(dict(sizes, seed=seed), f)
-    os.rename(tmp, root)
+    with cache.atomic_folder(root) as tmp:
+        for w in range(sizes["words"]):
+            os.makedirs(os.path.join(tmp, f"word{w:02d}"))
+        for split in ("train", "valid", "test"):
+            for i in range(sizes[split]):
+                w = i % sizes["words"]  # the words in turn
+                rel = f"word{w:02d}/{split}{i:05x}_nohash_0.wav"
+                phase, level = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.5)
+                wave = level * np.sin(2 * np.pi * (200 + 40 * w) * t + phase)
+                wave += 0.05 * rng.standard_normal(data.SR)
+                wavfile.write(os.path.join(tmp, rel), data.SR, (wave * 32767).astype(np.int16))
+                if split != "train":
+                    lists[split].append(rel)
+        for split, name in (("valid", "validation_list.txt"), ("test", "testing_list.txt")):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.writelines(r + "\n" for r in lists[split])
+        with open(os.path.join(tmp, "sizes.json"), "w") as f:
+            json.dump(dict(sizes, seed=seed), f)
     return root
 
 

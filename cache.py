@@ -191,6 +191,21 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_folder(path):
+    """`with atomic_folder(out) as tmp:` fill the folder tmp (out.tmp, emptied first); it is
+    renamed to out when the block ends, and removed if the block fails, so that a half-written
+    folder never bears the name asked for."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, path)
+
+
 def merge_analyses(run, key, value):
     """RUN/analyses.json with `key` set to `value`, its other keys kept, written atomically."""
     path = os.path.join(run, "analyses.json")

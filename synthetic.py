@@ -11,7 +11,6 @@ haemodynamic response, to the words' meaning (embedding dimensions) or to the so
 """
 import argparse
 import os
-import shutil
 import sys
 
 import h5py
@@ -20,7 +19,7 @@ from scipy.io import wavfile
 from scipy.signal import resample_poly
 from scipy.stats import gamma
 
-from cache import progress
+from cache import atomic_folder, progress
 from data import (SOUND_START, TEST_STORY, TR, TRAIN_STORIES, TRIM_START, response_path,
                   row_times, textgrid_path, wav_path, zscore, zscore_)
 # the quick start's dataset, under the cache; v2: TextGrids with braces and stress
@@ -243,10 +242,9 @@ def main(argv=None):
             sys.exit(f"error: {flag} {getattr(a, flag[2:])}: must be {want} (nothing was written)")
     if os.path.exists(a.out):
         sys.exit(f"error: {a.out} already exists; choose a new folder (nothing was written)")
-    tmp = a.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_demo(tmp, a.subjects, a.stories, a.voxels, a.seed, a.seconds, sr=a.sr, channels=a.channels)
-    os.rename(tmp, a.out)  # a killed run leaves no half dataset under the name asked for
+    with atomic_folder(a.out) as tmp:  # a killed run leaves no half dataset under a.out
+        make_demo(tmp, a.subjects, a.stories, a.voxels, a.seed, a.seconds, sr=a.sr,
+                  channels=a.channels)
     print(f"wrote a synthetic dataset to {a.out}")
 
 

@@ -17,7 +17,6 @@ import glob
 import itertools
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torchaudio.functional as AF
 from scipy.io import wavfile
 
 import data
-from cache import progress
+from cache import atomic_folder, progress
 
 TASKS = ("speechcommands", "timit-phones", "timit-sentence", "cremad", "fluent")
 EMOTIONS = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
@@ -354,15 +353,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     if os.path.exists(a.out):
         sys.exit(f"error: {a.out} already exists; choose a new folder (nothing was written)")
-    tmp = a.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        words_to_speechcommands(a.data, tmp, valid_story=a.valid_story, test_story=a.test_story,
-                                seconds=a.seconds)
+        with atomic_folder(a.out) as tmp:  # a killed run leaves no half folder under a.out
+            words_to_speechcommands(a.data, tmp, valid_story=a.valid_story,
+                                    test_story=a.test_story, seconds=a.seconds)
     except ValueError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(f"error: {e}")
-    os.rename(tmp, a.out)  # a killed run leaves no half folder under the name asked for
     print(f"wrote {a.out}: {len(read_speechcommands(a.out).classes)} words")
 
 

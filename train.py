@@ -128,8 +128,8 @@ def start(args):
         keep_freed_memory()
     if args.synthetic and not os.path.isdir(args.data) and RANK == 0:
         log(f"making the synthetic dataset in {args.data} (once)")
-        synthetic.make_demo(args.data + ".tmp")
-        os.replace(args.data + ".tmp", args.data)
+        with cache.atomic_folder(args.data) as tmp:
+            synthetic.make_demo(tmp)
     return device
 
 
