@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 
-def _init_adapter(rank, n_in, n_out):
-    A = nn.Parameter(torch.empty(rank, n_in))
+def _init_adapter(rank, n_in, n_out, like):
+    """A (rank, n_in) and B (n_out, rank), made on the device and in the dtype of the weight they
+    adapt (`like`): a backbone already on a GPU gets its adapters there."""
+    A = nn.Parameter(torch.empty(rank, n_in, device=like.device, dtype=like.dtype))
     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    return A, nn.Parameter(torch.zeros(n_out, rank))
+    return A, nn.Parameter(torch.zeros(n_out, rank, device=like.device, dtype=like.dtype))
 
 
 class LoRALinear(nn.Module):
@@ -30,7 +32,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout):
         super().__init__()
         self.base, self.scaling, self.dropout = base, alpha / rank, nn.Dropout(dropout)
-        self.lora_A, self.lora_B = _init_adapter(rank, base.in_features, base.out_features)
+        self.lora_A, self.lora_B = _init_adapter(rank, base.in_features, base.out_features,
+                                                 base.weight)
 
     def delta(self):
         return self.scaling * self.lora_B @ self.lora_A  # (out, in)
@@ -47,12 +50,13 @@ class FusedQKVLoRA(nn.Module):
     forward pass (shared by every frame) rather than one mask per frame as LoRALinear does.
     """
 
-    def __init__(self, dim, blocks, rank, alpha, dropout):
+    def __init__(self, weight, blocks, rank, alpha, dropout):
         super().__init__()
+        dim = weight.shape[1]  # weight: the fused (3*dim, dim) in_proj_weight
         self.dim, self.blocks, self.scaling, self.p = dim, blocks, alpha / rank, dropout
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for b in blocks:
-            self.lora_A[b], self.lora_B[b] = _init_adapter(rank, dim, dim)
+            self.lora_A[b], self.lora_B[b] = _init_adapter(rank, dim, dim, weight)
 
     def delta(self, block):
         return self.scaling * self.lora_B[block] @ self.lora_A[block]  # (dim, dim)
@@ -91,7 +95,7 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets="qkvo", layers=None
         qkv = "".join(t for t in "qkv" if t in targets)
         if mha is not None and qkv:
             parametrize.register_parametrization(
-                mha, "in_proj_weight", FusedQKVLoRA(mha.embed_dim, qkv, rank, alpha, dropout))
+                mha, "in_proj_weight", FusedQKVLoRA(mha.in_proj_weight, qkv, rank, alpha, dropout))
         for t in targets:
             if mha is None or t == "o":
                 owner, name = (mha if mha is not None else attn), _PROJ[t]

@@ -131,7 +131,8 @@ class Extractor(nn.Module):
         self.pool = pool
         n_layers = len(backbone.encoder.transformer.layers)
         # (layers,) logits, uniform at the start
-        self.layer_weights = nn.Parameter(torch.zeros(n_layers)) if weighted else None
+        where = next(backbone.parameters()).device  # made on the backbone's device
+        self.layer_weights = nn.Parameter(torch.zeros(n_layers, device=where)) if weighted else None
 
     def hidden(self, wave):  # (batch, samples) -> (batch, frames, dim)
         return hidden(self.backbone, wave, self.layer, self.layer_weights, self.normalize)
@@ -489,14 +490,14 @@ class BrainModel(nn.Module):
 def make_head(W, bottleneck=0):
     """Linear(p -> v) holding the ridge weights W (p, v); with a bottleneck K, two Linears through K
     units holding the best rank-K approximation of W (Eckart-Young), split evenly by sqrt(s)."""
-    p, v = W.shape
+    (p, v), like = W.shape, dict(device=W.device, dtype=W.dtype)  # made where W is
     if not bottleneck:
-        head = nn.Linear(p, v)
-        head.weight.data, head.bias.data = W.T.contiguous(), torch.zeros(v)
+        head = nn.Linear(p, v, **like)
+        head.weight.data, head.bias.data = W.T.contiguous(), torch.zeros(v, **like)
         return head
     U, s, Vh = torch.linalg.svd(W, full_matrices=False)
     k = min(bottleneck, len(s))
-    down, up = nn.Linear(p, k, bias=False), nn.Linear(k, v)
+    down, up = nn.Linear(p, k, bias=False, **like), nn.Linear(k, v, **like)
     down.weight.data = (U[:, :k] * s[:k].sqrt()).T.contiguous()
-    up.weight.data, up.bias.data = (Vh[:k].T * s[:k].sqrt()).contiguous(), torch.zeros(v)
+    up.weight.data, up.bias.data = (Vh[:k].T * s[:k].sqrt()).contiguous(), torch.zeros(v, **like)
     return nn.Sequential(down, up)
