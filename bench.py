@@ -33,8 +33,9 @@ import data
 import downstream
 import lora
 import ridge
+from features import window_features
 from model import (TINY, BrainModel, Extractor, build_backbone, hidden, keep_freed_memory,
-                   layer_of, make_head, window_features)
+                   layer_of, make_head)
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # where train.py and synthetic.py are
@@ -109,7 +110,8 @@ def bench_ridge(n, p, v, reps, peer=True):
     out["peak_mb"] = peak_mb(lambda: ridge.fit_ridge(X, Y, alphas, groups))
     out["gflops"] = ridge_flops(n, p, v) / out["seconds"] / 1e9
     with torch.profiler.profile() as prof:
-        W, best = ridge.fit_ridge(X, Y, alphas, groups)
+        solved = ridge.fit_ridge(X, Y, alphas, groups)
+        W, best = solved.W, solved.lambdas
     ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(ops.values())
     dec = sum(t for k, t in ops.items() if "eigh" in k or "svd" in k)
@@ -150,7 +152,7 @@ def matmul_gflops(size, reps):
 def backbone(name, dropout=None):
     """The architecture with random weights (no download), as train.py builds it."""
     torch.manual_seed(0)
-    return build_backbone(name, dropout)[0]
+    return build_backbone(name, dropout)
 
 
 def forward_flops(model, wave):
@@ -397,7 +399,7 @@ def downstream_child(root, name, limit, out):
     nets = {}
     for seed, k in enumerate(("pretrained", "tuned")):
         torch.manual_seed(seed)
-        nets[k] = wavlm_model(**dict(TINY, **WIDE)) if name == "wide" else build_backbone(name)[0]
+        nets[k] = wavlm_model(**dict(TINY, **WIDE)) if name == "wide" else build_backbone(name)
     t = time.perf_counter()
     # "wide" is keyed as tiny: its weights' digest tells it apart
     result, _ = downstream.evaluate("speechcommands", root, nets, model_name=name.replace(

@@ -22,16 +22,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import dist
+
+
 def log(msg):
     """A line of the run's log, from the first process only (torchrun starts one per device)."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if dist.RANK == 0:
         print(msg, flush=True)
 
 
 def progress(items, desc, total=None, note=None, every=30.0):
     """tqdm on a terminal; elsewhere a plain line every `every` seconds (quick steps print nothing).
     note() -> str: shown after each item (a running loss, say)."""
-    if int(os.environ.get("RANK", 0)):
+    if dist.RANK:
         yield from items
         return
     bar = tqdm(items, desc=desc, total=total, leave=False) if sys.stderr.isatty() else None
@@ -47,7 +50,6 @@ def progress(items, desc, total=None, note=None, every=30.0):
             extra = f", {note()}" if note else ""
             print(f"{desc}: {i}/{total}, {last - t0:.0f} s{extra}", file=sys.stderr,
                   flush=True)
-
 
 
 _PRIVATE = []  # the folder of an active no_cache()

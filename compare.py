@@ -136,7 +136,7 @@ def efficiency(run, hours=None, seed=0):
     order = list(np.random.default_rng(seed).permutation(len(w.stories)))
     story_hours = [len(w.ends[i]) * run.args.tr / 3600 for i in order]
     models = [("pretrained", run.pretrained), ("tuned", run.tuned)]
-    X = {name: run.features(ex, d, run.args.scoring) for name, ex in models if ex is not None}
+    X = {name: run.features(ex, d, run.args.protocol) for name, ex in models if ex is not None}
     curve = []
     for h in hours_grid(hours, story_hours):
         n = max(2, int(np.searchsorted(np.cumsum(story_hours), h + 1e-9, side="right")))

@@ -1,17 +1,15 @@
 """
 A run's flags: set (each with its help, the papers' recipes setting their defaults) and checked,
-alone and against each other, before anything is read; `parse` resolves them once (the protocol
-as one named value, args.scoring) and nothing writes to them after it. What the dataset's listings
-add is checked by data.check_dataset; whether the largest allocations fit in memory, by
-check_memory, both before any forward.
+alone and against each other, before anything is read; `parse` resolves them once (--roi as one
+named value, voxels.Voxels; --protocol and its settings as another, features.Protocol) and nothing
+writes to them after it. What the dataset's listings add, and whether the largest allocations fit
+in memory, preflight.py checks, before any forward.
 
     args = parse(["--subject", "S01", "--roi", "all"])    # checked alone and against each other
     args = parse(["--resume", "runs/RUN", "--epochs", "30"])  # a run's flags, steered
 """
 import argparse
-import json
 import os
-import re
 
 import numpy as np
 import torch
@@ -19,9 +17,13 @@ import torchaudio
 
 import cache
 import data
+import dist
 import ridge
+import runfolder
 import synthetic
-from model import BUNDLES, POOLS, PROTOCOLS, TINY, Protocol
+import voxels
+from features import PROTOCOLS, Protocol
+from model import BUNDLES, POOLS, TINY
 
 # Moussa et al.'s training stories, as named in their train_stories_25 (dataset.py:121); their
 # published loop indexes another list by position (REFERENCE.md section 10): the names are meant
@@ -49,7 +51,6 @@ RECIPES = {
                        bottleneck=100, val_stories="fromboyhoodtofatherhood,stagefright",
                        protocol="brainwavlm", frame="first", test_skip=0),
 }
-WORLD = int(os.environ.get("WORLD_SIZE", 1))  # processes (torchrun)
 # what --resume may change: what is left to do, and how it runs, not what was done
 STEERING = ("epochs", "patience", "device", "precision", "batch_size", "accum", "no_cache")
 
@@ -195,14 +196,8 @@ def parse(argv=None):
     # absolute, so that a run works from anywhere
     args.data = os.path.abspath(args.data or os.path.join(cache.cache_root(), synthetic.SYNTHETIC))
     args.model = args.model or ("tiny" if args.synthetic else "wavlm_base_plus")
-    for k in ("test_stories", "val_stories"):
-        if isinstance(getattr(args, k), str):
-            setattr(args, k, getattr(args, k).split(","))
-    if isinstance(args.train_stories, str):
-        args.train_stories = story_list(args.train_stories)
-    settle(args)
-    check_ranges(args)
-    return args
+    args.resume, args.steered = None, {}
+    return resolve(args)
 
 
 def story_list(value):
@@ -222,23 +217,13 @@ def resumed(p, run, given):
     """The flags of the run in folder `run` (its config.json; flags newer than the run take
     today's defaults), with the steering flags given beside --resume (STEERING) in force and
     listed in args.steered; any other flag is refused, as it would change what was done."""
-    cfg = os.path.join(run, "config.json")
-    try:
-        with open(cfg) as f:
-            saved = json.load(f)["args"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--resume {run}: {cfg} is not the config of a run "
-                         f"({type(e).__name__}); --resume takes the folder of an earlier run") \
-            from None
-    if not {"data", "subject", "model", "roi"} <= set(saved):
-        raise ValueError(f"--resume {run}: {cfg} lacks the run's data, subject, model or roi")
+    saved = runfolder.read_config(run, "--resume")["args"]
     changed = sorted(k for k in given if k not in STEERING + ("resume",))
     if changed:
         flag = "--" + changed[0].replace("_", "-")
         raise ValueError(f"{flag}: given with --resume, it would change the run in {run}; start a "
                          "new run instead (only " + ", ".join("--" + k.replace("_", "-")
                                                               for k in STEERING) + " may steer it)")
-    saved = {k: v for k, v in saved.items() if k != "scoring"}
     args = argparse.Namespace(**dict(vars(p.parse_args([])), **saved))
     steered = {k: v for k, v in given.items() if k in STEERING and v != saved.get(k)}
     if {"batch_size", "accum"} & set(steered):
@@ -253,23 +238,20 @@ def resumed(p, run, given):
     if args.weights and os.path.basename(args.weights) == "tiny_pretrained.pt":
         args.weights = None  # tiny's pretrained weights travel with the run folder
     args.resume, args.force, args.steered = run, False, steered
-    args.delays, args.test_skip = args.delays or [], args.test_skip or 0  # runs before --protocol
-    args.scoring = Protocol(args.protocol, args.history, args.context, args.stride,
-                            list(args.delays), args.test_skip, args.frame)
-    check_ranges(args)
-    return args
+    return resolve(args)
 
 
-def settle(args):
-    """--alphas, --model, --layer, --roi and the protocol's settings, checked and resolved in
-    place (parse's last step)."""
-    try:
-        lo, hi, n = (float(x) for x in args.alphas.split(","))
-        assert 0 < lo <= hi and n >= 1 and n == int(n)
-    except (ValueError, AssertionError):
-        raise ValueError(f"--alphas {args.alphas}: expected first,last,count with 0 < first <= "
-                         "last, e.g. 1e-1,1e8,19") from None
-    args.alphas = np.logspace(np.log10(lo), np.log10(hi), int(n)).tolist()
+def resolve(args):
+    """The flags' values, from the command line or a run's config.json, resolved in place once:
+    the story lists, the lambdas, --roi as voxels.Voxels, --protocol and its settings as one
+    features.Protocol; each checked alone and against the others."""
+    for k in ("test_stories", "val_stories"):
+        if isinstance(getattr(args, k), str):
+            setattr(args, k, getattr(args, k).split(","))
+    if isinstance(args.train_stories, str):
+        args.train_stories = story_list(args.train_stories)
+    if isinstance(args.alphas, str):
+        args.alphas = lambdas(args.alphas)
     if args.model != "tiny" and args.model not in BUNDLES:
         raise ValueError(f"--model {args.model}: unknown; choose tiny or one of "
                          f"{', '.join(BUNDLES)}")
@@ -278,15 +260,31 @@ def settle(args):
                                                      1 <= int(args.layer) <= depth):
         raise ValueError(f"--layer {args.layer}: {args.model} has layers 1..{depth} (or "
                          "'weighted')")
-    data.nc_threshold(args.roi)  # ncT: 0 <= T < 1
-    m = re.fullmatch(r"top(\d+)", args.roi)
-    if args.roi.startswith("top") and not (m and int(m[1]) >= 1):
-        raise ValueError(f"--roi {args.roi}: expected topN with a whole number N >= 1, all, an "
-                         "ROI name or a .npy file")
-    if "," in args.subject and args.roi.endswith(".npy"):
-        raise ValueError(f"--roi {args.roi}: a .npy file holds one subject's voxel indices; with "
-                         "several subjects use all, topN or an ROI name found in each subject's "
-                         "ROI file")
+    args.roi = voxels.parse_roi(args.roi)
+    if "," in args.subject and args.roi.kind == "file":
+        raise ValueError(f"--roi {args.roi.text}: a .npy file holds one subject's voxel indices; "
+                         "with several subjects use all, topN or an ROI name found in each "
+                         "subject's ROI file")
+    args.protocol = protocol(args)
+    check_ranges(args)
+    return args
+
+
+def lambdas(text):
+    """--alphas first,last,count: the ridge's lambdas, log-spaced."""
+    try:
+        lo, hi, n = (float(x) for x in text.split(","))
+        assert 0 < lo <= hi and n >= 1 and n == int(n)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--alphas {text}: expected first,last,count with 0 < first <= "
+                         "last, e.g. 1e-1,1e8,19") from None
+    return np.logspace(np.log10(lo), np.log10(hi), int(n)).tolist()
+
+
+def protocol(args):
+    """--protocol and its settings (--context, --stride, --delays, --test-skip, --frame) as one
+    features.Protocol, the settings not given taken from the protocol's own (PROTOCOLS); the
+    settings' flags are folded into it and leave args."""
     names = ("context", "stride", "delays", "test_skip")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.protocol == "windows" and args.frame != "last":
@@ -294,20 +292,19 @@ def settle(args):
     if args.protocol == "windows" and set(given) - {"test_skip"}:
         raise ValueError(f"--{sorted(set(given) - {'test_skip'})[0]}: a setting of moussa2025 or "
                          "brainwavlm, not of --protocol windows")
-    settings = dict(PROTOCOLS[args.protocol], **given)
+    settings = dict(PROTOCOLS[args.protocol], **given, frame=args.frame)
+    for k in names + ("frame",):
+        delattr(args, k)
     try:
         text = str(settings["delays"]).strip("()[]")
         settings["delays"] = [int(x) for x in text.split(",") if x.strip()]
         assert all(x >= 0 for x in settings["delays"])
         assert settings["delays"] or args.protocol == "windows"
     except (ValueError, AssertionError):
-        raise ValueError(f"--delays {args.delays}: expected TR delays, comma-separated (e.g. "
-                         "1,2,3,4)") from None
-    args.context, args.stride = settings.get("context"), settings.get("stride")
-    args.delays, args.test_skip = settings["delays"], settings["test_skip"]
-    args.scoring = Protocol(args.protocol, args.history, args.context, args.stride,
-                            args.delays, args.test_skip, args.frame)
-    args.steered = {}
+        raise ValueError(f"--delays {given.get('delays')}: expected TR delays, comma-separated "
+                         "(e.g. 1,2,3,4)") from None
+    return Protocol(args.protocol, args.history, settings.get("context"), settings.get("stride"),
+                    settings["delays"], settings["test_skip"], settings["frame"])
 
 
 def architecture(name):
@@ -324,9 +321,9 @@ def check_ranges(args):
             ("--history", args.history >= 1, "at least 1"), ("--tr", args.tr > 0, "positive"),
             ("--trim-start", args.trim_start >= 0, "0 or more"),
             ("--block", args.block >= 1, "at least 1"),
-            ("--context", (args.context or 0) >= 0, "0 or more"),
-            ("--test-skip", args.test_skip >= 0, "0 or more"),
-            ("--stride", args.stride is None or args.stride > 0, "positive"),
+            ("--context", (args.protocol.context or 0) >= 0, "0 or more"),
+            ("--test-skip", args.protocol.test_skip >= 0, "0 or more"),
+            ("--stride", args.protocol.stride is None or args.protocol.stride > 0, "positive"),
             ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
             ("--bottleneck", args.bottleneck >= 0, "0 (none) or more"),
             ("--lora-rank", args.lora_rank >= 0, "0 or more"),
@@ -342,14 +339,16 @@ def check_ranges(args):
             ("--head-lr", args.head_lr > 0, "positive"),
             ("--warmup", args.warmup >= 0, "0 or more"),
             ("--clip", args.clip >= 0, "0 (none) or more"),
-            ("--batch-size", args.batch_size >= WORLD,
-             f"at least the number of processes, {WORLD}"),
+            ("--batch-size", args.batch_size >= dist.WORLD,
+             f"at least the number of processes, {dist.WORLD}"),
             ("--accum", args.accum >= 1, "at least 1"), ("--epochs", args.epochs >= 0, "0 or more"),
             ("--patience", args.patience >= 1, "at least 1"),
             ("--control-block", args.control_block >= 1, "at least 1"),
             ("--tiny-pretrain", args.tiny_pretrain >= 0, "0 or more")):
         if not ok:
-            raise ValueError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {want}")
+            name = flag[2:].replace("-", "_")
+            value = getattr(args, name) if hasattr(args, name) else getattr(args.protocol, name)
+            raise ValueError(f"{flag} {value}: must be {want}")
     if args.device:
         check_device(args.device)
 
@@ -367,92 +366,17 @@ def check_device(name):
 
 
 def flags_record(args):
-    """The flags as config.json records them (JSON values only)."""
-    return {k: v for k, v in vars(args).items() if k not in ("scoring", "steered")}
-
-
-# -----------------------------------------------------------------------------
-# will it fit? the largest allocations, estimated from the flags and the listings
-
-def available_memory(device):
-    """Bytes free for the run: the device's free memory on a GPU, MemAvailable on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info["MemAvailable"]
-    except (OSError, KeyError, ValueError):
-        return float("inf")  # unknown: err towards running
-
-
-def forward_bytes(model, batch, seconds, training):
-    """A lower estimate of the memory one forward of `batch` waves of `seconds` s holds at once
-    (backward too, with training): the CNN front end's first output, and in each transformer layer
-    its hidden states and attention scores. Estimates err low, so that a run is refused only when
-    it clearly cannot fit."""
-    arch = architecture(model)
-    samples = seconds * data.SR
-    (channels, _, first), *_ = arch["extractor_conv_layer_config"]
-    hop = float(np.prod([s for _, _, s in arch["extractor_conv_layer_config"]]))
-    frames, dim, heads = samples / hop, arch["encoder_embed_dim"], arch["encoder_num_heads"]
-    cnn = batch * samples / first * channels * 4  # (batch, channels, samples / stride) float32
-    layer = batch * (frames * dim * 4 + heads * frames ** 2 * 4)  # hidden states, scores
-    kept = arch["encoder_num_layers"] if training else 1  # kept for the backward pass
-    return cnn + layer * kept
-
-
-def check_sizes(args, listings, device):
-    """The flags against the sizes the listings give, before any forward: --bottleneck within
-    the features and the voxels, --history within the shortest training story (refused
-    outright), and whether the largest allocations fit in the free memory (available_memory): a
-    batch of windows forwarded in stage 1 and trained in stage 2, a protocol's batch of chunks, the
-    features of the training split. One sentence naming the flag and the estimate."""
-    rows = {}  # the shared training windows: each story's rows, however many subjects heard it
-    for d in listings:
-        for s in d.stories["train"]:
-            rows[s] = max(rows.get(s, 0), d.rows[s])
-    if args.history > min(rows.values()):
-        raise ValueError(f"--history {args.history}: longer than the shortest training story "
-                         f"({min(rows.values())} TRs); choose at most {min(rows.values())}")
-    dim = architecture(args.model)["encoder_embed_dim"]
-    p = dim if args.pool == "mean" else args.history * dim  # the head's input
-    voxels = min(d.voxels for d in listings)
-    if args.bottleneck > min(p, voxels):
-        raise ValueError(f"--bottleneck {args.bottleneck}: larger than the features ({p}) or the "
-                         f"voxels ({voxels}); choose at most {min(p, voxels)}")
-    free, window = available_memory(device), args.history * args.tr
-    batch = min(args.batch_size, sum(rows.values()))
-    needs = [("--batch-size or --history", forward_bytes(args.model, batch, window, False)),
-             ("--history", sum(rows.values()) * p * 4)]
-    if args.epochs:
-        share = max(batch // WORLD, 1)  # each process's part of the global batch
-        needs.append(("--batch-size or --history",
-                      forward_bytes(args.model, share, window, True)))
-    if args.scoring.sliding:
-        chunk = args.scoring.context + args.scoring.stride
-        needs.append(("--context or --batch-size",
-                      forward_bytes(args.model, args.batch_size, chunk, False)))
-    for flag, need in needs:
-        keep = " (--batch-size B/N --accum N keeps the global batch of B)" * ("batch" in flag)
-        if need > free:
-            raise ValueError(f"{flag}: this run would need about {need / 2 ** 30:.1f} GB at once "
-                             f"and {device} has {free / 2 ** 30:.1f} GB free; make {flag} "
-                             f"smaller{keep}")
+    """The flags as config.json records them, JSON values that resolve() reads back: --roi as its
+    text, the protocol as its flags."""
+    out = {k: v for k, v in vars(args).items() if k not in ("steered", "roi", "protocol")}
+    p = args.protocol
+    return dict(out, roi=args.roi.text, protocol=p.name, context=p.context, stride=p.stride,
+                delays=list(p.delays) or None, test_skip=p.test_skip, frame=p.frame)
 
 
 def timing(args):
     """The run's fMRI timing (--tr, --trim-start, --sound-start), as data's functions take it."""
     return dict(tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
-
-
-def list_subjects(args, names, *, textgrids=False):
-    """data.check_dataset under the run's flags: a data.Listing per subject, or one ValueError
-    naming the flag or file (textgrids: tiny's pretraining needs the training TextGrids)."""
-    return data.check_dataset(args.data, names, test_stories=args.test_stories,
-                              val_stories=args.val_stories, folds=args.cv_folds,
-                              timing=timing(args), test_skip=args.test_skip, roi=args.roi,
-                              textgrids=textgrids, train_stories=args.train_stories)
 
 
 def load_subjects(args, names):
@@ -470,4 +394,4 @@ def ridge_settings(args, listings):
     if folds < 2:
         raise ValueError(f"{args.data}: ridge's cross-validation needs two training stories or "
                          "more; there is one")
-    return ridge.Settings(args.alphas, folds, args.block, args.test_skip)
+    return ridge.Settings(args.alphas, folds, args.block, args.protocol.test_skip)

@@ -9,18 +9,15 @@ synthetic one (synthetic.py writes it), both in this layout:
     derivative/rois/<SUBJ>.npz                        one key per ROI: hf5 column indices or a mask
 Each fMRI frame (TR) becomes one example: the H TRs of audio heard before it, and its response.
 A whole subject is ~20 GB of float64 and ~10 GB of 44.1 kHz audio, so each file is read once into
-a cache of float32 .npy files (cache.py) that runs memory-map. Before anything is read,
-check_dataset checks what listings and file headers can tell (the pre-flight).
+a cache of float32 .npy files (cache.py) that runs memory-map. What listings and file headers
+can tell is checked before anything is read (preflight.py); the alignments are textgrid.py's.
 
-    found = check_dataset(root, ["UTS01"], timing=dict(tr=TR))   # [Listing], or one ValueError
     ds, shared = prepare(root, ["UTS01"], history=6)              # [Subject], {split: Windows}
 """
 import os
-import re
 import warnings
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,7 +25,9 @@ import torchaudio
 import torchaudio.functional as AF
 from scipy.io import wavfile
 
+import voxels
 from cache import cached, file_key, progress
+from voxels import open_hf5
 
 SR = 16000  # every torchaudio speech model takes 16 kHz audio
 TR = 2.0045  # seconds, from the scanner's trigger files
@@ -92,13 +91,6 @@ def read_wav(path):
     return AF.resample(mono, sr, SR) if sr != SR else mono
 
 
-def open_hf5(path):
-    try:
-        return h5py.File(path, "r")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read as HDF5 ({e})") from None
-
-
 def read_hf5(path, key="data"):
     with open_hf5(path) as f:
         if key not in f:
@@ -122,7 +114,7 @@ def zscore_(x):
 
 
 def splits(root, subj, test_stories=None, val_stories=None, train_stories=None):
-    """(train, val, test) story lists for a subject. Every story with responses must have audio.
+    """{"train", "val", "test"}: a subject's stories. Every story with responses must have audio.
     Audio with no responses is a story this subject did not hear (UTS04-08 heard 27 of 84).
     train_stories (--train-stories) restricts the training split to the stories it names, each
     one that would otherwise be a training story of the subject."""
@@ -159,7 +151,7 @@ def splits(root, subj, test_stories=None, val_stories=None, train_stories=None):
     if not train:
         raise ValueError(f"{subj} has no training stories left after test {test} and validation "
                          f"{val}")
-    return train, val, test
+    return dict(train=train, val=val, test=test)
 
 
 def story_responses(root, subj, story):
@@ -237,50 +229,6 @@ class Responses:
         return torch.from_numpy(out)
 
 
-def noise_ceiling(repeats):
-    """cc_max per voxel from (repeats, TRs, voxels) (Schoppe et al. 2016); NaN where SP <= 0."""
-    N = repeats.shape[0]
-    var_sum = repeats.sum(0).var(0)  # (voxels,)
-    sum_var = repeats.var(1).sum(0)
-    SP = (var_sum - sum_var) / (N * (N - 1))
-    TP = repeats.var(1).mean(0)
-    cc = 1 / np.sqrt(1 + (1 / N) * (TP / np.where(SP > 0, SP, np.nan) - 1))
-    return np.where(SP > 0, cc, np.nan)
-
-
-def nc_threshold(roi):
-    """T of --roi ncT (the voxels whose noise ceiling exceeds T), or None for any other --roi."""
-    m = re.fullmatch(r"nc([\d.]+)", roi)
-    if m is None:
-        return None
-    try:
-        t = float(m[1])
-    except ValueError:
-        t = -1.0
-    if not 0 <= t < 1:
-        raise ValueError(f"--roi {roi}: expected ncT with a noise-ceiling threshold 0 <= T < 1, "
-                         "e.g. nc0.4")
-    return t
-
-
-def story_ceiling(root, subj, story, block=4096):
-    """The noise ceiling of every voxel from the story's "individual_repeats" (repeats, TRs,
-    voxels), read in blocks of voxels; None if the file has no repeats."""
-    path = response_path(root, subj, story)
-    with open_hf5(path) as f:
-        if "individual_repeats" not in f:
-            return None
-
-    def build():
-        with open_hf5(path) as f:
-            reps = f["individual_repeats"]
-            cc = np.empty(reps.shape[2], np.float32)
-            for j in progress(range(0, len(cc), block), f"{subj} noise ceiling"):
-                cc[j:j + block] = noise_ceiling(reps[:, :, j:j + block])
-        return {"ceiling": cc}
-    return cached("ceiling", dict(file=file_key(path), v=1), build, story)["ceiling"]
-
-
 def load_audio(root, stories):
     """{story: (samples,) float32 at 16 kHz, memory-mapped}: each wav read and resampled once."""
     def one(s):
@@ -291,102 +239,23 @@ def load_audio(root, stories):
     return {s: one(s) for s in progress(stories, "audio")}
 
 
-def _as_indices(arr, n_voxels, what):
-    arr = np.asarray(arr)
-    if arr.dtype == bool:
-        if arr.shape != (n_voxels,):
-            raise ValueError(f"{what}: mask has shape {arr.shape}, the responses have {n_voxels} "
-                             "voxels")
-        arr = np.flatnonzero(arr)
-    if arr.size == 0 or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what}: expected a non-empty 1-D array of voxel indices or a boolean "
-                         "mask")
-    if arr.min() < 0 or arr.max() >= n_voxels:
-        raise ValueError(f"{what}: indices outside 0..{n_voxels - 1}")
-    return np.unique(arr)
-
-
-def roi_sets(root, subj, n_voxels):
-    """{name: hf5 column indices} for every ROI in derivative/rois/<SUBJ>.npz (none if absent)."""
-    path = os.path.join(root, "derivative", "rois", subj + ".npz")
-    if not os.path.exists(path):
-        return {}
-    with np.load(path) as f:
-        return {k: _as_indices(f[k], n_voxels, f"{path}[{k}]") for k in f.files}
-
-
-def load_roi(root, subj, roi, n_voxels):
-    """`all`, an ROI name from the subject's ROI file, or a .npy file of indices or a mask."""
-    if roi == "all":
-        return np.arange(n_voxels)
-    if roi.endswith(".npy"):
-        if not os.path.exists(roi):
-            raise ValueError(f"{roi}: no such ROI file")
-        return _as_indices(np.load(roi), n_voxels, roi)
-    rois = roi_sets(root, subj, n_voxels)
-    if roi not in rois:
-        names = "".join(", " + k for k in rois)
-        raise ValueError(f"unknown ROI {roi!r} for {subj}; available: all, topN, a .npy "
-                         f"path{names}")
-    return rois[roi]
-
-
-def read_textgrid(path):
-    """Praat TextGrid, long or short text format -> {tier name: [(start, end, label)]}, in file
-    order. Both formats hold the same values in the same order; the long one adds `key =` labels and
-    `[i]` indices, which the tokenizer skips. Point tiers give (time, time, mark)."""
-    try:
-        text = open(path, encoding="utf-8-sig").read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
-    strings_or_numbers = (r'"((?:[^"]|"")*)"'  # a quoted string, "" inside for a quote
-                          r'|(?<![\[\w.])(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?![\]\w])')
-    tokens = [s.replace('""', '"') if n == "" else float(n)
-              for s, n in re.findall(strings_or_numbers, text)]
-    bad = ValueError(f"{path}: not a TextGrid in Praat's long or short text format")
-    if tokens[:2] != ["ooTextFile", "TextGrid"]:
-        raise bad
-    try:
-        pos, tiers = 5, {}
-        for _ in range(int(tokens[4])):
-            kind, name, n = tokens[pos], tokens[pos + 1], int(tokens[pos + 4])
-            pos += 5
-            step = 3 if kind == "IntervalTier" else 2
-            items = [tokens[i:i + step] for i in range(pos, pos + step * n, step)]
-            if step == 3:
-                tiers[name] = [(a, b, lab) for a, b, lab in items]
-            else:
-                tiers[name] = [(t, t, m) for t, m in items]
-            pos += step * n
-    except (IndexError, TypeError, ValueError):
-        raise bad from None
-    return tiers
+def roi_path(root, subj):
+    return os.path.join(root, "derivative", "rois", subj + ".npz")
 
 
 def textgrid_path(root, story):
     return os.path.join(root, "derivative", "TextGrids", story + ".TextGrid")
 
 
-PHONEMES = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T "
-               "TH UH UW V W Y Z ZH".split())  # ARPAbet's 39
-
-
-SKIPPED = ("sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", "")  # pauses, noises
-
-
-def words_and_phones(path, skip=SKIPPED):
-    """(phones, words) of a ds003020 TextGrid (tier 0 phones, tier 1 words), read as the Huth lab's
-    dsutils does: labels lower-cased and stripped of braces ({BR}, {NS}, ...) before the pauses and
-    noises in `skip` are dropped; phones stripped of their stress digits (AH0 -> AH), keeping
-    ARPAbet's 39 phonemes and nothing else."""
-    phones, words = list(read_textgrid(path).values())[:2]
-    words = [(a, b, lab) for a, b, lab in words if lab.strip().lower().strip("{}") not in skip]
-    phones = [(a, b, re.sub(r"\d", "", lab.strip().upper())) for a, b, lab in phones]
-    return [p for p in phones if p[2] in PHONEMES], words
-
 
 # -----------------------------------------------------------------------------
 # delayed-TR windows
+
+def before_audio(story, t):
+    """The sentence for an fMRI frame that would need audio from before the story starts."""
+    return (f"story {story!r}: its first fMRI frame is at {t:.1f} s, before the audio starts "
+            "(see --sound-start, --trim-start, --tr)")
+
 
 class Windows(torch.utils.data.Dataset):
     """For row r of each story, the audio heard from t_r - H*TR to t_r, sliced on the fly from the
@@ -432,8 +301,8 @@ class Subject:
     stories: dict  # {split: [story]}
     windows: dict  # {split: Windows}: the audio before each of the subject's rows, (rows,) windows
     Y: dict  # {split: Responses}: (rows, voxels) float32, z-scored per story
-    take: dict  # {split: (rows,) LongTensor}: the shared window (prepare's `shared`) of each row
-    row: dict  # {split: (shared windows,) LongTensor}: each shared window's row, -1 if not heard
+    window_of: dict  # {split: (rows,) LongTensor}: the shared window (prepare's) of each row
+    row_of: dict  # {split: (shared windows,) LongTensor}: each shared window's row, -1: not heard
     good: np.ndarray  # (voxels,) bool: finite and not constant in every story
     rois: dict  # {ROI name: (n,) voxel indices}
     ceiling: np.ndarray = None  # (voxels,) the test story's noise ceiling (cc_max), if repeated
@@ -451,147 +320,34 @@ def prepare(root, subjects, test_stories=None, val_stories=None, train_stories=N
         subj = find_subject(root, name)
         if any(d.name == subj for d in ds):
             raise ValueError(f"subject {subj} is given twice")
-        train, val, test = splits(root, subj, test_stories, val_stories, train_stories)
-        test_stories, val_stories = test, val  # the same held-out stories for every subject
-        resp, good = load_responses(root, subj, train + val + test)
+        stories = splits(root, subj, test_stories, val_stories, train_stories)
+        test_stories, val_stories = stories["test"], stories["val"]  # the same for every subject
+        resp, good = load_responses(root, subj, [s for v in stories.values() for s in v])
         waves.update(load_audio(root, [s for s in resp if s not in waves]))  # each story read once
         keys.update({s: file_key(wav_path(root, s)) for s in resp})
-        stories = dict(train=train, val=val, test=test)
         windows = {k: Windows(waves, resp, v, keys=keys, **window_kw) for k, v in stories.items()}
         Y = {k: Responses([resp[s] for s in v], good,
                           [file_key(response_path(root, subj, s)) for s in v])
              for k, v in stories.items()}
-        ceiling = story_ceiling(root, subj, test[0]) if len(test) == 1 else None
+        test = stories["test"]
+        ceiling = None
+        if len(test) == 1:
+            ceiling = voxels.story_ceiling(response_path(root, subj, test[0]), subj)
         ds.append(Subject(subj, stories, windows, Y, {}, {}, good,
-                          roi_sets(root, subj, len(good)), ceiling))
+                          voxels.roi_sets(roi_path(root, subj), len(good)), ceiling))
     shared = {}
     for split in ("train", "val", "test"):
         rows = {}  # story -> rows, in first-heard order
         for d in ds:
             for s, ends in zip(d.windows[split].stories, d.windows[split].ends):
                 rows[s] = max(rows.get(s, 0), len(ends))
-        # row r of a story is the same audio for every subject: targets are looked up through take
+        # row r of a story is the same audio for every subject: targets are found through window_of
         shared[split] = Windows(waves, rows, list(rows), keys=keys, **window_kw)
         start = dict(zip(rows, np.cumsum([0] + list(rows.values()))))
         for d in ds:
             heard = zip(d.windows[split].stories, d.windows[split].ends)
-            take = np.concatenate([start[s] + np.arange(len(e)) for s, e in heard])
-            d.take[split] = torch.as_tensor(take)
-            d.row[split] = torch.full((len(shared[split]),), -1, dtype=torch.long)
-            d.row[split][take] = torch.arange(len(take))
+            window_of = np.concatenate([start[s] + np.arange(len(e)) for s, e in heard])
+            d.window_of[split] = torch.as_tensor(window_of)
+            d.row_of[split] = torch.full((len(shared[split]),), -1, dtype=torch.long)
+            d.row_of[split][window_of] = torch.arange(len(window_of))
     return ds, shared
-
-
-# -----------------------------------------------------------------------------
-# the pre-flight: what listings and file headers tell, before anything is read
-
-@dataclass
-class Listing:
-    """One subject as the pre-flight found it, from listings and file headers alone."""
-    name: str  # UTS01, S01 ...
-    voxels: int  # columns of its responses
-    stories: dict  # {split: [story]}
-    rows: dict  # {story: TRs}
-    seconds: dict  # {story: seconds of audio}
-
-
-def placeholder(path):
-    """A file that datalad (git-annex) has listed but not fetched: a broken link, or a small
-    pointer file."""
-    if os.path.islink(path) and not os.path.exists(path):
-        return True
-    if os.path.isfile(path) and os.path.getsize(path) < 1024:
-        with open(path, "rb") as f:
-            return b"annex/objects/" in f.read()
-    return False
-
-
-def before_audio(story, t):
-    """The sentence for an fMRI frame that would need audio from before the story starts."""
-    return (f"story {story!r}: its first fMRI frame is at {t:.1f} s, before the audio starts "
-            "(see --sound-start, --trim-start, --tr)")
-
-
-def story_header(root, subj, story, timing):
-    """(rows, voxels, seconds of audio) of one story, from its hf5's and wav's headers; its frames
-    checked to lie within the audio."""
-    for path in (response_path(root, subj, story), wav_path(root, story)):
-        if placeholder(path):
-            raise ValueError(f"{path}: not fetched yet (a datalad placeholder); run `datalad get "
-                             f"{os.path.relpath(path, root)}` in {root}")
-    with open_hf5(response_path(root, subj, story)) as f:
-        shape = f["data"].shape if "data" in f else ()
-    if len(shape) != 2:
-        raise ValueError(f"{response_path(root, subj, story)}: 'data' has shape {shape}; expected "
-                         "(TRs, voxels)")
-    try:
-        sr, wave = wavfile.read(wav_path(root, story), mmap=True)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{wav_path(root, story)}: cannot read as WAV ({e})") from None
-    seconds = len(wave) / sr
-    if shape[0]:
-        times = row_times(shape[0], **timing)
-        if times[-1] - seconds > timing["tr"]:
-            raise ValueError(f"story {story!r}: audio is {seconds:.1f} s long but its last fMRI "
-                             f"frame needs audio up to {times[-1]:.1f} s (see --tr, --trim-start, "
-                             "--sound-start)")
-        if times[0] < 0:
-            raise ValueError(before_audio(story, times[0]))
-    return shape[0], shape[1], seconds
-
-
-def check_dataset(root, subjects, *, test_stories=None, val_stories=None, folds=None, timing=None,
-                  test_skip=0, roi="all", textgrids=False, train_stories=None):
-    """What can be known before reading any data, from listings and file headers alone: each
-    subject and its splits (train_stories each a training story of it), every file there and
-    fetched, its frames within its audio, no more folds than training stories, test stories longer
-    than test_skip rows, the ROI in each subject's file (roi: all, topN, ncT, a name or a .npy
-    file; ncT: one test story, with its repeats), and with textgrids the training
-    stories' TextGrids (tiny's pretraining). Raises ValueError naming the flag or the file.
-    Returns a Listing per subject."""
-    timing = dict(dict(tr=TR, trim_start=TRIM_START, sound_start=SOUND_START), **(timing or {}))
-    out = []
-    for name in subjects:
-        subj = find_subject(root, name)
-        train, val, test = splits(root, subj, test_stories, val_stories, train_stories)
-        test_stories, val_stories = test, val  # the first subject's, for every subject
-        if folds is not None and folds > len(train):
-            raise ValueError(f"--cv-folds {folds}: {subj} has {len(train)} training stories, and a "
-                             "fold is whole stories")
-        rows, seconds, voxels = {}, {}, None
-        for s in train + val + test:
-            rows[s], v, seconds[s] = story_header(root, subj, s, timing)
-            if voxels is not None and v != voxels:
-                raise ValueError(f"{response_path(root, subj, s)}: 'data' has {v} voxels; the "
-                                 f"subject's other stories have {voxels}")
-            voxels = v
-        for s in test:
-            if rows[s] <= test_skip:
-                raise ValueError(f"--test-skip {test_skip}: the test story {s!r} of {subj} has "
-                                 f"{rows[s]} rows")
-        if roi.startswith("top") and int(roi[3:]) > voxels:
-            raise ValueError(f"--roi {roi}: {subj} has {voxels} voxels")
-        if nc_threshold(roi) is not None:
-            check_repeats(root, subj, test, roi)
-        elif not roi.startswith("top"):
-            load_roi(root, subj, roi, voxels)
-        for s in train if textgrids else ():
-            if not os.path.isfile(textgrid_path(root, s)):
-                raise ValueError(f"{textgrid_path(root, s)}: no such file; tiny's phone "
-                                 "pretraining reads the training stories' TextGrids "
-                                 "(--tiny-pretrain 0 uses random weights, --weights PATH your "
-                                 "own)")
-        out.append(Listing(subj, voxels, dict(train=train, val=val, test=test), rows, seconds))
-    return out
-
-
-def check_repeats(root, subj, test, roi):
-    """--roi ncT needs one test story whose hf5 holds its repeats (the noise ceiling's input)."""
-    if len(test) != 1:
-        raise ValueError(f"--roi {roi}: the noise ceiling comes from one test story's repeats; "
-                         f"there are {len(test)} test stories ({', '.join(test)})")
-    path = response_path(root, subj, test[0])
-    with open_hf5(path) as f:
-        if "individual_repeats" not in f:
-            raise ValueError(f"--roi {roi}: {path} has no 'individual_repeats' (the test story's "
-                             "repeats, from which the noise ceiling comes); choose another --roi")

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
 
+import ridge
 from cache import cache_root, cached, digest, file_key, progress
 from model import feature_key
 from tasks import read_sphere_or_wav, read_task
@@ -157,7 +158,7 @@ def fit_probe(x, y, multilabel, *, weight_decays=(0.0, 1e-4, 1e-2), epochs=300, 
     for a multi-label task); for each weight decay, the validation metric every `every` epochs up
     to `epochs`; the setting with the best one (the first, on ties) gives the test probabilities."""
     X = {s: torch.as_tensor(np.asarray(v, np.float32), device=device) for s, v in x.items()}
-    mu, sd = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
+    mu, sd = ridge.moments(X["train"])
     X = {s: (v - mu) / sd for s, v in X.items()}  # (clips, dim) each
     Y = {s: torch.as_tensor(v, device=device).float() if multilabel else
          torch.as_tensor(v.argmax(1), device=device) for s, v in y.items()}
@@ -176,8 +177,8 @@ def fit_probe(x, y, multilabel, *, weight_decays=(0.0, 1e-4, 1e-2), epochs=300, 
                 with torch.no_grad():
                     pred = _decide(_probs(probe(X["valid"]), multilabel), multilabel)
                 sums = np.concatenate([pred & y["valid"], y["valid"], pred], 1).sum(0)[None]
-                history.append(dict(weight_decay=wd, epochs=epoch,
-                                    valid=float(_f1(sums, pred.shape[1])[0][0])))
+                micro, _ = _f1(sums, pred.shape[1])  # (1,)
+                history.append(dict(weight_decay=wd, epochs=epoch, valid=float(micro[0])))
                 if best is None or history[-1]["valid"] > best["valid"]:
                     state = {k: v.clone() for k, v in probe.state_dict().items()}
                     best = dict(history[-1], state=state)

@@ -39,14 +39,15 @@ import flatmap
 import hf
 import lora
 import plots
+import preflight
 import probes
 import ridge
+import runfolder
 import tasks
 from cache import save_atomic
-from model import (Extractor, add_adapters, load_checkpoint, load_extractor, pool_frames,
-                   split_features, window_features)
+from features import split_features, window_features
+from model import Extractor, add_adapters, load_extractor, pool_frames
 
-FORMAT = 2  # of adapter.pt and stage1.pt, as train.py writes them
 CPU = torch.device("cpu")
 
 
@@ -62,7 +63,8 @@ class Run:
 
     def subject(self, name):
         """One subject's data (data.Subject), held out on the run's stories."""
-        return config.load_subjects(self.args, [name])[0][0]
+        ds, _ = config.load_subjects(self.args, [name])
+        return ds[0]
 
     def features(self, extractor, d, protocol=None):
         """{"train", "test"}: this extractor's features of subject d's rows, (rows, p): its
@@ -74,17 +76,17 @@ class Run:
     def fit(self, extractor, d, settings=None):
         """The encoding model of subject d on this extractor under the run's protocol (a
         ridge.RidgeFit)."""
-        X = self.features(extractor, d, self.args.scoring)
+        X = self.features(extractor, d, self.args.protocol)
         return ridge.fit_encoding(X, d, settings or self.settings)
 
     def stage1_cv(self):
         """Stage 1's cross-validated r of the first subject: what chooses the voxel sets."""
-        saved = load_checkpoint(os.path.join(self.folder, "stage1.pt"))
-        return saved["subjects"][0]["init"]["cv_r"]
+        first, *_ = runfolder.read_stage1(self.folder)
+        return first.init.cv_r
 
     def protocol(self):
         """The run's protocol as results.json and analyses.json record it."""
-        return dataclasses.asdict(self.args.scoring)
+        return dict(dataclasses.asdict(self.args.protocol), pool=self.args.pool)
 
 
 def load_run(folder):
@@ -99,12 +101,9 @@ def load_run(folder):
     if not os.path.isdir(args.data):
         raise ValueError(f"{args.data}: the run's dataset (--data in {folder}/config.json) is not "
                          "there")
-    saved = load_checkpoint(os.path.join(folder, "stage1.pt"))
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise ValueError(f"{folder}/stage1.pt: written by an older braintune (not a dict of named "
-                         "fits); run stage 1 again in a new run folder")
+    runfolder.read_stage1(folder)  # of this braintune's format, or one sentence
     subjects = args.subject.split(",")
-    listings = config.list_subjects(args, subjects)
+    listings = preflight.list_subjects(args, subjects)
     own = os.path.join(folder, "tiny_pretrained.pt")  # tiny's weights travel with the run
     weights = own if args.weights is None and os.path.isfile(own) else args.weights
     pre = load_extractor(args.model, args.layer, weights, args.seed, pool=args.pool)
@@ -115,21 +114,18 @@ def load_run(folder):
 def tuned_extractor(folder, args, pre):
     """The tuned Extractor of a run: a copy of the pretrained one with the adapters (and layer
     weights) of adapter.pt; None for a stage-1 run."""
-    path = os.path.join(folder, "adapter.pt")
-    if not os.path.isfile(path):
+    trainable = runfolder.read_adapter(folder)
+    if trainable is None:
         return None
-    saved = load_checkpoint(path)
-    if saved.get("format") != FORMAT:
-        raise ValueError(f"{path}: written by an older braintune; tune again in a new run folder")
     tuned = copy.deepcopy(pre)  # the same pretrained weights, read once
     add_adapters(tuned.backbone, tuned.layer, args.lora_rank, args.lora_alpha, args.lora_dropout,
                  args.lora_targets)
-    mine = {k[len("extractor."):]: v for k, v in saved["trainable"].items()
+    mine = {k[len("extractor."):]: v for k, v in trainable.items()
             if k.startswith("extractor.")}
     missing = set(mine) - set(tuned.state_dict())
     if missing:
-        raise ValueError(f"{path} does not fit the {args.model} model of its config (e.g. "
-                         f"{sorted(missing)[0]})")
+        raise ValueError(f"{folder}/adapter.pt does not fit the {args.model} model of its "
+                         f"config (e.g. {sorted(missing)[0]})")
     tuned.load_state_dict(mine, strict=False)
     return tuned.eval()
 
@@ -249,7 +245,7 @@ def significance(run, permutations=1000, q=0.05, block=None):
     for name, ex in (("baseline", run.pretrained), ("refit", run.tuned)):
         if ex is None:
             continue
-        X = run.features(ex, d, run.args.scoring)  # from the cache, as is the fit
+        X = run.features(ex, d, run.args.protocol)  # from the cache, as is the fit
         fit = ridge.fit_encoding(X, d, settings)
         Z, p = (X["test"] - fit.mu) / fit.sd, np.full(len(d.good), np.nan)
         for j in range(0, len(good), 16384):
@@ -436,13 +432,17 @@ def main(argv=None):
     if a.subject:
         print(f"\ncross-subject transfer to {a.subject}:\n" + cross_subject(run, a.subject))
     if a.probe:
-        print("\n" + probes.probe(run, a.probe, a.embeddings)[1])
+        _, table = probes.probe(run, a.probe, a.embeddings)
+        print("\n" + table)
     if a.lowlevel:
-        print("\n" + probes.lowlevel(run)[1])
+        _, table = probes.lowlevel(run)
+        print("\n" + table)
     if a.layers is not None:
-        print("\n" + profile(run, a.layers)[1])
+        _, table = profile(run, a.layers)
+        print("\n" + table)
     if a.significance:
-        print("\n" + significance(run, block=a.block)[1])
+        _, table = significance(run, block=a.block)
+        print("\n" + table)
     if a.seeds:
         out, table = compare.stability([a.run] + a.seeds, a.vs)
         cache.merge_analyses(a.run, "stability", out)

@@ -3,8 +3,9 @@ A braintune backbone (a torchaudio Wav2Vec2Model of the wav2vec2, HuBERT or WavL
 or not) exported as a Hugging Face transformers checkpoint of its family, so that the tools the
 papers judge a model with (s3prl's SUPERB tasks, transformers pipelines) can read it:
 
-    backbone, normalize = model.load_backbone("wavlm_base_plus", weights="runs/x/backbone.pt")
-    export_hf(backbone, "wavlm_base_plus", "runs/x/hf", normalize=normalize)
+    backbone = model.load_backbone("wavlm_base_plus", weights="runs/x/backbone.pt")
+    export_hf(backbone, "wavlm_base_plus", "runs/x/hf",
+              normalize=model.normalizes("wavlm_base_plus"))
     hf = transformers.AutoModel.from_pretrained("runs/x/hf")        # a WavLMModel, in eval mode
 
 The folder holds config.json and model.safetensors (save_pretrained) and preprocessor_config.json

@@ -1,21 +1,18 @@
 """
 The model: a torchaudio speech backbone (wav2vec2, HuBERT or WavLM) read at one transformer layer
 (an Extractor), its frames averaged into the TR bins of each fMRI frame's window, and a linear head
-per subject from those features to voxels. What turns audio into predicted voxels, and nothing of
-the run: the backbones (and `tiny`, with its cached phone pretraining), LoRA adapters on them
-(add_adapters), the features the ridge sees (each window or story forwarded once and cached: the
-windows, or a paper's sliding context, Lanczos and delays), and BrainModel with its heads.
+per subject from those features to voxels. Modules only, as whisper's model.py: the backbones (and
+`tiny`, with its cached phone pretraining), LoRA adapters on them (add_adapters), and BrainModel
+with its heads. What the ridge reads of them is features.py's.
 
     extractor = load_extractor("wavlm_base_plus", "9")        # torchaudio's pretrained weights
     model = BrainModel(extractor, [make_head(W)], mu, sd, history=4)
     voxels = model(wave)[0]                  # (batch, samples) at 16 kHz -> (batch, voxels)
 """
 import ctypes
-import functools
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +23,7 @@ from torchaudio.models import wav2vec2_model, wavlm_model
 
 import data
 import lora
+import textgrid
 from cache import cached, digest, file_key, log, progress
 
 BUNDLES = {"wav2vec2_base": "WAV2VEC2_BASE", "wav2vec2_large": "WAV2VEC2_LARGE",
@@ -61,19 +59,24 @@ DROPOUTS = ("encoder_projection_dropout", "encoder_attention_dropout", "encoder_
 
 
 def build_backbone(name, dropout=None):
-    """The architecture of `name` with random weights, and whether its bundle layer-normalises the
-    wave. dropout replaces the bundle's own dropout probabilities (active in training mode only);
-    LayerDrop is always off, so that every layer the head reads is computed."""
+    """The architecture of `name` with random weights. dropout replaces the bundle's own dropout
+    probabilities (active in training mode only); LayerDrop is always off, so that every layer the
+    head reads is computed."""
     if name != "tiny" and name not in BUNDLES:
         raise ValueError(f"unknown model {name!r}; choose tiny or one of {', '.join(BUNDLES)}")
     override = dict(encoder_layer_drop=0.0)
     if dropout is not None:
         override.update({k: dropout for k in DROPOUTS})
     if name == "tiny":
-        return wavlm_model(**dict(TINY, **override)), False
+        return wavlm_model(**dict(TINY, **override))
     bundle = getattr(torchaudio.pipelines, BUNDLES[name])
     build = wavlm_model if bundle._model_type == "WavLM" else wav2vec2_model
-    return build(**dict(bundle._params, **override)), bundle._normalize_waveform
+    return build(**dict(bundle._params, **override))
+
+
+def normalizes(name):
+    """Whether model `name`'s bundle layer-normalises the wave before the backbone."""
+    return name != "tiny" and getattr(torchaudio.pipelines, BUNDLES[name])._normalize_waveform
 
 
 def keep_freed_memory():
@@ -90,9 +93,9 @@ def keep_freed_memory():
 
 def load_backbone(name, weights=None, seed=0, dropout=None):
     """A plain torchaudio Wav2Vec2Model with the bundle's pretrained weights (or `weights`: a path
-    or a state dict), and whether the bundle layer-normalises its input wave."""
+    or a state dict), in eval mode."""
     torch.manual_seed(seed)
-    model, normalize = build_backbone(name, dropout)
+    model = build_backbone(name, dropout)
     if name != "tiny" and weights is None:
         bundle = getattr(torchaudio.pipelines, BUNDLES[name])
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
@@ -112,7 +115,7 @@ def load_backbone(name, weights=None, seed=0, dropout=None):
             what = weights if isinstance(weights, str) else name
             raise ValueError(f"{what}: the weights do not fit the {name} architecture ({first})") \
                 from None
-    return model.eval(), normalize
+    return model.eval()
 
 
 POOLS = ("bins", "mean")  # --pool: a window's frames in TR bins, or their mean (Moussa et al.)
@@ -156,9 +159,9 @@ class Extractor(nn.Module):
 def load_extractor(name, layer=None, weights=None, seed=0, dropout=None, *, pool="bins"):
     """An Extractor of backbone `name` (load_backbone) read at --layer `layer`: a 1-based layer
     number as text, None for 3/4 of the depth, or 'weighted'; its windows pooled by `pool`."""
-    backbone, normalize = load_backbone(name, weights, seed, dropout)
+    backbone = load_backbone(name, weights, seed, dropout)
     depth = len(backbone.encoder.transformer.layers)
-    return Extractor(name, backbone, layer_of(layer, depth), normalize, layer == "weighted",
+    return Extractor(name, backbone, layer_of(layer, depth), normalizes(name), layer == "weighted",
                      pool=pool)
 
 
@@ -171,9 +174,9 @@ def pretrain_tiny(root, audio, epochs=4, seed=0, *, chunk=4.0, batch_size=16, ma
     so that on a whole subject (16 h of audio) it stays a smoke test of a minute or so. Returns
     (state dict, frame accuracy of the last epoch)."""
     torch.manual_seed(seed)
-    model, _ = build_backbone("tiny")
+    model = build_backbone("tiny")
     hop = frame_hop(model)  # samples per frame
-    phones = {s: data.words_and_phones(data.textgrid_path(root, s))[0] for s in audio}
+    phones = {s: textgrid.read_phones(data.textgrid_path(root, s)) for s in audio}
     names = ["pause"] + sorted({p for s in audio for _, _, p in phones[s]})
     n = round(chunk * data.SR)
     frames = {}  # story -> (frames,) phone index, 0 = pause
@@ -278,185 +281,11 @@ def frame_hop(backbone):
 
 def feature_key(name, backbone, layer, layer_weights, normalize, *, pool="bins"):
     """What pooled() computes, for the feature cache: the architecture and the backbone's weights
-    (adapters included), the layer read, the wave's normalisation, the pooling (named only when it
-    is not bins, so that the keys of features made before --pool still find them)."""
+    (adapters included), the layer read, the wave's normalisation, the pooling."""
     arch = TINY if name == "tiny" else BUNDLES[name]
-    key = dict(arch=arch, backbone=digest(backbone.state_dict()), layer=layer,
-               layer_weights=layer_weights, normalize=normalize, torch=torch.__version__)
-    return key if pool == "bins" else dict(key, pool=pool)
-
-
-# -----------------------------------------------------------------------------
-# the features the ridge sees: each window or story forwarded once, cached
-
-def uses_bf16(device, precision="auto"):
-    """Whether the backbone runs in bf16 autocast: on a GPU, unless --precision fp32."""
-    return device.type == "cuda" and precision != "fp32"
-
-
-def precision_name(device, precision="auto"):
-    """What the features are computed in, for the cache keys: bf16 or fp32."""
-    return "bf16" if uses_bf16(device, precision) else "fp32"
-
-
-@torch.inference_mode()
-def window_features(fn, windows, key, device, *, batch_size, desc="features", precision="auto"):
-    """fn(wave (batch, samples)) -> (batch, p) for every window, in order: (rows, p) float32 on the
-    CPU. With a key (what fn computes: backbone, layer, ...), each story's block is cached under it
-    and the story's audio, row count and timing, so a second run does not forward it again. With a
-    list of keys, fn returns a list of (batch, p), one per key (several layers of one forward):
-    each story's blocks are cached and nothing is returned, so that no caller holds every layer at
-    once."""
-    precision, many = precision_name(device, precision), isinstance(key, list)
-
-    def blocks(i):  # [(rows, p)] of story i, one per key
-        out = []
-        story = range(windows.starts[i], windows.starts[i + 1])
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(windows, story), batch_size)
-        for wave, *_ in loader:
-            with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
-                y = fn(wave.to(device))
-            out.append([t.float().cpu() for t in (y if many else [y])])
-        if not out:
-            return [np.zeros((0, 0), np.float32)]
-        return [torch.cat(c).numpy() for c in zip(*out)]
-    out = []
-    for i in progress(range(len(windows.stories)), desc):
-        if key is None or windows.keys is None:
-            out.append(torch.from_numpy(blocks(i)[0]))
-            continue
-        keys = [dict(k, audio=windows.keys[i], rows=len(windows.ends[i]), precision=precision,
-                     **windows.timing) for k in (key if many else [key])]
-        name = windows.stories[i]
-        got = [cached("features", k, None, name) for k in keys]
-        if any(g is None for g in got):  # one forward for every missing key
-            got = [cached("features", k, functools.partial(dict, x=x), name)
-                   for k, x in zip(keys, blocks(i))]
-        if not many:
-            out.append(torch.from_numpy(np.array(got[0]["x"])))
-    return None if many else torch.cat(out)
-
-
-# the papers' evaluation features: a sliding context, Lanczos to the TRs, FIR delays
-
-PROTOCOLS = {  # what stage 1's baseline, the refit and eval's fits see; the training input stays
-    "windows": dict(delays=(), test_skip=0),  # the windows
-    "moussa2025": dict(context=16.0, stride=0.1, delays=(1, 2, 3, 4), test_skip=40),
-    "brainwavlm": dict(context=3.75, stride=0.25, delays=(1, 2, 3, 4), test_skip=40),
-}
-
-
-@dataclass
-class Protocol:
-    """What stage 1's baseline, the refit and eval's fits are scored on (--protocol and its
-    settings), as results.json records it."""
-    name: str  # windows, moussa2025 or brainwavlm
-    history: int  # TRs of audio in each training window (--history)
-    context: float = None  # seconds heard before each stride (a paper's protocol only)
-    stride: float = None  # seconds between the ends of the feature windows
-    delays: list = ()  # TR delays of the features (finite impulse response)
-    test_skip: int = 0  # rows left out of each test story's score at its start
-    frame: str = "last"  # the frames kept of each snippet: its last stride's, or its first one
-
-    @property
-    def sliding(self):
-        """A paper's sliding context, rather than the training windows."""
-        return self.name != "windows"
-
-
-def lanczos(x, old_times, new_times, tr, window=3):
-    """x (old samples, p) at old_times resampled to new_times (s) by the Huth lab's Lanczos filter:
-    weight sinc(t) sinc(t / window) for |t| <= window, t = (new time - old time) / tr, so the cutoff
-    is the new rate's Nyquist frequency; two-sided, not normalised (z-scoring follows). (new, p)."""
-    new, old = np.asarray(new_times, np.float64), np.asarray(old_times, np.float64)
-    t = (new[:, None] - old[None, :]) / tr
-    weights = np.sinc(t) * np.sinc(t / window) * (np.abs(t) <= window)
-    return torch.as_tensor(weights, dtype=x.dtype) @ x
-
-
-def delayed(x, delays):
-    """(rows, p) -> (rows, len(delays) * p): row t holds rows t - d of x for each delay d, zeros
-    before the story starts (the finite-impulse-response model)."""
-    return torch.cat([F.pad(x, (0, 0, d, 0))[:len(x)] for d in delays], 1)
-
-
-@torch.inference_mode()
-def stride_frames(frames_fn, wave, hop, protocol, device, *, batch_size, precision="auto"):
-    """Frame features of a whole story, each frame heard with protocol.context s of audio before
-    its stride: the story cut into chunks of context + stride seconds ending every stride s, each
-    forwarded once (in batches; zeros before the story starts and after it ends), the frames of its
-    last stride kept, or with protocol.frame "first" its first frame alone, labelled at the
-    snippet's end (BrainWavLM's code: the hidden state at the first token). frames_fn: (batch,
-    samples) -> (batch, frames, dim); hop: samples per frame. Returns the frames' times (s) and
-    features (frames, dim)."""
-    n_ctx, n_str = round(protocol.context * data.SR), round(protocol.stride * data.SR)
-    chunk = n_ctx + n_str
-    ends = np.arange(n_str, len(wave) + n_str, n_str)  # chunk ends, in samples
-    times, feats = [], []
-    for i in range(0, len(ends), batch_size):
-        waves = []
-        for e in ends[i:i + batch_size]:
-            w = np.array(wave[max(e - chunk, 0):min(e, len(wave))], np.float32)
-            before = max(chunk - e, 0)  # zeros before the story starts
-            waves.append(np.pad(w, (before, chunk - before - len(w))))
-        with torch.autocast("cuda", torch.bfloat16, enabled=uses_bf16(device, precision)):
-            h = frames_fn(torch.from_numpy(np.stack(waves)).to(device))
-        h = h.float().cpu()  # (batch, frames, dim)
-        at = (np.arange(h.shape[1]) + 0.5) * hop  # each frame's centre, samples into the chunk
-        if protocol.frame == "first":
-            times.append(ends[i:i + len(waves)] / data.SR)  # (batch,) the snippets' ends
-            feats.append(h[:, 0])
-            continue
-        keep = np.flatnonzero((at > chunk - n_str) & (at <= chunk))  # the chunk's last stride
-        times.append((ends[i:i + len(waves), None] - chunk + at[keep]) / data.SR)
-        feats.append(h[:, keep].reshape(-1, h.shape[2]))
-    return np.concatenate(times).ravel(), torch.cat(feats)
-
-
-def protocol_features(extractor, windows, protocol, device, *, batch_size, desc="features",
-                      precision="auto"):
-    """Each story's features under a paper's protocol (context, stride, delays), at its fMRI rows:
-    stride_frames, Lanczos to the rows' times, z-scored per story, delayed. (rows, p), the
-    resampled frames cached per story under the extractor's key and the protocol. extractor: an
-    Extractor, or anything with its hidden(wave), hop and key() (None: not cached)."""
-    key, timing = extractor.key(), windows.timing
-    out = []
-    for i in progress(range(len(windows.stories)), desc):
-        t_rows = data.row_times(len(windows.ends[i]), timing["tr"], timing["trim_start"],
-                                timing["sound_start"])
-
-        def build():
-            wave = windows.waves[i]
-            times, x = stride_frames(extractor.hidden, wave, extractor.hop, protocol, device,
-                                     batch_size=batch_size, precision=precision)
-            return {"x": lanczos(x, times, t_rows, timing["tr"]).numpy()}
-        if key is None or not windows.keys:
-            x = build()["x"]
-        else:
-            k = dict(key, audio=windows.keys[i], rows=len(t_rows), context=protocol.context,
-                     stride=protocol.stride, lanczos=3, precision=precision_name(device, precision),
-                     **timing)
-            if protocol.frame != "last":  # named only then: the keys made before --frame hold
-                k["frame"] = protocol.frame
-            x = cached("protocol", k, build, windows.stories[i])["x"]
-        x = torch.from_numpy(np.array(x))
-        out.append(delayed((x - x.mean(0)) / x.std(0).clamp_min(1e-6), protocol.delays))
-    return torch.cat(out)
-
-
-def split_features(extractor, windows, history, device, *, batch_size, protocol=None,
-                   precision="auto"):
-    """{split: (rows, p)}: the features of the Windows in `windows` {split: Windows} that the ridge
-    fits, cached: each window's frames pooled in `history` TR bins (Extractor.pooled), or, with a
-    paper's protocol (a Protocol whose .sliding), each story forwarded in strides, Lanczos to the
-    rows, delayed."""
-    if protocol is not None and protocol.sliding:
-        return {s: protocol_features(extractor, w, protocol, device, batch_size=batch_size,
-                                     desc=s, precision=precision) for s, w in windows.items()}
-    fn = functools.partial(extractor.pooled, history=history)
-    key = extractor.key()
-    return {s: window_features(fn, w, key, device, batch_size=batch_size, desc=s,
-                               precision=precision) for s, w in windows.items()}
+    return dict(arch=arch, backbone=digest(backbone.state_dict()), layer=layer,
+                layer_weights=layer_weights, normalize=normalize, pool=pool,
+                torch=torch.__version__)
 
 
 # -----------------------------------------------------------------------------

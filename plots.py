@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 import data
+import voxels
 import lora
 from cache import read_json
 
@@ -42,7 +43,7 @@ def plot(run):
         if "refit_r" not in r:
             raise ValueError(f"{folder} is a stage-1 run (--epochs 0): there is no tuned model to "
                              "plot")
-        rois = data.roi_sets(args.data, subj, len(r["baseline_r"]))
+        rois = voxels.roi_sets(data.roi_path(args.data, subj), len(r["baseline_r"]))
         plot_voxels(subj, r, rois, folder, paths, f"_{subj}" if multi else "")
     metrics = [json.loads(x) for x in open(os.path.join(folder, "metrics.jsonl"))]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))

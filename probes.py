@@ -17,6 +17,8 @@ import torchaudio.functional as AF
 import cache
 import data
 import ridge
+import textgrid
+import voxels
 from model import pool_frames
 
 
@@ -26,7 +28,7 @@ def load_embeddings(path):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such embeddings file")
     if path.endswith(".hf5"):
-        with data.open_hf5(path) as f:
+        with voxels.open_hf5(path) as f:
             if "data" not in f or "vocab" not in f:
                 raise ValueError(f"{path}: expected 'data' (dimensions, words) and 'vocab'")
             vectors, vocab = np.asarray(f["data"], np.float32), f["vocab"][:]
@@ -83,15 +85,19 @@ def probe(run, kind, embeddings=None):
     eval.Run)."""
     args = run.args
     subj = data.find_subject(args.data, run.subjects[0])
-    train_s, val_s, test_s = data.splits(args.data, subj, args.test_stories, args.val_stories,
-                                         args.train_stories)
+    stories = data.splits(args.data, subj, args.test_stories, args.val_stories,
+                          args.train_stories)
+    train_s, val_s, test_s = (stories[k] for k in ("train", "val", "test"))
     emb = None
     if kind == "semantic":
         emb = load_embeddings(embeddings or default_embeddings(args.data))
     items = {}  # story -> (segments, labels)
     for s in train_s + val_s + test_s:
-        phones, words = data.words_and_phones(data.textgrid_path(args.data, s))
-        segs = [w for w in words if w[2].lower() in emb] if kind == "semantic" else phones
+        grid = data.textgrid_path(args.data, s)
+        if kind == "semantic":
+            segs = [w for w in textgrid.read_words(grid) if w[2].lower() in emb]
+        else:
+            segs = textgrid.read_phones(grid)
         items[s] = ([(a, b) for a, b, _ in segs], [lab.lower() for _, _, lab in segs])
     labels = sorted({lab for _, labs in items.values() for lab in labs})
     if kind == "semantic":
@@ -109,10 +115,10 @@ def probe(run, kind, embeddings=None):
             continue
         X = {s: segment_features(ex, audio[s], items[s][0]) for s in items}
         Xtr = torch.cat([X[s] for s in fit_s])
-        mu, sd = Xtr.mean(0), Xtr.std(0).clamp_min(1e-6)
+        mu, sd = ridge.moments(Xtr)
         groups = ridge.story_folds([len(X[s]) for s in fit_s], run.settings.folds)
         Y = torch.cat([target[s] for s in fit_s])
-        Wp, _ = ridge.fit_ridge((Xtr - mu) / sd, Y, run.settings.alphas, groups)
+        Wp = ridge.fit_ridge((Xtr - mu) / sd, Y, run.settings.alphas, groups).W
         pred = torch.cat([(X[s] - mu) / sd @ Wp for s in test_s])
         truth = torch.cat([target[s] for s in test_s])
         if kind == "semantic":
@@ -148,7 +154,7 @@ def lowlevel_r(X, L, Ytrain, Ytest, groups, alphas):
     B = torch.linalg.solve(G + stable, L["train"].T @ X["train"])
     out = []
     for F_ in (X, {k: X[k] - L[k] @ B for k in X}):
-        W, _ = ridge.fit_ridge(F_["train"], Ytrain, alphas, groups)
+        W = ridge.fit_ridge(F_["train"], Ytrain, alphas, groups).W
         out.append(ridge.pearson(F_["test"] @ W, Ytest))
     return out
 
@@ -160,7 +166,7 @@ def lowlevel(run):
     args = run.args
     d = run.subject(run.subjects[0])
     L = {s: mel_features(d.windows[s], args.history) for s in ("train", "test")}
-    mu, sd = L["train"].mean(0), L["train"].std(0).clamp_min(1e-6)
+    mu, sd = ridge.moments(L["train"])
     L = {s: (v - mu) / sd for s, v in L.items()}
     groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], run.settings.folds)
     # the voxel sets by stage-1 cross-validated r on training stories: the same for both backbones,
@@ -171,7 +177,7 @@ def lowlevel(run):
         if ex is None:
             continue
         X = run.features(ex, d)
-        m, s_ = X["train"].mean(0), X["train"].std(0).clamp_min(1e-6)
+        m, s_ = ridge.moments(X["train"])
         X = {k: (v - m) / s_ for k, v in X.items()}
         full, residual = lowlevel_r(X, L, d.Y["train"], d.Y["test"][:, :], groups,
                                     run.settings.alphas)

@@ -4,7 +4,7 @@ Ridge regression and the statistics that the results report: the encoding model'
 encoding fit and its stage 1, the voxel sets, Pearson r, the block bootstrap of the change between
 two models, the block permutation test and the false discovery rate, and the results table.
 
-    W, lambdas = fit_ridge(X, Y, alphas, story_folds([len(s) for s in stories], 5))  # (p, voxels)
+    fit = fit_ridge(X, Y, alphas, story_folds([len(s) for s in stories], 5))  # fit.W (p, voxels)
     fit = fit_encoding(X, d, Settings(alphas, folds=5, block=10, test_skip=0))       # a RidgeFit
 """
 import functools
@@ -33,6 +33,14 @@ class RidgeFit:
     cv_r: torch.Tensor  # (voxels,) cross-validated r on the training stories; NaN where unusable
     test_r: torch.Tensor  # (voxels,) on the test story, from row --test-skip on; NaN where unusable
     blocks: BlockSums  # the test story's block sums, for the change's interval
+
+
+@dataclass
+class RidgeCV:
+    """A per-voxel ridge solved with cross-validated lambdas (fit_ridge), on the CPU."""
+    W: torch.Tensor  # (p, voxels)
+    lambdas: torch.Tensor  # (voxels,) each voxel's lambda
+    cv_r: torch.Tensor  # (voxels,) each voxel's cross-validated r at its lambda
 
 
 @dataclass
@@ -83,6 +91,13 @@ def fit_from_state(state):
 # -----------------------------------------------------------------------------
 # the ridge
 
+def moments(x):
+    """The mean and standard deviation of each column of x (rows, p), the deviation at least 1e-6
+    so that a constant feature stays 0: every feature matrix here is z-scored as (x - mu) / sd
+    by its training rows' moments."""
+    return x.mean(0), x.std(0).clamp_min(1e-6)
+
+
 def pearson(a, b):
     """Per-column Pearson r of (n, v) tensors; a constant column gives 0, not NaN."""
     a, b = a - a.mean(0), b - b.mean(0)
@@ -109,7 +124,7 @@ def gram(X, rows):
 
 
 @full_float32
-def fit_ridge(X, Y, alphas, groups, voxel_batch=None, return_cv=False):
+def fit_ridge(X, Y, alphas, groups, voxel_batch=None):
     """Ridge ||XW - Y||^2 + lambda ||W||^2 with its own lambda per voxel, chosen by
     cross-validation.
 
@@ -118,8 +133,8 @@ def fit_ridge(X, Y, alphas, groups, voxel_batch=None, return_cv=False):
     (the Huth lab's bootstrap_ridge squares its alpha: its alpha a is lambda = a**2 here); groups
     (n,) fold labels, each held out once (whole stories). Each voxel takes the lambda with the best
     mean held-out r (ties: the larger lambda), then W is refit on all rows. No intercept: inputs
-    are z-scored. Returns W (p, v), best lambdas (v,) and, with return_cv, each voxel's
-    cross-validated r at its lambda (v,), on the CPU.
+    are z-scored. Returns a RidgeCV: W (p, v), each voxel's lambda and its cross-validated r at
+    that lambda (v,), on the CPU.
 
     Each fold's training Gram matrix X'X = V diag(e) V' (float64) gives every lambda's weights as
     V B with B = diag(1 / (e + lambda)) V'X'Y. The held-out r needs no prediction: with Xc the
@@ -165,7 +180,7 @@ def fit_ridge(X, Y, alphas, groups, voxel_batch=None, return_cv=False):
         W[:, j:j + vb] = (V @ ((V.T @ XtY) / (e[:, None] + alphas[b]))).cpu()
         best[j:j + vb] = b.cpu()
         cv[j:j + vb] = scores.gather(0, b[None])[0].cpu() / len(folds)
-    return (W, alphas.cpu()[best], cv) if return_cv else (W, alphas.cpu()[best])
+    return RidgeCV(W, alphas.cpu()[best], cv)
 
 
 def story_folds(lengths, k):
@@ -187,7 +202,7 @@ def fit_encoding(X, d, settings, device=torch.device("cpu"), stats=None):
     sums in blocks of settings.block TRs (block_sums), both from each test story's row
     settings.test_skip on. The fit is cached under all that it depends on (the features themselves,
     the responses' files, lambdas, folds), so a second run does not redo it."""
-    mu, sd = stats or (X["train"].mean(0), X["train"].std(0).clamp_min(1e-6))
+    mu, sd = stats or moments(X["train"])
     Z = {s: (x - mu) / sd for s, x in X.items()}
     skip, block = settings.test_skip, settings.block
     groups = story_folds([len(e) for e in d.windows["train"].ends], settings.folds)
@@ -198,8 +213,8 @@ def fit_encoding(X, d, settings, device=torch.device("cpu"), stats=None):
     def fit():
         t0 = time.time()
         fitted.append(t0)
-        W, lambdas, cv = fit_ridge(Z["train"].to(device), d.Y["train"], settings.alphas, groups,
-                                   return_cv=True)
+        solved = fit_ridge(Z["train"].to(device), d.Y["train"], settings.alphas, groups)
+        W, lambdas, cv = solved.W, solved.lambdas, solved.cv_r
         r, sums = [], []  # test r, and each block of test TRs' sums for the bootstrap
         for j in range(0, W.shape[1], 16384):
             pred, y = Z["test"][scored] @ W[:, j:j + 16384], d.Y["test"][scored, j:j + 16384]
@@ -228,11 +243,11 @@ def fit_encoding(X, d, settings, device=torch.device("cpu"), stats=None):
     return RidgeFit(mu, sd, W, cv, r, BlockSums(sums, rows))
 
 
-def sets(d, cv, roi="all"):
+def sets(d, cv, top=0):
     """The voxel sets the results are reported on: all, each ROI of the subject, and the top N by
-    stage-1 cv r (N from --roi topN, else a tenth of the usable voxels)."""
+    stage-1 cv r (N: `top`, --roi topN's, else a tenth of the usable voxels)."""
     good = np.flatnonzero(d.good)
-    n_top = int(roi[3:]) if roi.startswith("top") else max(1, len(good) // 10)
+    n_top = top or max(1, len(good) // 10)
     top = good[np.argsort(-cv.numpy()[good], kind="stable")[:n_top]]
     rois = {k: np.intersect1d(v, good) for k, v in d.rois.items()}
     return {"all": good, **rois, f"top{n_top}": top}

@@ -26,6 +26,7 @@ import torchaudio.functional as AF
 from scipy.io import wavfile
 
 import data
+import textgrid
 from cache import atomic_folder, progress
 
 TASKS = ("speechcommands", "timit-phones", "timit-sentence", "cremad", "fluent")
@@ -66,9 +67,11 @@ def _child(d, name):  # the entry of folder d called `name`, in any case, or Non
 
 
 def _draw(keys, n_valid, n_test, seed):
-    """Sorted keys (speakers, actors) in a seeded order, cut into (train, valid, test) sets."""
+    """Sorted keys (speakers, actors) in a seeded order, cut into {"train", "valid", "test"}
+    sets."""
     order = [sorted(keys)[i] for i in np.random.default_rng(seed).permutation(len(keys))]
-    return set(order[n_valid + n_test:]), set(order[:n_valid]), set(order[n_valid:n_valid + n_test])
+    return dict(train=set(order[n_valid + n_test:]), valid=set(order[:n_valid]),
+                test=set(order[n_valid:n_valid + n_test]))
 
 
 def read_speechcommands(root):
@@ -152,10 +155,9 @@ def read_timit(root, kind, seed=0):
     train = [k for k in speakers if k[0] == "TRAIN" and speakers[k]]
     if len(train) < 2:
         raise ValueError(f"{_child(base, 'TRAIN')}: needs utterances of at least 2 speakers")
-    keep, valid, _ = _draw(train, max(1, round(len(train) / 10)), 0, seed)
-    test = [k for k in speakers if k[0] == "TEST"]
-    splits = {s: [c for k in sorted(keys) for c in speakers[k]]
-              for s, keys in (("train", keep), ("valid", valid), ("test", test))}
+    drawn = _draw(train, max(1, round(len(train) / 10)), 0, seed)
+    drawn["test"] = [k for k in speakers if k[0] == "TEST"]
+    splits = {s: [c for k in sorted(keys) for c in speakers[k]] for s, keys in drawn.items()}
     return Task(f"timit-{kind}", classes, kind == "phones", splits)
 
 
@@ -176,7 +178,7 @@ def read_cremad(root, seed=0):
         raise ValueError(f"{root}: not a CREMA-D folder of 3 actors or more (expected AudioWAV/"
                          "<actor>_<sentence>_<emotion>_<level>.wav)")
     n = max(1, round(len(actors) / 10))
-    parts = dict(zip(("train", "valid", "test"), _draw(list(actors), n, n, seed)))
+    parts = _draw(list(actors), n, n, seed)
     splits = {s: [c for a in sorted(parts[s]) for c in actors[a]] for s in parts}
     return Task("cremad", list(EMOTIONS), False, splits)
 
@@ -294,8 +296,8 @@ def read_sphere_or_wav(path):
 
 def words_to_speechcommands(data_root, out, *, valid_story=None, test_story=data.TEST_STORY,
                             seconds=1.0):
-    """Every word of every story (data.words_and_phones's word tier) cut from its wav into a
-    `seconds` clip, the word centred and zero-padded (longer words cut to their middle), written as
+    """Every word of every story (textgrid.read_words) cut from its wav into a `seconds` clip,
+    the word centred and zero-padded (longer words cut to their middle), written as
     16 kHz int16 <word>/<story>_nohash_<n>.wav. Splits by story, as stories have their own voice:
     test_story's words are the testing list, valid_story's (default: the last other story) the
     validation list, the rest training; words that no training story holds are left out."""
@@ -313,7 +315,7 @@ def words_to_speechcommands(data_root, out, *, valid_story=None, test_story=data
     os.makedirs(out, exist_ok=True)
 
     def words(story):  # [(start, end, folder name)]
-        got = data.words_and_phones(data.textgrid_path(data_root, story))[1]
+        got = textgrid.read_words(data.textgrid_path(data_root, story))
         names = [(a, b, re.sub(r"[^a-z0-9'_-]", "", w.lower()).lstrip("_")) for a, b, w in got]
         return [(a, b, w) for a, b, w in names if w]
     trained = {w for s in stories if s not in (valid_story, test_story) for _, _, w in words(s)}

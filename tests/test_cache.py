@@ -16,7 +16,8 @@ import cache
 import data
 import train
 from test_train import count_windows
-from model import Extractor, load_backbone, load_checkpoint, window_features
+from features import window_features
+from model import Extractor, load_backbone, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,8 +100,8 @@ def test_each_input_of_a_key_misses(demo, fresh, tmp_path):
     # features: every setting that changes them misses, the same call hits
     waves = data.load_audio(root, [story])
     keys = {story: cache.file_key(data.wav_path(root, story))}
-    model, _ = load_backbone("tiny", seed=0)
-    other, _ = load_backbone("tiny", seed=1)
+    model = load_backbone("tiny", seed=0)
+    other = load_backbone("tiny", seed=1)
     cpu = torch.device("cpu")
 
     def extract(bb=model, layer=2, history=3, normalize=False, **timing):

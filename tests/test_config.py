@@ -2,13 +2,15 @@
 import pytest
 
 import config
+import preflight
 
 
 @pytest.mark.parametrize("recipe", sorted(config.RECIPES))
 def test_each_recipe_sets_its_flags_and_the_command_line_wins(recipe):
     args = config.parse(["--recipe", recipe, "--data", "somewhere"])
+    recorded = config.flags_record(args)  # the flags as config.json keeps them
     for k, v in config.RECIPES[recipe].items():
-        assert getattr(args, k) == (v.split(",") if k.endswith("_stories") else v), k
+        assert recorded[k] == (v.split(",") if k.endswith("_stories") else v), k
     assert config.parse(["--recipe", recipe, "--data", "somewhere", "--lr", "0.123"]).lr == 0.123
 
 
@@ -38,7 +40,8 @@ NAMED = {
 def test_a_papers_recipe_sets_what_the_docs_table_names(recipe):
     import os
     args = config.parse(["--recipe", recipe, "--data", "somewhere"])
-    assert {k: getattr(args, k) for k in NAMED[recipe]} == NAMED[recipe]
+    recorded = config.flags_record(args)  # the flags as config.json keeps them
+    assert {k: recorded[k] for k in NAMED[recipe]} == NAMED[recipe]
     assert set(config.RECIPES[recipe]) == set(NAMED[recipe])  # nothing set that is not named
     assert args.patience >= args.epochs  # never stopped before the paper's epoch count
     docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")).read()
@@ -48,9 +51,9 @@ def test_a_papers_recipe_sets_what_the_docs_table_names(recipe):
         assert any(f"`--{k.replace('_', '-')}" in row for row in rows), k
     if recipe == "moussa2025":
         assert len(args.train_stories) == 24 and "stagefright" not in args.train_stories
-        assert args.scoring.frame == "last"
+        assert args.protocol.frame == "last"
     else:
-        assert args.scoring.frame == "first" and args.scoring.test_skip == 0
+        assert args.protocol.frame == "first" and args.protocol.test_skip == 0
 
 
 def test_clip_0_means_none_and_a_negative_clip_is_refused():
@@ -61,7 +64,7 @@ def test_clip_0_means_none_and_a_negative_clip_is_refused():
 
 def test_the_new_flags_default_to_what_ran_before_and_bad_values_are_refused(tmp_path):
     args = config.parse([])
-    assert (args.pool, args.schedule, args.select, args.frame, args.train_stories) == (
+    assert (args.pool, args.schedule, args.select, args.protocol.frame, args.train_stories) == (
         "bins", "warmup", "val", "last", None)
     listed = tmp_path / "stories.txt"
     listed.write_text("souls\n\navatar\n")
@@ -74,7 +77,7 @@ def test_the_new_flags_default_to_what_ran_before_and_bad_values_are_refused(tmp
             (["--frame", "first"], "--frame: a setting of moussa2025 or brainwavlm")):
         with pytest.raises(ValueError, match=message):
             config.parse(flags)
-    assert config.parse(["--protocol", "brainwavlm", "--frame", "first"]).scoring.frame == "first"
+    assert config.parse(["--protocol", "brainwavlm", "--frame", "first"]).protocol.frame == "first"
 
 
 def test_the_dataset_is_listed_and_read_under_the_runs_own_timing(demo):
@@ -82,9 +85,9 @@ def test_the_dataset_is_listed_and_read_under_the_runs_own_timing(demo):
     --trim-start and --sound-start (eval once checked a run's dataset under the defaults)."""
     late = config.parse(["--data", demo, "--sound-start", "400"])
     with pytest.raises(ValueError, match="before the audio starts"):
-        config.list_subjects(late, ["S01"])
+        preflight.list_subjects(late, ["S01"])
     args = config.parse(["--data", demo, "--trim-start", "9"])
-    (listing,) = config.list_subjects(args, ["S01"])
+    (listing,) = preflight.list_subjects(args, ["S01"])
     ds, _ = config.load_subjects(args, ["S01"])
     assert ds[0].windows["train"].timing["trim_start"] == 9
     assert listing.stories["train"] == ds[0].stories["train"]

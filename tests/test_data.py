@@ -8,6 +8,8 @@ import torch
 from scipy.io import wavfile
 
 import data
+import textgrid
+import voxels
 from model import pool_frames
 
 
@@ -66,7 +68,8 @@ def test_stereo_44k_int16_becomes_16k_mono(tmp_path):
 def test_synthetic_dataset_reads_back_with_its_ground_truth(demo):
     subj = data.find_subject(demo, "S01")
     assert subj == "UTS01"
-    train, val, test = data.splits(demo, subj)
+    stories = data.splits(demo, subj)
+    train, val, test = (stories[k] for k in ("train", "val", "test"))
     assert test == [data.TEST_STORY] and len(val) == 1 and len(train) == 4
     resp, good = data.load_responses(demo, subj, train + val + test)
     assert good.all()
@@ -84,7 +87,7 @@ def test_synthetic_dataset_reads_back_with_its_ground_truth(demo):
                          for s in train]).mean()
     implied = np.mean(np.sqrt(snr[sig] / (1 + snr[sig])))
     assert abs(measured - implied) < 0.05
-    rois = data.roi_sets(demo, subj, len(good))
+    rois = voxels.roi_sets(data.roi_path(demo, subj), len(good))
     assert set(rois) == {"AC", "semantic"} and np.array_equal(rois["AC"], np.flatnonzero(kind == 0))
 
 
@@ -97,9 +100,9 @@ def test_noise_ceiling_hand_worked():
     SP = (var_sum - sum_var) / 2
     TP = sum_var / 2
     want = 1 / np.sqrt(1 + 0.5 * (TP / SP - 1))
-    np.testing.assert_allclose(data.noise_ceiling(reps), [want])
+    np.testing.assert_allclose(voxels.noise_ceiling(reps), [want])
     # SP <= 0
-    assert np.isnan(data.noise_ceiling(np.array([[1.0, 2.0], [2.0, 1.0]])[:, :, None]))[0]
+    assert np.isnan(voxels.noise_ceiling(np.array([[1.0, 2.0], [2.0, 1.0]])[:, :, None]))[0]
 
 
 def test_synthetic_noise_ceiling_matches_known_noise(demo):
@@ -109,7 +112,7 @@ def test_synthetic_noise_ceiling_matches_known_noise(demo):
                          "individual_repeats")
     N, sig = len(reps), truth["kind"] < 2
     implied = 1 / np.sqrt(1 + truth["noise_sd"][sig] ** 2 / N)
-    cc = data.noise_ceiling(reps)[sig]
+    cc = voxels.noise_ceiling(reps)[sig]
     ok = np.isfinite(cc)
     assert ok.mean() > 0.9
     # measured on this 90-voxel, 24-TR test story: median |error| 0.009
@@ -131,13 +134,13 @@ def test_bad_inputs_are_clear_errors(tmp_path, demo):
     with pytest.raises(ValueError, match="avatar.hf5: cannot read as HDF5"):
         data.load_responses(str(root), "UTS01", ["avatar"])
     with pytest.raises(ValueError, match="unknown ROI 'V1'.*AC, semantic"):
-        data.load_roi(demo, "UTS01", "V1", 90)
+        voxels.load_roi(data.roi_path(demo, "UTS01"), "UTS01", voxels.parse_roi("V1"), 90)
     np.save(tmp_path / "roi.npy", np.array([3, 200]))
     with pytest.raises(ValueError, match="outside 0..89"):
-        data.load_roi(demo, "UTS01", str(tmp_path / "roi.npy"), 90)
+        voxels.load_roi("", "UTS01", voxels.parse_roi(str(tmp_path / "roi.npy")), 90)
     np.save(tmp_path / "empty.npy", np.zeros(90, bool))
     with pytest.raises(ValueError, match="non-empty"):
-        data.load_roi(demo, "UTS01", str(tmp_path / "empty.npy"), 90)
+        voxels.load_roi("", "UTS01", voxels.parse_roi(str(tmp_path / "empty.npy")), 90)
 
 
 def test_short_audio_is_an_error_and_a_small_shortfall_is_silence(tmp_path):
@@ -225,25 +228,26 @@ def long_format(short):
 def test_textgrid_reader_reads_both_formats(tmp_path, fmt):
     path = tmp_path / "a.TextGrid"
     path.write_text(SHORT if fmt == "short" else long_format(SHORT))
-    tiers = data.read_textgrid(str(path))
+    tiers = textgrid.read_textgrid(str(path))
     assert list(tiers) == ["phone", "word"]
     assert tiers["phone"] == [(0, 1, "HH"), (1, 2, "AH"), (2, 2.5, "sp")]
     assert tiers["word"][0] == (0, 2, 'hello "you"')
-    phones, words = data.words_and_phones(str(path))
+    phones, words = textgrid.read_phones(str(path)), textgrid.read_words(str(path))
     assert [p[2] for p in phones] == ["HH", "AH"] and len(words) == 1
     (tmp_path / "bad.TextGrid").write_text("hello")
     with pytest.raises(ValueError, match="bad.TextGrid: not a TextGrid"):
-        data.read_textgrid(str(tmp_path / "bad.TextGrid"))
+        textgrid.read_textgrid(str(tmp_path / "bad.TextGrid"))
 
 
 def test_synthetic_textgrids_match_the_audio(demo):
     path = os.path.join(demo, "derivative", "TextGrids", "souls.TextGrid")
-    raw = [lab for tier in data.read_textgrid(path).values() for _, _, lab in tier]
+    raw = [lab for tier in textgrid.read_textgrid(path).values() for _, _, lab in tier]
     # as ds003020's
-    assert "{BR}" in raw and any(lab[-1:] in "01" and lab[:-1] in data.PHONEMES for lab in raw)
-    phones, words = data.words_and_phones(path)
-    assert {p for _, _, p in phones} <= data.PHONEMES and not any("{" in w or w == "sp" for _, _,
-                                                                  w in words)
+    assert "{BR}" in raw
+    assert any(lab[-1:] in "01" and lab[:-1] in textgrid.PHONEMES for lab in raw)
+    phones, words = textgrid.read_phones(path), textgrid.read_words(path)
+    assert {p for _, _, p in phones} <= textgrid.PHONEMES
+    assert not any("{" in w or w == "sp" for _, _, w in words)
     vocab = {line.split()[0] for line in open(os.path.join(demo, "derivative", "embeddings.txt"))}
     assert words and all(w[2] in vocab for w in words)
     audio = data.read_wav(os.path.join(demo, "stimuli", "souls.wav")).numpy()
@@ -266,12 +270,12 @@ def test_prepare_shares_windows_between_subjects(demo, tmp_path):
         # each subject row's audio is its shared window's audio
         for i in range(0, len(d.windows["train"]), 17):
             wave, s, r = d.windows["train"][i]
-            assert torch.equal(wave, shared["train"][int(d.take["train"][i])][0])
+            assert torch.equal(wave, shared["train"][int(d.window_of["train"][i])][0])
             # and back: the shared window's row of this subject
-            assert d.row["train"][d.take["train"][i]] == i
-        heard = d.row["train"] >= 0
+            assert d.row_of["train"][d.window_of["train"][i]] == i
+        heard = d.row_of["train"] >= 0
         assert heard.sum() == len(d.windows["train"])
-        assert set(d.take["train"].tolist()) == set(torch.nonzero(heard)[:, 0].tolist())
+        assert set(d.window_of["train"].tolist()) == set(torch.nonzero(heard)[:, 0].tolist())
     with pytest.raises(ValueError, match="UTS01 is given twice"):
         data.prepare(str(root), ["S01", "UTS01"])
 

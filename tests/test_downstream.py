@@ -124,7 +124,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return model.load_backbone("tiny", seed=0)[0]
+    return model.load_backbone("tiny", seed=0)
 
 
 def test_timit_folding_table_is_lee_and_hon():
@@ -158,7 +158,7 @@ def test_probe_beats_chance_on_each_published_layout(task, tiny, tmp_path):
     root = WRITERS[task](tmp_path / task, np.random.default_rng(1))
     nets = {"pretrained": tiny}
     if task == "speechcommands":
-        nets["tuned"] = model.load_backbone("tiny", seed=1)[0]
+        nets["tuned"] = model.load_backbone("tiny", seed=1)
     res, table = ds.evaluate(task, root, nets, model_name="tiny", normalize=False, layers=[1, 4],
                              epochs=400, every=20)
     assert json.loads(json.dumps(res)) == res  # JSON-ready
@@ -271,7 +271,7 @@ def test_a_padded_clip_pools_as_it_does_alone(arch, normalize):
     torch.manual_seed(0)
     wavlm_only = ("encoder_num_buckets", "encoder_max_distance")
     kw = {k: v for k, v in model.TINY.items() if k not in wavlm_only}
-    net = (model.build_backbone("tiny")[0] if arch == "tiny" else wav2vec2_model(**kw)).eval()
+    net = (model.build_backbone("tiny") if arch == "tiny" else wav2vec2_model(**kw)).eval()
     waves = [0.1 * torch.randn(n) for n in (8000, 5000, 6400, 8000)]
     batch = ds.pooled_layers(net, waves, [1, 2, 4], normalize)
     for i, w in enumerate(waves):

@@ -26,7 +26,7 @@ def test_export_loads_strictly_and_reproduces_the_tuned_features(run, tmp_path):
     path = ev.export(run, str(tmp_path / "tuned.pt"))
     r = ev.load_run(run)
     layer = r.tuned.layer
-    fresh, _ = load_backbone("tiny", seed=123)
+    fresh = load_backbone("tiny", seed=123)
     fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
     x = torch.randn(2, 40000)
     with torch.no_grad():

@@ -86,7 +86,7 @@ def test_small_models_of_each_family_match_and_import_back(tmp_path, name):
 
 def test_tiny_exports_as_a_wavlm_of_its_size(tmp_path):
     torch.manual_seed(0)
-    backbone, normalize = model.build_backbone("tiny")
+    backbone, normalize = model.build_backbone("tiny"), model.normalizes("tiny")
     hf.export_hf(backbone.eval(), "tiny", tmp_path / "hf", normalize=normalize)
     loaded = transformers.AutoModel.from_pretrained(tmp_path / "hf")
     c = loaded.config
@@ -105,7 +105,7 @@ def test_tiny_exports_as_a_wavlm_of_its_size(tmp_path):
 
 def test_lora_tuned_tiny_exports_its_adapted_layers(tmp_path):
     torch.manual_seed(0)
-    backbone, _ = model.build_backbone("tiny")
+    backbone = model.build_backbone("tiny")
     plain = copy.deepcopy(backbone).eval()
     model.add_adapters(backbone, 4, 4, 4.0, 0.0, "qkvo")
     with torch.no_grad():

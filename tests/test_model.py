@@ -6,16 +6,16 @@ import torch
 import config
 import data
 from test_data import write_story
-from model import (PROTOCOLS, Protocol, delayed, keep_freed_memory, lanczos, load_backbone,
-                   make_head, pool_frames, pretrain_tiny, protocol_features, stride_frames,
-                   uses_bf16)
+from dist import uses_bf16
+from features import PROTOCOLS, Protocol, delayed, lanczos, protocol_features, stride_frames
+from model import keep_freed_memory, load_backbone, make_head, pool_frames, pretrain_tiny
 
 
 def test_weights_flag_loads_and_reports_bad_files(tmp_path):
-    model, _ = load_backbone("tiny", seed=3)
+    model = load_backbone("tiny", seed=3)
     path = str(tmp_path / "w.pt")
     torch.save(model.state_dict(), path)
-    loaded, _ = load_backbone("tiny", weights=path, seed=0)
+    loaded = load_backbone("tiny", weights=path, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  loaded.state_dict().values()))
     with pytest.raises(ValueError, match="nope.pt: no such file"):
@@ -62,8 +62,8 @@ def test_backbone_dropout_replaces_the_bundles_own():
     import torchaudio
     params = torchaudio.pipelines.HUBERT_BASE._params
     state = torchaudio.models.wav2vec2_model(**params).state_dict()
-    keep, _ = load_backbone("hubert_base", weights=state)
-    off, _ = load_backbone("hubert_base", weights=state, dropout=0.0)
+    keep = load_backbone("hubert_base", weights=state)
+    off = load_backbone("hubert_base", weights=state, dropout=0.0)
     p = lambda m: sorted({x.p for x in m.modules() if isinstance(x, torch.nn.Dropout)} |
                          {m.encoder.transformer.layers[0].attention.dropout})
     assert p(keep) == [0.0, 0.1] and p(off) == [0.0]  # the bundle's: 0.1 (its ff dropout is 0)
@@ -83,19 +83,24 @@ def test_keep_freed_memory_keeps_a_large_freed_tensor():
 
 
 def test_tiny_pretraining_learns_to_name_phones(demo):
-    audio = data.load_audio(demo, data.splits(demo, "UTS01")[0])
+    audio = data.load_audio(demo, data.splits(demo, "UTS01")["train"])
     _, first = pretrain_tiny(demo, audio, epochs=1)
     state, last = pretrain_tiny(demo, audio, epochs=4)
     # measured: 0.32 after one epoch (pauses are ~0.3), 0.61 after four
     assert last > 0.5 and last > first + 0.15
-    model, _ = load_backbone("tiny", state)  # loads strictly into the tiny architecture
+    model = load_backbone("tiny", state)  # loads strictly into the tiny architecture
     assert torch.equal(model.state_dict()["encoder.feature_projection.projection.weight"],
                        state["encoder.feature_projection.projection.weight"])
 
 
-def test_precision_bf16_only_on_a_gpu_and_fp32_turns_it_off():
+def test_precision_bf16_only_on_a_gpu_and_fp32_turns_it_off(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    native = {True: False, False: True}  # including_emulation -> is bf16 supported (an A100)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        native[including_emulation])
     assert uses_bf16(cuda) and uses_bf16(cuda, "auto") and not uses_bf16(cuda, "fp32")
+    native[False] = False  # a T4 or V100: bf16 only emulated, so float32
+    assert not uses_bf16(cuda)
     assert not uses_bf16(cpu) and not uses_bf16(cpu, "auto")
     assert config.parse(["--precision",
                          "fp32"]).precision == "fp32" and config.parse([]).precision == "auto"
@@ -187,7 +192,7 @@ def test_a_click_reaches_the_rows_the_stride_lanczos_and_delays_imply(tmp_path, 
 
 def test_mean_pooling_is_the_mean_of_the_windows_frames_and_keys_its_own_features():
     from model import Extractor, load_backbone
-    backbone, _ = load_backbone("tiny", seed=0)
+    backbone = load_backbone("tiny", seed=0)
     bins, mean = Extractor("tiny", backbone, 3), Extractor("tiny", backbone, 3, pool="mean")
     wave = torch.randn(2, 16000 * 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -196,7 +201,7 @@ def test_mean_pooling_is_the_mean_of_the_windows_frames_and_keys_its_own_feature
         torch.testing.assert_close(bins.pooled(wave, 3), pool_frames(frames, 3).flatten(1))
     assert mean.pooled(wave, 3).shape == (2, 64) and bins.pooled(wave, 3).shape == (2, 3 * 64)
     assert bins.key() != mean.key() and mean.key()["pool"] == "mean"
-    assert "pool" not in bins.key()  # the keys of features made before --pool still hold
+    assert bins.key()["pool"] == "bins"  # every key names its pooling
 
 
 class FrameIndex:
@@ -228,7 +233,8 @@ def test_the_model_is_built_on_the_device_it_trains_on(name, bottleneck):
     forward with LoRA dropout and a backward run without a tensor left on the CPU."""
     import model
     with torch.device("meta"):  # the architecture made on the device, no memory spent
-        backbone, normalize = model.build_backbone(name)
+        backbone = model.build_backbone(name)
+    normalize = model.normalizes(name)
     extractor = model.Extractor(name, backbone, 2, normalize, weighted=True)
     model.add_adapters(backbone, 2, 4, 4.0, 0.1, "qkvo", weighted=True)
     p = 4 * config.architecture(name)["encoder_embed_dim"]  # 4 TR bins of the layer's width

@@ -14,7 +14,8 @@ def ridge_np(X, Y, lam):
 def test_fit_ridge_one_lambda_is_the_closed_form():
     rng = np.random.default_rng(0)
     X, Y = rng.standard_normal((120, 30)), rng.standard_normal((120, 7))
-    W, best = ridge.fit_ridge(torch.tensor(X), torch.tensor(Y), [3.0], np.repeat(np.arange(4), 30))
+    fit = ridge.fit_ridge(torch.tensor(X), torch.tensor(Y), [3.0], np.repeat(np.arange(4), 30))
+    W, best = fit.W, fit.lambdas
     np.testing.assert_allclose(W.numpy(), ridge_np(X, Y, 3.0), rtol=1e-4, atol=1e-8)
     assert best.tolist() == [3.0] * 7
 
@@ -29,7 +30,8 @@ def test_fit_ridge_picks_each_voxels_lambda_by_whole_group_folds():
     Y = X @ W_true + noise * rng.standard_normal((n, 6))
     groups = np.repeat([3, 0, 2, 1], 40)
     alphas = np.logspace(-2, 4, 7)
-    W, best = ridge.fit_ridge(torch.tensor(X), torch.tensor(Y), alphas, groups)
+    fit = ridge.fit_ridge(torch.tensor(X), torch.tensor(Y), alphas, groups)
+    W, best = fit.W, fit.lambdas
     # the oracle: numpy, each group held out in turn
     score = np.zeros((len(alphas), 6))
     for g in np.unique(groups):

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 import eval as ev
+import objective
+import preflight
+import runfolder
 import train
+import voxels
 from model import load_checkpoint, load_extractor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +22,8 @@ def test_stage1_on_synthetic_tiny(demo, tmp_path, capsys):
     run = train.main(["--data", demo, "--model", "tiny", "--subject", "S01", "--epochs", "0",
                       "--out", str(tmp_path / "r")])
     # named in the log
-    assert "device cpu: the backbone in float32, the ridge in float32" in capsys.readouterr().out
+    assert ("device cpu: the backbone in float32, the heads and the ridge in float32"
+            in capsys.readouterr().out)
     res = json.load(open(os.path.join(run, "results.json")))
     t = res["test"]
     assert res["subject"] == "UTS01" and res["model"] == "tiny"
@@ -41,16 +46,16 @@ def quick(demo, out, *extra):
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(demo, tmp_path, monkeypatch):
     full = train.main(quick(demo, tmp_path / "full", "--epochs", "2"))
-    real_save = train.save_atomic
+    real_save = runfolder.save_atomic
 
     def crash_after_epoch_1(obj, path):
         real_save(obj, path)
         if path.endswith("metrics.jsonl"):
             raise KeyboardInterrupt  # killed right after epoch 1 was saved
-    monkeypatch.setattr(train, "save_atomic", crash_after_epoch_1)
+    monkeypatch.setattr(runfolder, "save_atomic", crash_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train.main(quick(demo, tmp_path / "cut", "--epochs", "2"))
-    monkeypatch.setattr(train, "save_atomic", real_save)
+    monkeypatch.setattr(runfolder, "save_atomic", real_save)
     assert len(open(tmp_path / "cut" / "metrics.jsonl").readlines()) == 1
     resumed = train.main(["--resume", str(tmp_path / "cut")])
     a, b = np.load(os.path.join(full, "voxel_r.npz")), np.load(os.path.join(resumed, "voxel_r.npz"))
@@ -81,8 +86,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(demo, tmp_path, mon
 
 
 def test_nan_loss_stops_cleanly(demo, tmp_path, monkeypatch):
-    real = train.loss_fn
-    monkeypatch.setattr(train, "loss_fn", lambda p, y, k: real(p, y, k) * float("nan"))
+    real = objective.loss_fn
+    monkeypatch.setattr(objective, "loss_fn", lambda p, y, k: real(p, y, k) * float("nan"))
     with pytest.raises(ValueError, match="loss became nan at epoch 1"):
         train.main(quick(demo, tmp_path / "r", "--epochs", "1"))
 
@@ -160,9 +165,9 @@ def test_corr_loss_is_minus_the_mean_correlation_across_voxels():
     pred, y = rng.standard_normal((6, 40)), rng.standard_normal((6, 40))
     # BrainWavLM: per TR, across voxels
     want = -np.mean([np.corrcoef(pred[t], y[t])[0, 1] for t in range(6)])
-    got = train.loss_fn(torch.tensor(pred), torch.tensor(y), "corr").item()
+    got = objective.loss_fn(torch.tensor(pred), torch.tensor(y), "corr").item()
     assert got == pytest.approx(want, rel=1e-9)
-    assert train.loss_fn(torch.tensor(pred), torch.tensor(y),
+    assert objective.loss_fn(torch.tensor(pred), torch.tensor(y),
                          "mse").item() == pytest.approx(np.mean((pred - y) ** 2))
 
 
@@ -247,8 +252,8 @@ def test_a_papers_protocol_scores_the_baseline_and_the_refit_while_the_windows_t
     windows = train.main(quick(demo, tmp_path / "w", "--epochs", "1", "--tiny-pretrain", "0"))
     res, win = (json.load(open(os.path.join(r, "results.json"))) for r in (run, windows))
     assert res["protocol"] == {"name": "brainwavlm", "history": 6, "context": 1.0, "stride": 0.5,
-                               "delays": [1, 2, 3, 4],
-                               "test_skip": 4}
+                               "delays": [1, 2, 3, 4], "test_skip": 4, "frame": "last",
+                               "pool": "bins"}
     assert res["test"]["all"]["baseline_r"] != pytest.approx(win["test"]["all"]["baseline_r"],
                                                              abs=1e-3)
     fit = load_checkpoint(os.path.join(run, "stage1.pt"))["subjects"][0]
@@ -285,8 +290,9 @@ def test_the_imports_run_one_way():
             below(d, seen)
         return seen
     assert not [n for n in deps if n in below(n, set())]  # no cycle
-    assert deps["model"] <= {"cache", "data",
-                             "lora"} and deps["lora"] == set() and deps["data"] <= {"cache"}
+    assert deps["model"] <= {"cache", "data", "lora", "textgrid"} and deps["lora"] == set()
+    assert deps["data"] <= {"cache", "voxels"} and deps["voxels"] <= {"cache", "ridge"}
+    assert deps["textgrid"] == set() and deps["dist"] == set()
     assert not [n for n in deps if "train" in deps[n]]
 
 
@@ -303,7 +309,7 @@ def test_a_resumed_run_extended_by_an_epoch_equals_a_longer_run(demo, tmp_path):
 
 
 def test_the_permutation_moves_every_block_and_keeps_each_storys_rows():
-    rows = train.permuted_rows([23, 30], block=5, seed=0).numpy()
+    rows = objective.permuted_rows([23, 30], block=5, seed=0).numpy()
     assert sorted(rows) == list(range(53))  # a permutation of the rows
     for start, n in ((0, 23), (23, 30)):
         story = rows[start:start + n]
@@ -315,7 +321,7 @@ def test_the_permutation_moves_every_block_and_keeps_each_storys_rows():
         for b in blocks:  # no block where it was
             assert b[0] != start + position
             position += len(b)
-    singles = train.permuted_rows([10], block=1, seed=1).numpy()
+    singles = objective.permuted_rows([10], block=1, seed=1).numpy()
     assert sorted(singles) == list(range(10)) and (singles != np.arange(10)).all()
 
 
@@ -331,11 +337,11 @@ def test_a_permuted_control_trains_on_shuffled_responses_and_is_scored_on_real_o
     args = train.config.parse(quick(demo, tmp_path / "x", "--control", "permuted"))
     ds, _ = train.config.load_subjects(args, ["S01"])
     roi = np.arange(90)
-    test = train.targets(args, ds[0], "test", roi)
-    assert test.rows.tolist() == list(range(24))  # the test story: its real rows, in order
-    trained = train.targets(args, ds[0], "train", roi)
-    assert sorted(trained.row.tolist()) == list(range(96))
-    assert (trained.row != torch.arange(96)).any()
+    test = objective.targets(args, ds[0], "test", roi)
+    assert test.response_rows.tolist() == list(range(24))  # the test story: real rows, in order
+    trained = objective.targets(args, ds[0], "train", roi)
+    assert sorted(trained.row_of.tolist()) == list(range(96))
+    assert (trained.row_of != torch.arange(96)).any()
 
 
 def fast(demo, out, *extra):
@@ -350,7 +356,7 @@ def test_train_stories_restrict_the_training_rows_and_an_unknown_one_is_refused(
     assert ds[0].Y["train"].shape == (48, 90) and ds[0].stories["val"] == ["souls"]
     for story in ("souls", "stagefright"):  # the validation story, and one not heard
         with pytest.raises(ValueError, match=f"--train-stories: '{story}' is not a training story"):
-            data.check_dataset(demo, ["S01"], train_stories=["avatar", story])
+            preflight.check_dataset(demo, ["S01"], train_stories=["avatar", story])
 
 
 def test_nc_roi_is_the_voxels_whose_noise_ceiling_is_above_the_threshold(demo, tmp_path):
@@ -361,14 +367,15 @@ def test_nc_roi_is_the_voxels_whose_noise_ceiling_is_above_the_threshold(demo, t
 
     import data
     args = train.config.parse(fast(demo, tmp_path / "r", "--roi", "nc0.4"))
-    d = train.config.load_subjects(args, ["S01"])[0][0]
+    ds, _ = train.config.load_subjects(args, ["S01"])
+    d = ds[0]
     path = data.response_path(demo, "UTS01", "wheretheressmoke")
     with h5py.File(path) as f:
-        cc = data.noise_ceiling(np.asarray(f["individual_repeats"]))  # float64, as stored
+        cc = voxels.noise_ceiling(np.asarray(f["individual_repeats"]))  # float64, as stored
     np.testing.assert_allclose(d.ceiling, cc, rtol=1e-6)
     fit = SimpleNamespace(init=SimpleNamespace(cv_r=torch.zeros(90)),
                           baseline=SimpleNamespace(test_r=torch.zeros(90), blocks=None))
-    roi = train.choose_voxels(args, d, fit).roi
+    roi = voxels.choose(args, d, fit, data.roi_path(demo, d.name)).roi
     want = np.flatnonzero(d.good & (np.nan_to_num(cc) > 0.4))
     assert roi.tolist() == want.tolist() and 0 < len(roi) < 90  # measured: 70 of 90
     bare = shutil.copytree(demo, tmp_path / "bare")
@@ -376,14 +383,14 @@ def test_nc_roi_is_the_voxels_whose_noise_ceiling_is_above_the_threshold(demo, t
         del f["individual_repeats"]
     with pytest.raises(ValueError, match="--roi nc0.4: .*wheretheressmoke.hf5 has no "
                                          "'individual_repeats'"):
-        data.check_dataset(str(bare), ["S01"], roi="nc0.4")
+        preflight.check_dataset(str(bare), ["S01"], roi=voxels.parse_roi("nc0.4"))
 
 
 def test_the_moussa2025_schedule_is_the_authors_per_epoch_formulas():
     args = train.config.parse(["--schedule", "moussa2025", "--lr", "5e-5", "--head-lr", "1e-4"])
     trainable = {"extractor.w": torch.nn.Parameter(torch.zeros(2)),
                  "heads.0.weight": torch.nn.Parameter(torch.zeros(2))}
-    opt, sched = train.optimiser(args, trainable, n_windows=100)
+    opt, sched = objective.optimiser(args, trainable, n_windows=100)
     for epoch in range(30):  # 0-based, as their LambdaLR counts
         backbone = epoch / 5 if epoch < 5 else 1 - (epoch - 5) / 25
         assert opt.param_groups[0]["lr"] == pytest.approx(5e-5 * backbone, abs=1e-15), epoch
@@ -391,16 +398,16 @@ def test_the_moussa2025_schedule_is_the_authors_per_epoch_formulas():
         opt.step()
         sched.step()  # once per epoch
     assert opt.param_groups[0]["lr"] == 0 and opt.param_groups[1]["lr"] == pytest.approx(1e-5)
-    again, resumed = train.optimiser(args, trainable, n_windows=100)
+    again, resumed = objective.optimiser(args, trainable, n_windows=100)
     resumed.load_state_dict(sched.state_dict())  # the checkpoint's
     resumed.step()
     assert again.param_groups[1]["lr"] == pytest.approx(1e-5) and resumed.last_epoch == 31
 
 
 def scripted_refit(monkeypatch, scores):
-    """train.refit_val_r replaced by one returning `scores` in turn (epoch 0 first)."""
+    """train.selection_r replaced by one returning `scores` in turn (epoch 0 first)."""
     left = list(scores)
-    monkeypatch.setattr(train, "refit_val_r", lambda *a, **k: left.pop(0))
+    monkeypatch.setattr(train, "selection_r", lambda *a, **k: left.pop(0))
 
 
 def test_select_refit_keeps_the_epoch_of_the_best_refit_and_the_pretrained_one(demo, tmp_path,

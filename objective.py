@@ -1,0 +1,211 @@
+"""
+What stage 2 trains against, and how: each subject's targets on a split (its responses on the
+trained voxels, or the permuted-brain control's), the batches read ahead of each step, the loss
+(MSE + L2, or the correlation across voxels), the heads' r, --select refit's ridge score, and the
+optimiser with its schedules (a warm-up, or Moussa et al.'s per-epoch factors).
+
+    t = targets(args, d, "train", roi)          # a Targets: which response row each window scores
+    loss = subjects_loss(net(batch.wave), model.heads, batch, args)
+"""
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import config
+import data
+import ridge
+from dist import RANK, WORLD
+from features import window_features
+
+
+@dataclass
+class Targets:
+    """What one subject's head is trained and scored against on one split."""
+    window_of: torch.Tensor  # (rows,) the shared window of each row scored
+    response_rows: object  # (rows,) LongTensor: the response row each is scored on; or slice(None)
+    row_of: torch.Tensor  # (shared windows,) the response row of each, -1 where not heard
+    Y: data.Responses  # (responses, voxels)
+    roi: np.ndarray  # (n,) the voxels trained on
+
+
+def targets(args, d, split, roi, skip=0):
+    """Subject d's Targets on a split, from each story's row `skip` on (the test split); under
+    --control permuted, the training and validation windows are scored on permuted_rows."""
+    window_of, rows, row_of = d.window_of[split], slice(None), d.row_of[split]
+    if split == "test":
+        rows = torch.as_tensor(ridge.scored_rows(d, skip))
+        window_of = window_of[rows]
+    elif args.control == "permuted":
+        rows = permuted_rows([len(e) for e in d.windows[split].ends], args.control_block,
+                             args.seed)
+        row_of = torch.full_like(row_of, -1)
+        row_of[window_of] = rows
+    return Targets(window_of, rows, row_of, d.Y[split], roi)
+
+
+def permuted_rows(lengths, block, seed):
+    """The permuted-brain control (Moussa et al.): for stories of `lengths` rows, each story's
+    blocks of `block` rows in a seeded order in which no block keeps its place (a random cycle of
+    the blocks), as one (rows,) index: row r is scored on response row out[r]."""
+    rng, out, start = np.random.default_rng(seed), [], 0
+    for n in lengths:
+        blocks = [np.arange(a, min(a + block, n)) + start for a in range(0, n, block)]
+        order = rng.permutation(len(blocks))
+        moved = [None] * len(blocks)
+        for k, b in enumerate(order):  # block order[k] takes the content of block order[k + 1]
+            moved[b] = blocks[order[(k + 1) % len(blocks)]]
+        out += moved
+        start += n
+    return torch.as_tensor(np.concatenate(out))
+
+
+@dataclass
+class Batch:
+    """One step's share of a global batch, read ahead of the step (Batches)."""
+    wave: torch.Tensor  # (windows, samples) this process's windows of the global batch
+    share: float  # its part of the global batch's windows (DDP averages processes, not windows)
+    heard: list  # [(windows,) bool] per subject: which of the windows it heard
+    y: list  # [(heard windows, trained voxels)] per subject: its responses to them
+
+    def pin_memory(self):  # the DataLoader pins a batch (CUDA) by this
+        return Batch(self.wave.pin_memory(), self.share, self.heard, [y.pin_memory() for y in
+                                                                      self.y])
+
+
+class Batches(torch.utils.data.Dataset):
+    """Batch i of an epoch: this process's share of the shuffled windows `order`, its audio and
+    every subject's responses to it (Targets), read from the memory-mapped files by the
+    DataLoader (in workers ahead of the step, on a GPU), not by the training step."""
+
+    def __init__(self, windows, order, batch_size, targets_):
+        self.windows, self.order, self.B, self.targets = windows, order, batch_size, targets_
+
+    def __len__(self):
+        return -(-len(self.order) // self.B)
+
+    def __getitem__(self, i):
+        batch = self.order[i * self.B:(i + 1) * self.B]
+        idx = batch[RANK::WORLD]  # this process's share of the global batch
+        wave = torch.stack([self.windows[j][0] for j in idx.tolist()])
+        rows = [t.row_of[idx] for t in self.targets]
+        y = [t.Y[r[r >= 0], t.roi] for r, t in zip(rows, self.targets)]
+        return Batch(wave, len(idx) * WORLD / len(batch), [r >= 0 for r in rows], y)
+
+
+def subjects_loss(preds, heads, batch, args):
+    """The loss of one Batch: for each subject, --loss (loss_fn) over the windows it heard (a
+    subject that heard none adds nothing), plus --l2 times its head's squared weights (Li et
+    al.); averaged over subjects, so that each counts once, whatever its voxels."""
+    losses = []
+    for pred, head, heard, y in zip(preds, heads, batch.heard, batch.y):
+        if len(y):
+            loss = loss_fn(pred[heard.to(pred.device)], y.to(pred.device, non_blocking=True),
+                           args.loss)
+            if args.l2:
+                weights = [p for n, p in head.named_parameters() if n.endswith("weight")]
+                loss = loss + args.l2 * sum(p.square().sum() for p in weights)
+            losses.append(loss)
+    return torch.stack(losses).mean()
+
+
+def loss_fn(pred, y, kind):
+    """mse, or corr: minus the correlation across voxels of each TR, averaged (BrainWavLM)."""
+    if kind == "mse":
+        return F.mse_loss(pred, y)
+    return -ridge.pearson(pred.T, y.T).mean()
+
+
+def heads_r(model, Z, targets_, block=16384):
+    """Each subject's r over its trained voxels, from z-scored features Z (shared windows, p);
+    the predictions and responses are taken a block of voxels at a time."""
+    out = []
+    with torch.no_grad():
+        for head, t in zip(model.heads, targets_):
+            *first, last = head if isinstance(head, nn.Sequential) else [head]  # a bottleneck
+            h = Z[t.window_of].to(model.mu.device)
+            for m in first:
+                h = m(h)
+            r = []
+            for j in range(0, len(t.roi), block):
+                pred = F.linear(h, last.weight[j:j + block], last.bias[j:j + block])
+                r.append(ridge.pearson(pred.float().cpu(), t.Y[t.response_rows,
+                                                               t.roi[j:j + block]]))
+            out.append(torch.cat(r))
+    return out
+
+
+def selection_r(args, model, ds, train, val, shared, *, cached=False):
+    """--select refit's score of the backbone as it is: its window features of the training and
+    validation stories (cached only with `cached`: each epoch's are new), z-scored by the training
+    rows', a ridge (the run's lambdas and folds) fit on each subject's training rows for its
+    trained voxels (train: [Targets]), scored on its validation rows (val); the mean over
+    subjects of the mean r over the trained voxels."""
+    model.eval()
+    ex, device = model.extractor, model.mu.device
+    fn = functools.partial(ex.pooled, history=args.history)
+    X = {s: window_features(fn, shared[s], ex.key() if cached else None, device,
+                            batch_size=args.batch_size, desc=f"refit {s}", precision=args.precision)
+         for s in ("train", "val")}
+    mu, sd = ridge.moments(X["train"])
+    settings = config.ridge_settings(args, ds)
+    out = []
+    for d, t, v in zip(ds, train, val):
+        Z = {s: (x[e.window_of] - mu) / sd for (s, x), e in zip(X.items(), (t, v))}
+        groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], settings.folds)
+        fit = ridge.fit_ridge(Z["train"].to(device), TrainedVoxels(t), settings.alphas, groups)
+        r = ridge.pearson(Z["val"] @ fit.W, v.Y[v.response_rows, v.roi])  # (trained voxels,)
+        out.append(r.nanmean().item())
+    return float(np.mean(out))
+
+
+class TrainedVoxels:
+    """A subject's Targets as the (rows, trained voxels) matrix fit_ridge reads a block of voxels
+    at a time (Y[:, cols]), its rows in the order the targets score them (--control permuted)."""
+
+    def __init__(self, t):
+        self.t, self.shape = t, (len(t.window_of), len(t.roi))
+
+    def __getitem__(self, index):
+        rows, cols = index
+        assert rows == slice(None), "fit_ridge reads whole columns"
+        return self.t.Y[self.t.response_rows, self.t.roi[cols]]
+
+
+MOUSSA_WARMUP, MOUSSA_EPOCHS = 5, 30  # brain_trainer_story.py:40-53 (increase_epochs, epochs)
+
+
+def moussa_backbone_factor(epoch):
+    """Moussa et al.'s backbone lr factor at 0-based epoch e (their schedule_group_0): e / 5 for
+    e < 5 (0 in the first epoch), then 1 - (e - 5) / 25, 0 from epoch 30 on (never negative)."""
+    if epoch < MOUSSA_WARMUP:
+        return epoch / MOUSSA_WARMUP
+    return max(0.0, 1 - (epoch - MOUSSA_WARMUP) / (MOUSSA_EPOCHS - MOUSSA_WARMUP))
+
+
+def moussa_head_factor(epoch):
+    """Moussa et al.'s head lr factor at 0-based epoch e (their schedule_group_1)."""
+    return max(0.8 ** epoch, 0.1)
+
+
+def optimiser(args, trainable, n_windows):
+    """AdamW with --lr for the backbone and --head-lr for the heads (weight decay 0: Adam), and
+    its scheduler: --schedule warmup, a linear warm-up over --warmup epochs of optimiser steps,
+    stepped per step; moussa2025, the factors above, stepped once per epoch (stage2), so that
+    0-based epoch e trains with factor(e), as their LambdaLR does."""
+    heads = [p for n, p in trainable.items() if n.startswith("heads.")]
+    backbone = [p for n, p in trainable.items() if not n.startswith("heads.")]
+    opt = torch.optim.AdamW([{"params": backbone, "lr": args.lr},
+                             {"params": heads, "lr": args.head_lr}], weight_decay=0.0)
+    if args.schedule == "moussa2025":
+        factors = [moussa_backbone_factor, moussa_head_factor]
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factors)
+    steps = -(-n_windows // (args.batch_size * args.accum))  # optimiser steps per epoch
+    warmup = max(1, args.warmup * steps)
+
+    def factor(step):
+        return min(1.0, (step + 1) / warmup)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -1,0 +1,235 @@
+"""
+The pre-flight: every flag against what the dataset's listings and file headers tell, and against
+memory, before anything is read or computed. A mistake costs a second, not the hour of loading and
+stage 1 it would otherwise come after.
+
+    listings = check(args, ["UTS01"], device)    # [Listing], or one ValueError naming flag or file
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.io import wavfile
+
+import config
+import data
+import dist
+import voxels
+
+
+def check(args, names, device, *, textgrids=False):
+    """The run's flags against the listings and headers of subjects `names` (list_subjects) and
+    against memory (check_sizes); returns the listings (textgrids: tiny's pretraining needs the
+    training TextGrids)."""
+    listings = list_subjects(args, names, textgrids=textgrids)
+    check_sizes(args, listings, device)
+    return listings
+
+
+def check_voxels(args, ds):
+    """--roi topN and ncT against each subject's usable voxels, once they are known."""
+    for d in ds:
+        if args.roi.kind == "top" and args.roi.n > d.good.sum():
+            raise ValueError(f"--roi {args.roi.text}: {d.name} has {d.good.sum()} usable voxels")
+        if args.roi.kind == "nc" and not (d.good & (d.ceiling > args.roi.threshold)).any():
+            raise ValueError(f"--roi {args.roi.text}: no usable voxel of {d.name} has a noise "
+                             f"ceiling above {args.roi.threshold:g}")
+
+
+def list_subjects(args, names, *, textgrids=False):
+    """check_dataset under the run's flags: a Listing per subject, or one ValueError."""
+    return check_dataset(args.data, names, test_stories=args.test_stories,
+                         val_stories=args.val_stories, folds=args.cv_folds,
+                         timing=config.timing(args), test_skip=args.protocol.test_skip,
+                         roi=args.roi, textgrids=textgrids, train_stories=args.train_stories)
+
+
+# -----------------------------------------------------------------------------
+# the dataset: listings and headers
+
+@dataclass
+class Listing:
+    """One subject as the pre-flight found it, from listings and file headers alone."""
+    name: str  # UTS01, S01 ...
+    voxels: int  # columns of its responses
+    stories: dict  # {split: [story]}
+    rows: dict  # {story: TRs}
+    seconds: dict  # {story: seconds of audio}
+
+
+def placeholder(path):
+    """A file that datalad (git-annex) has listed but not fetched: a broken link, or a small
+    pointer file."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return True
+    if os.path.isfile(path) and os.path.getsize(path) < 1024:
+        with open(path, "rb") as f:
+            return b"annex/objects/" in f.read()
+    return False
+
+
+@dataclass
+class Header:
+    """One story as its files' headers tell it."""
+    rows: int  # TRs of its responses
+    voxels: int  # columns of its responses
+    seconds: float  # of audio
+
+
+def story_header(root, subj, story, timing):
+    """One story's Header, from its hf5's and wav's headers; its frames checked to lie within the
+    audio."""
+    for path in (data.response_path(root, subj, story), data.wav_path(root, story)):
+        if placeholder(path):
+            raise ValueError(f"{path}: not fetched yet (a datalad placeholder); run `datalad get "
+                             f"{os.path.relpath(path, root)}` in {root}")
+    with voxels.open_hf5(data.response_path(root, subj, story)) as f:
+        shape = f["data"].shape if "data" in f else ()
+    if len(shape) != 2:
+        raise ValueError(f"{data.response_path(root, subj, story)}: 'data' has shape {shape}; "
+                         "expected (TRs, voxels)")
+    try:
+        sr, wave = wavfile.read(data.wav_path(root, story), mmap=True)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{data.wav_path(root, story)}: cannot read as WAV ({e})") from None
+    seconds = len(wave) / sr
+    if shape[0]:
+        times = data.row_times(shape[0], **timing)
+        if times[-1] - seconds > timing["tr"]:
+            raise ValueError(f"story {story!r}: audio is {seconds:.1f} s long but its last fMRI "
+                             f"frame needs audio up to {times[-1]:.1f} s (see --tr, --trim-start, "
+                             "--sound-start)")
+        if times[0] < 0:
+            raise ValueError(data.before_audio(story, times[0]))
+    return Header(shape[0], shape[1], seconds)
+
+
+def check_dataset(root, subjects, *, test_stories=None, val_stories=None, folds=None, timing=None,
+                  test_skip=0, roi=voxels.parse_roi("all"), textgrids=False, train_stories=None):
+    """What can be known before reading any data, from listings and file headers alone: each
+    subject and its splits (train_stories each a training story of it), every file there and
+    fetched, its frames within its audio, no more folds than training stories, test stories longer
+    than test_skip rows, the voxels of `roi` (voxels.Voxels) in each subject (topN within its
+    voxels, an ROI in its file, ncT: one test story, with its repeats), and with textgrids the
+    training stories' TextGrids (tiny's pretraining). Raises ValueError naming the flag or the
+    file. Returns a Listing per subject."""
+    timing = dict(dict(tr=data.TR, trim_start=data.TRIM_START, sound_start=data.SOUND_START),
+                  **(timing or {}))
+    out = []
+    for name in subjects:
+        subj = data.find_subject(root, name)
+        stories = data.splits(root, subj, test_stories, val_stories, train_stories)
+        train, val, test = (stories[k] for k in ("train", "val", "test"))
+        test_stories, val_stories = test, val  # the first subject's, for every subject
+        if folds is not None and folds > len(train):
+            raise ValueError(f"--cv-folds {folds}: {subj} has {len(train)} training stories, and a "
+                             "fold is whole stories")
+        rows, seconds, n_voxels = {}, {}, None
+        for s in train + val + test:
+            h = story_header(root, subj, s, timing)
+            if n_voxels is not None and h.voxels != n_voxels:
+                raise ValueError(f"{data.response_path(root, subj, s)}: 'data' has {h.voxels} "
+                                 f"voxels; the subject's other stories have {n_voxels}")
+            rows[s], seconds[s], n_voxels = h.rows, h.seconds, h.voxels
+        for s in test:
+            if rows[s] <= test_skip:
+                raise ValueError(f"--test-skip {test_skip}: the test story {s!r} of {subj} has "
+                                 f"{rows[s]} rows")
+        if roi.kind == "top" and roi.n > n_voxels:
+            raise ValueError(f"--roi {roi.text}: {subj} has {n_voxels} voxels")
+        if roi.kind == "nc":
+            check_repeats(root, subj, test, roi)
+        elif roi.kind != "top":
+            voxels.load_roi(data.roi_path(root, subj), subj, roi, n_voxels)
+        for s in train if textgrids else ():
+            if not os.path.isfile(data.textgrid_path(root, s)):
+                raise ValueError(f"{data.textgrid_path(root, s)}: no such file; tiny's phone "
+                                 "pretraining reads the training stories' TextGrids "
+                                 "(--tiny-pretrain 0 uses random weights, --weights PATH your "
+                                 "own)")
+        out.append(Listing(subj, n_voxels, stories, rows, seconds))
+    return out
+
+
+def check_repeats(root, subj, test, roi):
+    """--roi ncT needs one test story whose hf5 holds its repeats (the noise ceiling's input)."""
+    if len(test) != 1:
+        raise ValueError(f"--roi {roi.text}: the noise ceiling comes from one test story's "
+                         f"repeats; there are {len(test)} test stories ({', '.join(test)})")
+    path = data.response_path(root, subj, test[0])
+    with voxels.open_hf5(path) as f:
+        if "individual_repeats" not in f:
+            raise ValueError(f"--roi {roi.text}: {path} has no 'individual_repeats' (the test "
+                             "story's repeats, from which the noise ceiling comes); choose another "
+                             "--roi")
+
+
+# -----------------------------------------------------------------------------
+# will it fit? the largest allocations, estimated from the flags and the listings
+
+def available_memory(device):
+    """Bytes free for the run: the device's free memory on a GPU, MemAvailable on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return float("inf")  # unknown: err towards running
+
+
+def forward_bytes(model, batch, seconds, training):
+    """A lower estimate of the memory one forward of `batch` waves of `seconds` s holds at once
+    (backward too, with training): the CNN front end's first output, and in each transformer layer
+    its hidden states and attention scores. Estimates err low, so that a run is refused only when
+    it clearly cannot fit."""
+    arch = config.architecture(model)
+    samples = seconds * data.SR
+    (channels, _, first), *_ = arch["extractor_conv_layer_config"]
+    hop = float(np.prod([s for _, _, s in arch["extractor_conv_layer_config"]]))
+    frames, dim, heads = samples / hop, arch["encoder_embed_dim"], arch["encoder_num_heads"]
+    cnn = batch * samples / first * channels * 4  # (batch, channels, samples / stride) float32
+    layer = batch * (frames * dim * 4 + heads * frames ** 2 * 4)  # hidden states, scores
+    kept = arch["encoder_num_layers"] if training else 1  # kept for the backward pass
+    return cnn + layer * kept
+
+
+def check_sizes(args, listings, device):
+    """The flags against the sizes the listings give, before any forward: --bottleneck within
+    the features and the voxels, --history within the shortest training story (refused
+    outright), and whether the largest allocations fit in the free memory (available_memory): a
+    batch of windows forwarded in stage 1 and trained in stage 2, a protocol's batch of chunks, the
+    features of the training split. One sentence naming the flag and the estimate."""
+    rows = {}  # the shared training windows: each story's rows, however many subjects heard it
+    for d in listings:
+        for s in d.stories["train"]:
+            rows[s] = max(rows.get(s, 0), d.rows[s])
+    if args.history > min(rows.values()):
+        raise ValueError(f"--history {args.history}: longer than the shortest training story "
+                         f"({min(rows.values())} TRs); choose at most {min(rows.values())}")
+    dim = config.architecture(args.model)["encoder_embed_dim"]
+    p = dim if args.pool == "mean" else args.history * dim  # the head's input
+    n_voxels = min(d.voxels for d in listings)
+    if args.bottleneck > min(p, n_voxels):
+        raise ValueError(f"--bottleneck {args.bottleneck}: larger than the features ({p}) or the "
+                         f"voxels ({n_voxels}); choose at most {min(p, n_voxels)}")
+    free, window = available_memory(device), args.history * args.tr
+    batch = min(args.batch_size, sum(rows.values()))
+    needs = [("--batch-size or --history", forward_bytes(args.model, batch, window, False)),
+             ("--history", sum(rows.values()) * p * 4)]
+    if args.epochs:
+        share = max(batch // dist.WORLD, 1)  # each process's part of the global batch
+        needs.append(("--batch-size or --history",
+                      forward_bytes(args.model, share, window, True)))
+    if args.protocol.sliding:
+        chunk = args.protocol.context + args.protocol.stride
+        needs.append(("--context or --batch-size",
+                      forward_bytes(args.model, args.batch_size, chunk, False)))
+    for flag, need in needs:
+        keep = " (--batch-size B/N --accum N keeps the global batch of B)" * ("batch" in flag)
+        if need > free:
+            raise ValueError(f"{flag}: this run would need about {need / 2 ** 30:.1f} GB at once "
+                             f"and {device} has {free / 2 ** 30:.1f} GB free; make {flag} "
+                             f"smaller{keep}")

@@ -1,0 +1,186 @@
+"""
+The run folder and every file in it, each written atomically by its one owner here and read back
+by train.py (--resume) and eval.py alike:
+
+    config.json      the flags as given and resolved, the stories, the versions
+    tiny_pretrained.pt   tiny's phone-pretrained weights (a run with tiny)
+    stage1.pt        each subject's stage-1 ridge fits (ridge.fit_state)
+    checkpoint.pt    stage 2 as the last finished epoch left it: what --resume continues
+    adapter.pt       the trainable parameters of the epoch kept
+    metrics.jsonl    one line per epoch
+    results.json, voxel_r.npz, blocks.pt   the results, each voxel's r, the test story's block sums
+
+Every .pt file is a dict with named keys and "format": FORMAT; a folder of another format is
+refused in one sentence. Tensors are saved on the CPU, so that a run trained on a GPU is read
+anywhere.
+"""
+import json
+import os
+import time
+
+import torch
+
+import dist
+import ridge
+from cache import read_json, save_atomic
+from model import load_checkpoint
+
+FORMAT = 3  # of config.json and the .pt files: dicts with named keys
+
+
+def choose(args):
+    """The run folder: --resume's, --out, or runs/<subjects>_<roi>_<model>_<time>; an existing
+    one is refused without --force. The first process decides and tells the others (a new name
+    holds the time)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    default = f"{args.subject.replace(',', '+')}_{args.roi.text}_{args.model}_{stamp}"
+    name = args.resume or args.out or os.path.join("runs", default)
+    name = dist.first_process_value(name)
+    taken = os.path.exists(name) and (not os.path.isdir(name) or os.listdir(name))
+    if not args.resume and taken and not args.force:
+        raise ValueError(f"{name} already exists; use --resume {name} to continue it or "
+                         "--force to overwrite it")
+    return name
+
+
+def cpu(x):
+    """x with every tensor in it (nested dicts and lists) on the CPU."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(cpu(v) for v in x)
+    return x
+
+
+def read(path, what):
+    """A .pt file of this format, as a dict; another format is refused in one sentence."""
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{path}: written by another version of braintune (format "
+                         f"{saved.get('format') if isinstance(saved, dict) else '?'}, not "
+                         f"{FORMAT}); {what}")
+    return saved
+
+
+# -----------------------------------------------------------------------------
+# config.json
+
+def write_config(run, flags, stories, versions):
+    """config.json: the flags (config.flags_record), each subject's stories, the versions."""
+    cfg = dict(format=FORMAT, args=flags, stories=stories, **versions)
+    save_atomic(json.dumps(cfg, indent=1), os.path.join(run, "config.json"))
+
+
+def read_config(run, flag):
+    """A run folder's config.json, refused in one sentence naming `flag` if it is not one of this
+    format's."""
+    path = os.path.join(run, "config.json")
+    try:
+        cfg = read_json(path)
+        saved = cfg["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{flag} {run}: {path} is not the config of a run "
+                         f"({type(e).__name__}); {flag} takes the folder of an earlier run") \
+            from None
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{flag} {run}: written by another version of braintune (format "
+                         f"{cfg.get('format', 'none')}, not {FORMAT}); run it again in a new "
+                         "folder")
+    if not {"data", "subject", "model", "roi"} <= set(saved):
+        raise ValueError(f"{flag} {run}: {path} lacks the run's data, subject, model or roi")
+    return cfg
+
+
+def steer_config(run, steered, epoch):
+    """config.json with the steering flags given to --resume in force and recorded, with the
+    epoch they take effect at."""
+    path = os.path.join(run, "config.json")
+    cfg = read_json(path)
+    cfg["args"].update(steered)
+    cfg.setdefault("resumed", []).append(dict(epoch=epoch, flags=steered))
+    save_atomic(json.dumps(cfg, indent=1), path)
+
+
+# -----------------------------------------------------------------------------
+# stage1.pt
+
+def save_stage1(run, fits):
+    """stage1.pt: each subject's ridge.Stage1, the baseline None where it is the init itself."""
+    subjects = [dict(init=ridge.fit_state(f.init),
+                     baseline=None if f.baseline is f.init else ridge.fit_state(f.baseline))
+                for f in fits]
+    save_atomic(dict(format=FORMAT, subjects=cpu(subjects)), os.path.join(run, "stage1.pt"))
+
+
+def read_stage1(run):
+    """stage1.pt back as [ridge.Stage1]."""
+    saved = read(os.path.join(run, "stage1.pt"), "run stage 1 again in a new run folder")
+    fits = []
+    for s in saved["subjects"]:
+        init = ridge.fit_from_state(s["init"])
+        base = init if s["baseline"] is None else ridge.fit_from_state(s["baseline"])
+        fits.append(ridge.Stage1(init, base))
+    return fits
+
+
+# -----------------------------------------------------------------------------
+# checkpoint.pt, metrics.jsonl, adapter.pt
+
+def save_checkpoint(run, state, opt, sched, trainable):
+    """checkpoint.pt (what a resumed run continues from: the optimiser, the schedule, every
+    random generator's state, stage 2's state (a dict) and the trainable parameters), and
+    metrics.jsonl, each atomically."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    ckpt = dict(format=FORMAT, opt=opt.state_dict(), sched=sched.state_dict(),
+                rng=torch.get_rng_state(), cuda_rng=cuda, state=state, trainable=trainable)
+    save_atomic(cpu(ckpt), os.path.join(run, "checkpoint.pt"))
+    lines = "".join(json.dumps(m) + "\n" for m in state["metrics"])
+    save_atomic(lines, os.path.join(run, "metrics.jsonl"))
+
+
+def read_checkpoint(run):
+    """checkpoint.pt as saved, its random generators' states restored; None if there is none."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    ckpt = read(path, "start a new run")
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"][:torch.cuda.device_count()])
+    return ckpt
+
+
+def save_adapter(run, trainable, epoch, flags):
+    """adapter.pt: the trainable parameters of the epoch kept (0: the initial state)."""
+    save_atomic(cpu(dict(format=FORMAT, trainable=trainable, epoch=epoch, args=flags)),
+                os.path.join(run, "adapter.pt"))
+
+
+def read_adapter(run):
+    """adapter.pt's trainable parameters, or None for a run that stopped after stage 1."""
+    path = os.path.join(run, "adapter.pt")
+    if not os.path.isfile(path):
+        return None
+    return read(path, "tune again in a new run folder")["trainable"]
+
+
+# -----------------------------------------------------------------------------
+# the results
+
+def save_results(run, results, arrays, blocks):
+    """results.json, voxel_r.npz ({name: (voxels,)}) and blocks.pt ({subject: {"baseline",
+    "refit"}: each a ridge.BlockSums as a dict, or None}), each atomically."""
+    save_atomic(json.dumps(results, indent=1), os.path.join(run, "results.json"))
+    save_atomic(arrays, os.path.join(run, "voxel_r.npz"))
+    sums = {s: {k: None if b is None else dict(sums=b.sums, rows=b.rows) for k, b in m.items()}
+            for s, m in blocks.items()}
+    save_atomic(dict(format=FORMAT, subjects=cpu(sums)), os.path.join(run, "blocks.pt"))
+
+
+def read_blocks(run):
+    """blocks.pt as {subject: {"baseline", "refit"}: ridge.BlockSums or None}."""
+    saved = read(os.path.join(run, "blocks.pt"), "run it again in a new run folder")
+    return {s: {k: None if b is None else ridge.BlockSums(b["sums"], b["rows"])
+                for k, b in m.items()} for s, m in saved["subjects"].items()}

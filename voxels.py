@@ -1,0 +1,138 @@
+"""
+The voxels: --roi parsed once (Voxels), a subject's ROI files, the noise ceiling from the test
+story's repeats (Schoppe et al. 2016), and the voxels stage 2 trains on (choose).
+
+    roi = parse_roi("nc0.4")                       # Voxels(kind="nc", threshold=0.4)
+    results = choose(args, d, fit)                 # a ridge.Results: sets, trained voxels, baseline
+"""
+import os
+import re
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+import ridge
+from cache import cached, file_key, progress
+
+
+def open_hf5(path):
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read as HDF5 ({e})") from None
+
+
+def noise_ceiling(repeats):
+    """cc_max per voxel from (repeats, TRs, voxels) (Schoppe et al. 2016); NaN where SP <= 0."""
+    N = repeats.shape[0]
+    var_sum = repeats.sum(0).var(0)  # (voxels,)
+    sum_var = repeats.var(1).sum(0)
+    SP = (var_sum - sum_var) / (N * (N - 1))
+    TP = repeats.var(1).mean(0)
+    cc = 1 / np.sqrt(1 + (1 / N) * (TP / np.where(SP > 0, SP, np.nan) - 1))
+    return np.where(SP > 0, cc, np.nan)
+
+
+@dataclass(frozen=True)
+class Voxels:
+    """--roi, parsed once (parse_roi): the voxels stage 2 trains on; nothing else reads the text."""
+    text: str  # as given, as config.json records it
+    kind: str  # all, name (an ROI of the subject's file), top, nc or file (a .npy file)
+    n: int = 0  # top: the N voxels best predicted in stage 1's cross-validation
+    threshold: float = 0.0  # nc: the noise ceiling they exceed (Moussa et al.: 0.4)
+
+
+def parse_roi(text):
+    """--roi's text as Voxels: all, topN (N >= 1), ncT (0 <= T < 1), a .npy file or an ROI name."""
+    if text == "all":
+        return Voxels(text, "all")
+    if text.endswith(".npy"):
+        return Voxels(text, "file")
+    top = re.fullmatch(r"top(\d+)", text)
+    if text.startswith("top") and not (top and int(top[1]) >= 1):
+        raise ValueError(f"--roi {text}: expected topN with a whole number N >= 1, all, an ROI "
+                         "name or a .npy file")
+    if top:
+        return Voxels(text, "top", n=int(top[1]))
+    nc = re.fullmatch(r"nc([\d.]+)", text)
+    if nc:
+        threshold = float(nc[1]) if nc[1].count(".") <= 1 and nc[1] != "." else -1.0
+        if not 0 <= threshold < 1:
+            raise ValueError(f"--roi {text}: expected ncT with a noise-ceiling threshold "
+                             "0 <= T < 1, e.g. nc0.4")
+        return Voxels(text, "nc", threshold=threshold)
+    return Voxels(text, "name")
+
+
+def story_ceiling(path, subj, block=4096):
+    """The noise ceiling of every voxel from the "individual_repeats" (repeats, TRs, voxels) of
+    the hf5 file `path` (the test story's), read in blocks of voxels; None if it has no repeats."""
+    with open_hf5(path) as f:
+        if "individual_repeats" not in f:
+            return None
+
+    def build():
+        with open_hf5(path) as f:
+            reps = f["individual_repeats"]
+            cc = np.empty(reps.shape[2], np.float32)
+            for j in progress(range(0, len(cc), block), f"{subj} noise ceiling"):
+                cc[j:j + block] = noise_ceiling(reps[:, :, j:j + block])
+        return {"ceiling": cc}
+    story = os.path.basename(path)[:-len(".hf5")]
+    return cached("ceiling", dict(file=file_key(path), v=1), build, story)["ceiling"]
+
+
+def _as_indices(arr, n_voxels, what):
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        if arr.shape != (n_voxels,):
+            raise ValueError(f"{what}: mask has shape {arr.shape}, the responses have {n_voxels} "
+                             "voxels")
+        arr = np.flatnonzero(arr)
+    if arr.size == 0 or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what}: expected a non-empty 1-D array of voxel indices or a boolean "
+                         "mask")
+    if arr.min() < 0 or arr.max() >= n_voxels:
+        raise ValueError(f"{what}: indices outside 0..{n_voxels - 1}")
+    return np.unique(arr)
+
+
+def roi_sets(path, n_voxels):
+    """{name: hf5 column indices} for every ROI in a subject's ROI file `path`
+    (derivative/rois/<SUBJ>.npz; none if absent)."""
+    if not os.path.exists(path):
+        return {}
+    with np.load(path) as f:
+        return {k: _as_indices(f[k], n_voxels, f"{path}[{k}]") for k in f.files}
+
+
+def load_roi(path, subj, voxels, n_voxels):
+    """The hf5 columns of Voxels of kind all, name (an ROI of subject subj's ROI file, `path`) or
+    file (a .npy file of indices or a boolean mask)."""
+    if voxels.kind == "all":
+        return np.arange(n_voxels)
+    if voxels.kind == "file":
+        if not os.path.exists(voxels.text):
+            raise ValueError(f"{voxels.text}: no such ROI file")
+        return _as_indices(np.load(voxels.text), n_voxels, voxels.text)
+    rois = roi_sets(path, n_voxels)
+    if voxels.text not in rois:
+        names = "".join(", " + k for k in rois)
+        raise ValueError(f"unknown ROI {voxels.text!r} for {subj}; available: all, topN, a .npy "
+                         f"path{names}")
+    return rois[voxels.text]
+
+
+def choose(args, d, fit, roi_file):
+    """Subject d's results so far (ridge.Results): its voxel sets, the voxels trained on (--roi,
+    Voxels; ncT: those whose noise ceiling exceeds T; a name: of its ROI file, roi_file), the
+    baseline r and its block sums (fit: its ridge.Stage1)."""
+    sets = ridge.sets(d, fit.init.cv_r, args.roi.n)
+    if args.roi.kind == "top":
+        roi = sets[args.roi.text]
+    elif args.roi.kind == "nc":
+        roi = np.intersect1d(np.flatnonzero(d.ceiling > args.roi.threshold), sets["all"])
+    else:
+        roi = np.intersect1d(load_roi(roi_file, d.name, args.roi, len(d.good)), sets["all"])
+    return ridge.Results(sets, roi, fit.baseline.test_r.numpy(), fit.baseline.blocks)
