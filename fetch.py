@@ -6,7 +6,6 @@ against the size the server announces, then renamed.
 
     python fetch.py ds003020 --subject UTS01 [--pycortex] [--out DIR] [--base-url MIRROR]
 """
-import argparse
 import concurrent.futures
 import functools
 import http.client
@@ -16,15 +15,27 @@ import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
+import guard
+
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds003020-v2.2.0-manifest.json")
 # every address in the manifest starts so
 OPENNEURO = "https://s3.amazonaws.com/openneuro.org/ds003020"
 REAL_SUBJECTS = [f"UTS0{i}" for i in range(1, 9)]
+
+
+def address(text):
+    """A server's address, as --base-url and $BRAINTUNE_MIRROR give it: http(s)://HOST[/PATH]."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http:// or https:// address such as {OPENNEURO} (got "
+                         f"{text!r})")
+    return text.rstrip("/")
 
 
 def fetch_list(manifest, subjects, pycortex=False):
@@ -89,7 +100,10 @@ def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
     if manifest is None:
         with open(MANIFEST) as f:
             manifest = json.load(f)
-    base = (base_url or os.environ.get("BRAINTUNE_MIRROR") or OPENNEURO).rstrip("/")
+    try:
+        base = address(base_url or os.environ.get("BRAINTUNE_MIRROR") or OPENNEURO)
+    except ValueError as e:
+        raise ValueError(f"{'--base-url' if base_url else '$BRAINTUNE_MIRROR'}: {e}") from None
     subjects = ["UT" + s if "UT" + s in REAL_SUBJECTS else s for s in subjects]
     for s in subjects:
         if s not in REAL_SUBJECTS:
@@ -99,6 +113,7 @@ def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
     if os.path.exists(out) and (other or not os.path.isdir(out)):
         raise ValueError(f"{out}: already holds {', '.join(other) or 'a file'}; fetch into a new "
                          "folder or an earlier fetch's")
+    guard.writable_folder(out, "--out")
     job = Download(out, base, manifest, fetch_list(manifest, subjects, pycortex))
     print(f"ds003020 2.2.0 for {', '.join(subjects)}: {len(job.paths)} files into {out}",
           flush=True)
@@ -110,12 +125,11 @@ def fetch(out, subjects, pycortex=False, manifest=None, base_url=None):
         return os.path.getsize(path) if os.path.isfile(path) else None
     todo = [p for p in job.paths if have(p) != sizes[p]]
     need = sum(sizes[p] - (have(p, ".part") or 0) for p in todo)
-    os.makedirs(out, exist_ok=True)
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(guard.existing(out)).free
     print(f"{sum(sizes.values()) / 1e9:.1f} GB in all; {len(todo)} files, {need / 1e9:.1f} GB, to "
           f"download ({free / 1e9:.0f} GB free)", flush=True)
-    if need > free:
-        raise ValueError(f"{out}: {need / 1e9:.1f} GB to download but {free / 1e9:.1f} GB free")
+    guard.fits_on_disk(need, out, f"the download into {out}", "--subject or --pycortex")
+    os.makedirs(out, exist_ok=True)
     job.overall = tqdm(total=need, unit="B", unit_scale=True, desc="ds003020",
                        disable=not sys.stderr.isatty())
     job.start = job.shown = time.time()
@@ -177,26 +191,24 @@ def show_progress(job, where):
           f"{job.shown - job.start:.0f} s", file=sys.stderr, flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="download what braintune reads of OpenNeuro ds003020 "
-                                            "2.2.0")
+def parser():
+    p = guard.Parser(description="download what braintune reads of OpenNeuro ds003020 2.2.0")
     p.add_argument("dataset", choices=["ds003020"], help="the dataset (ds003020, the only one)")
     p.add_argument("--out", default=None, help="folder to fetch into (default: ./ds003020)")
     p.add_argument("--subject", default="UTS01", help="subjects, comma-separated (UTS01..UTS08; "
                                                       "S01 works too)")
     p.add_argument("--pycortex", action="store_true", help="also their pycortex database (ROIs, "
                                                            "flatmaps)")
-    p.add_argument("--base-url", default=None, help=f"a mirror of {OPENNEURO} (or "
-                                                    "$BRAINTUNE_MIRROR)")
-    a = p.parse_args(argv)
-    try:
-        fetch(a.out or a.dataset, a.subject.split(","), a.pycortex, base_url=a.base_url)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted; the files under their real names are complete: run the same "
-                 "command again to resume")
+    p.add_argument("--base-url", type=guard.argtype(address), default=None,
+                   help=f"a mirror of {OPENNEURO} (or $BRAINTUNE_MIRROR)")
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    fetch(a.out or a.dataset, a.subject.split(","), a.pycortex, base_url=a.base_url)
 
 
 if __name__ == "__main__":
-    main()
+    guard.main_guard(main, kept="the files under their real names are complete: run the same "
+                                "command again to resume")

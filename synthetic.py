@@ -9,9 +9,8 @@ haemodynamic response, to the words' meaning (embedding dimensions) or to the so
     # full size
     python synthetic.py OUT --sr 44100 --channels 2 --stories 83 --seconds 650 --voxels 95556
 """
-import argparse
 import os
-import sys
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -19,6 +18,7 @@ from scipy.io import wavfile
 from scipy.signal import resample_poly
 from scipy.stats import gamma
 
+import guard
 from cache import atomic_folder, progress
 from data import (SOUND_START, TEST_STORY, TR, TRAIN_STORIES, TRIM_START, response_path,
                   row_times, textgrid_path, wav_path, zscore, zscore_)
@@ -146,14 +146,43 @@ def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150
         f.writelines(f"{w} {' '.join(f'{x:.6f}' for x in v)}\n" for w, v in emb.items())
     names = TRAIN_STORIES + [f"story{i + 1:02d}" for i in range(len(TRAIN_STORIES), n_stories)]
     stories = names[:n_stories] + [TEST_STORY]
-    n_rows = int((seconds + SOUND_START - tr / 2) / tr) - TRIM_START  # last row inside the audio
-    t_rows = row_times(n_rows, tr)
+    t_rows = row_times(story_rows(seconds, tr), tr)
     features = {s: _write_story(out, rng, s, vocab, emb, seconds, t_rows=t_rows, sr=sr,
                                 channels=channels)  # (rows, 8 + dim) each
                 for s in progress(stories, "synthetic audio")}
     for j in range(n_subjects):
         _write_subject(out, rng, f"UTS{j + 1:02d}", features, n_voxels, snr=snr, repeats=repeats)
     return out
+
+
+def story_rows(seconds, tr=TR):
+    """The rows (TRs) of a story of `seconds`: the last one inside the audio, less the trimmed."""
+    return int((seconds + SOUND_START - tr / 2) / tr) - TRIM_START
+
+
+@dataclass
+class Footprint:  # what make_demo needs, in bytes
+    memory: float  # held at once
+    disk: float  # written
+
+
+def footprint(n_subjects, n_stories, n_voxels, seconds, *, sr, channels, repeats=10, dim=16):
+    """What make_demo holds at once and writes. The memory is the larger of two phases: a story's
+    audio (28 bytes per sample at DEMO_SR; while it is resampled and stacked, 16 per DEMO_SR sample
+    and 3 + 4 per channel per sample at `sr`), or a subject's story (4.2 float64 (rows, voxels)
+    arrays: clean, noise, sum and temporaries, and 320 bytes per voxel: weights, SNR, truth); the
+    stories' true features are held throughout. Fitted to make_demo's peak resident memory above
+    the imports (ru_maxrss after, less before) at 1-2 subjects, 2 stories, 500-200,000 voxels,
+    150-2,400 s, 22,050-176,400 Hz and 1-8 channels: 4% under to 15% over in each of 12 runs, the
+    disk within 3%."""
+    rows = story_rows(seconds)
+    features = (n_stories + 1) * rows * (8 + dim) * 8
+    story = seconds * max(28 * DEMO_SR, 16 * DEMO_SR + (3 + 4 * channels) * sr)
+    subject = 4.2 * rows * n_voxels * 8 + 320 * n_voxels
+    responses = n_subjects * (n_stories + 1 + repeats) * rows * n_voxels * 8  # float64 hf5
+    audio = (n_stories + 1) * seconds * sr * channels * 2  # int16 wav
+    return Footprint(memory=features + max(story, subject),
+                     disk=responses + audio + n_subjects * (features + 320 * n_voxels))
 
 
 def _write_story(out, rng, s, vocab, emb, seconds, *, t_rows, sr, channels):
@@ -218,30 +247,33 @@ def _write_subject(out, rng, subj, features, n_voxels, *, snr, repeats):
     np.savez(os.path.join(out, "derivative", "ground_truth", subj + ".npz"), **truth)
 
 
+def parser():
+    p = guard.Parser(description="write a synthetic dataset in the ds003020 layout")
+    a = p.add_argument
+    a("out", help="folder to write (must not exist yet, or be empty)")
+    a("--subjects", type=guard.number(int, low=1), default=3, help="number of subjects")
+    a("--stories", type=guard.number(int, low=2), default=10,
+      help="training stories (a test story is added)")
+    a("--voxels", type=guard.number(int, low=3), default=500, help="voxels per subject")
+    # 30 s: 9 rows after the TRIM_START TRs that the hf5 files drop
+    a("--seconds", type=guard.number(float, low=30), default=150.0,
+      help="length of each story in seconds")
+    a("--sr", type=guard.number(int, low=8000, high=384000), default=DEMO_SR,
+      help="sample rate of the wav files (ds003020: 44100)")
+    a("--channels", type=guard.number(int, low=1, high=8), default=1,
+      help="channels of the wav files (ds003020: 2)")
+    a("--seed", type=guard.number(int, low=0), default=0, help="random seed")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="write a synthetic dataset in the ds003020 layout")
-    p.add_argument("out", help="folder to write (must not exist yet)")
-    p.add_argument("--subjects", type=int, default=3, help="number of subjects")
-    p.add_argument("--stories", type=int, default=10, help="training stories (a test story is "
-                                                           "added)")
-    p.add_argument("--voxels", type=int, default=500, help="voxels per subject")
-    p.add_argument("--seconds", type=float, default=150.0, help="length of each story in seconds")
-    p.add_argument("--sr", type=int, default=DEMO_SR, help="sample rate of the wav files "
-                                                          "(ds003020: 44100)")
-    p.add_argument("--channels", type=int, default=1, help="channels of the wav files (ds003020: "
-                                                           "2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    a = p.parse_args(argv)
-    for flag, ok, want in (("--subjects", a.subjects >= 1, "at least 1"),
-                           ("--stories", a.stories >= 2, "at least 2"),
-                           ("--voxels", a.voxels >= 3, "at least 3"),
-                           ("--seconds", a.seconds >= 30, "at least 30"),
-                           ("--sr", a.sr >= 8000, "at least 8000"),
-                           ("--channels", 1 <= a.channels <= 8, "1 to 8")):
-        if not ok:
-            sys.exit(f"error: {flag} {getattr(a, flag[2:])}: must be {want} (nothing was written)")
-    if os.path.exists(a.out):
-        sys.exit(f"error: {a.out} already exists; choose a new folder (nothing was written)")
+    a = parser().parse_args(argv)
+    guard.new_path(a.out, "", folder=True)
+    need = footprint(a.subjects, a.stories, a.voxels, a.seconds, sr=a.sr, channels=a.channels)
+    guard.fits_in_memory(need.memory, "the synthetic dataset",
+                         "--voxels, --seconds, --stories, --sr or --channels")
+    guard.fits_on_disk(need.disk, a.out, "the synthetic dataset",
+                       "--subjects, --stories, --voxels, --seconds, --sr or --channels")
     with atomic_folder(a.out) as tmp:  # a killed run leaves no half dataset under a.out
         make_demo(tmp, a.subjects, a.stories, a.voxels, a.seed, a.seconds, sr=a.sr,
                   channels=a.channels)
@@ -249,4 +281,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    guard.main_guard(main, kept="nothing was written (the half-made folder was removed)")

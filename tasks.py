@@ -11,13 +11,11 @@ layout (REFERENCE.md section 8), into a Task of labelled clips; downstream.py pr
     task = read_task("cremad", root, limit=200)  # a folder in another layout: one ValueError
     python tasks.py words DATA OUT    # a dataset's words cut into a Speech Commands folder
 """
-import argparse
 import csv
 import glob
 import itertools
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +24,7 @@ import torchaudio.functional as AF
 from scipy.io import wavfile
 
 import data
+import guard
 import textgrid
 from cache import atomic_folder, progress
 
@@ -300,7 +299,11 @@ def words_to_speechcommands(data_root, out, *, valid_story=None, test_story=data
     the word centred and zero-padded (longer words cut to their middle), written as
     16 kHz int16 <word>/<story>_nohash_<n>.wav. Splits by story, as stories have their own voice:
     test_story's words are the testing list, valid_story's (default: the last other story) the
-    validation list, the rest training; words that no training story holds are left out."""
+    validation list, the rest training; words that no training story holds are left out. The
+    clips' disk is checked before the first is cut."""
+    if not os.path.isdir(data_root):
+        what = "not a folder" if os.path.exists(data_root) else "no such folder"
+        raise ValueError(f"{data_root}: {what}; expected a dataset in ds003020's layout")
     stimuli = [f[:-4] for f in _listdir(os.path.join(data_root, "stimuli")) if f.endswith(".wav")]
     stories = [s for s in stimuli if os.path.isfile(data.textgrid_path(data_root, s))]
     if test_story not in stories:
@@ -312,17 +315,21 @@ def words_to_speechcommands(data_root, out, *, valid_story=None, test_story=data
                          f"than the test story, and at least one more for training")
     if os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out}: exists and is not empty; choose a new folder")
-    os.makedirs(out, exist_ok=True)
 
     def words(story):  # [(start, end, folder name)]
         got = textgrid.read_words(data.textgrid_path(data_root, story))
         names = [(a, b, re.sub(r"[^a-z0-9'_-]", "", w.lower()).lstrip("_")) for a, b, w in got]
         return [(a, b, w) for a, b, w in names if w]
-    trained = {w for s in stories if s not in (valid_story, test_story) for _, _, w in words(s)}
+    told = {s: words(s) for s in stories}
+    trained = {w for s in stories if s not in (valid_story, test_story) for _, _, w in told[s]}
     n, lists, count = round(seconds * data.SR), {valid_story: [], test_story: []}, {}
+    clips = sum(w in trained for s in stories for _, _, w in told[s])
+    # int16 samples and a 44-byte header each
+    guard.fits_on_disk(clips * (2 * n + 44), out, f"{clips} clips of {seconds:g} s", "--seconds")
+    os.makedirs(out, exist_ok=True)
     for story in progress(stories, "cutting words"):
         wave = data.read_wav(data.wav_path(data_root, story)).numpy()
-        for a, b, word in words(story):
+        for a, b, word in told[story]:
             piece = wave[round(a * data.SR):round(b * data.SR)]
             if word not in trained or not len(piece):
                 continue
@@ -341,28 +348,31 @@ def words_to_speechcommands(data_root, out, *, valid_story=None, test_story=data
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="the downstream tasks' datasets: helpers")
+def parser():
+    p = guard.Parser(description="the downstream tasks' datasets: helpers")
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("words", help="cut a ds003020-layout dataset's words into a Speech Commands "
                                      "folder (splits by story)")
     w.add_argument("data", help="the dataset (stimuli/*.wav, derivative/TextGrids/*.TextGrid)")
-    w.add_argument("out", help="folder to write (must not exist yet)")
+    w.add_argument("out", help="folder to write (must not exist yet, or be empty)")
     w.add_argument("--valid-story", help="the story whose words are the validation list "
                                          "(default: the last story other than the test story)")
     w.add_argument("--test-story", default=data.TEST_STORY, help="the story of the testing list")
-    w.add_argument("--seconds", type=float, default=1.0, help="length of each clip in seconds")
-    a = p.parse_args(argv)
-    if os.path.exists(a.out):
-        sys.exit(f"error: {a.out} already exists; choose a new folder (nothing was written)")
-    try:
-        with atomic_folder(a.out) as tmp:  # a killed run leaves no half folder under a.out
-            words_to_speechcommands(a.data, tmp, valid_story=a.valid_story,
-                                    test_story=a.test_story, seconds=a.seconds)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    # 25 ms: the backbones' CNN front end needs 400 samples for a frame; past 10 s (a word, centred
+    # and zero-padded), a clip is all silence
+    w.add_argument("--seconds", type=guard.number(float, low=0.025, high=10), default=1.0,
+                   help="length of each clip in seconds")
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    guard.new_path(a.out, "", folder=True)
+    with atomic_folder(a.out) as tmp:  # a killed run leaves no half folder under a.out
+        words_to_speechcommands(a.data, tmp, valid_story=a.valid_story, test_story=a.test_story,
+                                seconds=a.seconds)
     print(f"wrote {a.out}: {len(read_speechcommands(a.out).classes)} words")
 
 
 if __name__ == "__main__":
-    main()
+    guard.main_guard(main, kept="nothing was written (the half-made folder was removed)")

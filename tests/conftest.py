@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,3 +35,25 @@ def run(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "r"
     return train.main(["--data", demo, "--model", "tiny", "--out", str(out), "--batch-size", "8",
                        "--epochs", "2", "--lr", "1e-2", "--lora-dropout", "0"])
+
+
+def cannot_write(folder):
+    """Whether this process is refused a new file in `folder`."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def read_only(tmp_path_factory):
+    """A folder this process cannot write in: one with its write bits off or, where that does not
+    stop the process (root writes anywhere), /sys, which takes no new file from anyone."""
+    folder = tmp_path_factory.mktemp("ro")
+    folder.chmod(0o555)
+    found = next((f for f in (str(folder), "/sys") if os.path.isdir(f) and cannot_write(f)), None)
+    if found is None:
+        pytest.skip("no folder here refuses this process a new file (chmod and /sys both allow)")
+    yield found
+    folder.chmod(0o755)

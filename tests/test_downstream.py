@@ -378,5 +378,5 @@ def test_words_to_speechcommands_splits_by_story(tmp_path):
     assert not story["train"] & (story["valid"] | story["test"]) and len(t.classes) > 5
     sr, x = wavfile.read(t.splits["valid"][0].path)
     assert sr == 16000 and x.shape == (16000,) and x.dtype == np.int16 and np.abs(x).max() > 1000
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="already exists"):
         tasks.main(["words", demo, out])  # the folder exists: refused

@@ -6,15 +6,19 @@ import json
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 import config
+import synthetic
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,22 +237,6 @@ def test_eval_refuses_each_mistake(ds, tmp_path):
     assert_refused(run_all([c for c, _ in cases], env), cases, made=made)
 
 
-def test_data_refuses_each_mistake(ds, tmp_path):
-    cases = [
-        ([sys.executable, "synthetic.py", ds["demo"]], "already exists"),
-        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--voxels", "0"],
-         "--voxels 0: must be at least 3"),
-        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--seconds", "5"],
-         "--seconds 5.0: must be at least 30"),
-        ([sys.executable, "synthetic.py", str(tmp_path / "d"), "--channels", "0"],
-         "--channels 0: must be 1 to 8"),
-    ]
-    env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"))
-    assert_refused(run_processes([cases[1][0]], env), cases[1:2])
-    assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "d",
-                                                                     tmp_path / "d.tmp"])
-
-
 def test_bench_refuses_each_mistake(tmp_path):
     cases = [
         ([sys.executable, "bench.py", "--only", "ridge,nosuch"],
@@ -260,3 +248,174 @@ def test_bench_refuses_each_mistake(tmp_path):
     assert_refused(run_processes([cases[0][0]], env), cases[:1])
     assert_refused(run_all([c for c, _ in cases], env), cases, made=[tmp_path / "nodir",
                                                                      tmp_path / "cache"])
+
+
+# -----------------------------------------------------------------------------
+# one table: each row a command run with a mistake; train.py's, eval.py's and bench.py's to come
+
+@dataclass
+class Mistake:
+    """A command run with a mistake. Its texts are filled in from the case's places: {tmp} a folder
+    of its own (the working folder, $BRAINTUNE_CACHE inside), {demo} the demo dataset, {notes} a
+    user's file, {mine} a user's folder holding notes.txt, {ro} a folder this process cannot write
+    in, {nogrids} and {pointer} the broken datasets of the ds fixture."""
+    script: str  # synthetic.py, tasks.py, fetch.py
+    argv: list  # its arguments
+    says: str | tuple  # what the one line on stderr holds (each of them)
+    absent: tuple = ()  # paths that must not exist afterwards
+    kept: tuple = ("{notes}", "{mine}/notes.txt")  # the user's files, unchanged
+    env: dict = field(default_factory=dict)  # environment variables set for it
+
+
+def synthetic_mistake(argv, says, absent=("{tmp}/d", "{tmp}/d.tmp")):
+    return Mistake("synthetic.py", argv, says, absent)
+
+
+def words_mistake(argv, says, absent=("{tmp}/w", "{tmp}/w.tmp")):
+    return Mistake("tasks.py", ["words", *argv], says, absent)
+
+
+def fetch_mistake(argv, says, env=None):
+    return Mistake("fetch.py", ["ds003020", *argv], says, ("{tmp}/ds", "{tmp}/ds003020"),
+                   env=env or {})
+
+
+D = ["{tmp}/d"]
+W = ["{demo}", "{tmp}/w"]
+URL = "expected an http:// or https:// address such as https://s3.amazonaws.com"
+MEMORY = "the synthetic dataset needs about"
+MISTAKES = [
+    synthetic_mistake(["{demo}"], "{demo}: already exists; choose a new folder"),
+    synthetic_mistake(["{notes}"], "{notes}: already exists; choose a new folder"),
+    synthetic_mistake(["{mine}"], "{mine}: already exists; choose a new folder"),
+    synthetic_mistake(["{notes}/d"], "{notes}/d: {notes} is a file, where a folder must be"),
+    synthetic_mistake(["{ro}/d"], "{ro}/d: cannot write in {ro} (", ("{ro}/d", "{ro}/d.tmp")),
+    synthetic_mistake([""], "the output: an empty path"),
+    synthetic_mistake([], "the following arguments are required: out"),
+    synthetic_mistake(D + ["--nosuch"], "unrecognized arguments: --nosuch"),
+    synthetic_mistake(D + ["--voxels", "0"],
+                      "argument --voxels: must be an integer >= 3 (got '0')"),
+    synthetic_mistake(D + ["--voxels", "1.5"], "argument --voxels: must be an integer >= 3"),
+    synthetic_mistake(D + ["--voxels", "2000000000"], (MEMORY, "of memory at once", "--voxels")),
+    synthetic_mistake(D + ["--seconds", "5"],
+                      "argument --seconds: must be a finite number >= 30 (got '5')"),
+    synthetic_mistake(D + ["--seconds", "nan"], "argument --seconds: must be a finite number"),
+    synthetic_mistake(D + ["--seconds", "inf"], "argument --seconds: must be a finite number"),
+    synthetic_mistake(D + ["--seconds", "1e9"], (MEMORY, "of memory at once", "--seconds")),
+    synthetic_mistake(D + ["--channels", "0"],
+                      "argument --channels: must be an integer in [1, 8] (got '0')"),
+    synthetic_mistake(D + ["--channels", "9"], "argument --channels: must be an integer in [1, 8]"),
+    synthetic_mistake(D + ["--sr", "100"], "argument --sr: must be an integer in [8000, 384000]"),
+    synthetic_mistake(D + ["--subjects", "0"], "argument --subjects: must be an integer >= 1"),
+    synthetic_mistake(D + ["--subjects", "100000"], (MEMORY, "of disk, but", "--subjects")),
+    synthetic_mistake(D + ["--stories", "1"], "argument --stories: must be an integer >= 2"),
+    synthetic_mistake(D + ["--stories", "1000000"], (MEMORY, "--stories")),
+    synthetic_mistake(D + ["--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    words_mistake(W + ["--seconds", "0"],
+                  "argument --seconds: must be a finite number in [0.025, 10] (got '0')"),
+    words_mistake(W + ["--seconds", "nan"], "argument --seconds: must be a finite number"),
+    words_mistake(W + ["--seconds=-1"], "argument --seconds: must be a finite number"),
+    words_mistake(W + ["--seconds", "1e9"], "argument --seconds: must be a finite number"),
+    words_mistake(["{demo}", "{notes}"], "{notes}: already exists; choose a new folder"),
+    words_mistake(["{demo}", "{mine}"], "{mine}: already exists; choose a new folder"),
+    words_mistake(["{demo}", "{notes}/w"], "{notes}/w: {notes} is a file, where a folder must be"),
+    words_mistake(["{demo}", "{ro}/w"], "{ro}/w: cannot write in {ro} (", ("{ro}/w", "{ro}/w.tmp")),
+    words_mistake(["{tmp}/nodata", "{tmp}/w"], "{tmp}/nodata: no such folder; expected a dataset"),
+    words_mistake(["{notes}", "{tmp}/w"], "{notes}: not a folder; expected a dataset"),
+    words_mistake(["{nogrids}", "{tmp}/w"], "wheretheressmoke.wav: missing, or without a TextGrid"),
+    words_mistake(["{pointer}", "{tmp}/w"], "avatar.wav: cannot read as WAV"),  # found late
+    words_mistake(W + ["--test-story", "nosuch"], "nosuch.wav: missing, or without a TextGrid"),
+    words_mistake(W + ["--valid-story", "wheretheressmoke"],
+                  "--valid-story wheretheressmoke: expected another story"),
+    words_mistake(["{demo}"], "the following arguments are required: out"),
+    Mistake("tasks.py", [], "the following arguments are required: command"),
+    Mistake("tasks.py", ["cut", "{demo}", "{tmp}/w"], "argument command: invalid choice: 'cut'"),
+    fetch_mistake(["--base-url", "notaurl"], f"argument --base-url: {URL}"),
+    fetch_mistake(["--base-url", "ftp://mirror/ds003020"], f"argument --base-url: {URL}"),
+    fetch_mistake(["--base-url", "http://"], f"argument --base-url: {URL}"),
+    fetch_mistake([], f"$BRAINTUNE_MIRROR: {URL}", env={"BRAINTUNE_MIRROR": "notaurl"}),
+    fetch_mistake(["--out", "{notes}"], "{notes}: already holds a file"),
+    fetch_mistake(["--out", "{mine}"], "{mine}: already holds notes.txt"),
+    fetch_mistake(["--out", "{notes}/ds"],
+                  "--out {notes}/ds: {notes} is a file, where a folder must be"),
+    fetch_mistake(["--out", "{ro}/ds"], "--out {ro}/ds: cannot write in {ro} ("),
+    fetch_mistake(["--subject", "UTS09"], "--subject UTS09: not a subject of ds003020"),
+    Mistake("fetch.py", ["ds000001"], "argument dataset: invalid choice: 'ds000001'"),
+    Mistake("fetch.py", [], "the following arguments are required: dataset"),
+]
+
+
+def snapshot(folders):
+    """Every file under the folders with its size and time, every folder by name: what a command
+    that left everything as it was leaves equal."""
+    got = {}
+    for top in folders:
+        for d, subs, files in os.walk(top):
+            got.update({os.path.join(d, s): "folder" for s in subs})
+            for f in files:
+                st = os.lstat(os.path.join(d, f))  # a link itself, broken or not
+                got[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns)
+    return got
+
+
+def check_mistake(row, ds, read_only, tmp_path, run):
+    """Run the row's command (with run_all or run_processes) and check its refusal: non-zero exit,
+    one line on stderr holding what it says, no traceback, nothing left behind or changed."""
+    (tmp_path / "notes.txt").write_text("keep")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    places = dict(tmp=tmp_path, demo=ds["demo"], notes=tmp_path / "notes.txt",
+                  mine=tmp_path / "mine", ro=read_only, nogrids=ds["nogrids"],
+                  pointer=ds["pointer"])
+
+    def fill(texts):
+        return [t.format(**places) for t in texts]
+    env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"),
+               **dict(zip(row.env, fill(row.env.values()))))
+    folders = [tmp_path, os.path.dirname(ds["demo"]), os.path.dirname(ds["nogrids"])]
+    before = snapshot(folders)
+    kept = {p: open(p, "rb").read() for p in fill(row.kept)}
+    says = fill([row.says] if isinstance(row.says, str) else row.says)
+    cmd = [sys.executable, os.path.join(ROOT, row.script), *fill(row.argv)]
+    (code, _, stderr), = run([cmd], env, cwd=tmp_path)
+    lines = stderr.strip().splitlines()
+    assert code != 0 and "Traceback" not in stderr, stderr[-1500:]
+    assert len(lines) == 1 and all(s in lines[0] for s in says), (says, stderr)
+    assert not [p for p in fill(row.absent) if os.path.lexists(p)]
+    assert snapshot(folders) == before  # nothing left behind, nothing changed
+    assert {p: open(p, "rb").read() for p in kept} == kept
+
+
+@pytest.mark.parametrize("row", MISTAKES, ids=[" ".join([m.script, *m.argv]) for m in MISTAKES])
+def test_each_mistake_is_refused_in_one_line_leaving_everything_as_it_was(row, ds, read_only,
+                                                                         tmp_path):
+    check_mistake(row, ds, read_only, tmp_path, run_all)
+
+
+@pytest.mark.parametrize("script", sorted({m.script for m in MISTAKES}))
+def test_each_script_refuses_in_a_process_of_its_own(script, ds, read_only, tmp_path):
+    check_mistake(next(m for m in MISTAKES if m.script == script), ds, read_only, tmp_path,
+                  run_processes)
+
+
+def test_the_synthetic_footprint_on_which_its_refusals_rest_matches_what_it_writes(demo):
+    # the demo fixture's make_demo arguments
+    need = synthetic.footprint(3, 5, 90, 60.0, sr=synthetic.DEMO_SR, channels=1)
+    wrote = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(demo) for f in fs)
+    assert 0.9 < need.disk / wrote < 1.1, (need.disk, wrote)
+
+
+def test_ctrl_c_while_the_synthetic_dataset_is_written_leaves_nothing(tmp_path):
+    out = tmp_path / "d"
+    writer = subprocess.Popen([sys.executable, "synthetic.py", str(out), "--seconds", "3000"],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "d.tmp").exists() and writer.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the first story's audio
+    writer.send_signal(signal.SIGINT)
+    _, err = writer.communicate(timeout=120)
+    assert writer.returncode == 130, err
+    assert err.splitlines() == ["interrupted; nothing was written (the half-made folder was "
+                                "removed)"]
+    assert os.listdir(tmp_path) == []
