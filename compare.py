@@ -1,18 +1,21 @@
 """
-Whether a gain is real and what it is worth (eval.py --seeds, --against, --efficiency): the
-spread of the change across runs, a paired comparison of two tuned runs on the same test story
-(the permuted-brain control against the real one, say), and how much fMRI each backbone's
-features need (Moussa & Toneva 2025: about five times less with brain-tuned features).
+Whether a gain is real and what it is worth (eval.py --seeds, --against, --efficiency,
+--significance): the spread of the change across runs, a paired comparison of two tuned runs on
+the same test story (the permuted-brain control against the real one, say), how much fMRI each
+backbone's features need (Moussa & Toneva 2025: about five times less with brain-tuned features),
+and each voxel's r against zero.
 
     out, table = stability(["runs/A", "runs/B"])           # mean and std of each set's change
     out, table = against(eval.load_run("runs/A"), eval.load_run("runs/B"))
     out, table = efficiency(eval.load_run("runs/A"), hours=[0.5, 1, 2])
+    out, table = significance(eval.load_run("runs/A"))      # each voxel's r against zero
 """
 import dataclasses
 import os
 
 import numpy as np
 
+import cache
 import data
 import ridge
 from cache import read_json
@@ -163,3 +166,39 @@ def efficiency(run, hours=None, seed=0):
               f"{curve[-1]['hours']:.3f} h with " + (f"{h:.3f} h" if h is not None else "none of "
                                                        "these subsets") for k, h in reach.items()]
     return dict(curve=curve, reach=reach, protocol=run.protocol()), "\n".join(lines)
+
+
+def significance(run, permutations=1000, q=0.05, block=None):
+    """Each voxel's baseline and refit test r against zero, by block permutation of the test
+    story's TRs (blocks of `block` TRs, default the run's --block), the false discovery rate held
+    at q over the voxels (Benjamini-Hochberg); per voxel set, how many voxels pass. The p-values
+    go into voxel_r.npz (baseline_p, refit_p). run: an eval.Run."""
+    settings = dataclasses.replace(run.settings, block=block or run.settings.block)
+    d = run.subject(run.subjects[0])
+    sets = ridge.sets(d, run.stage1_cv())
+    good, out, pvals = np.flatnonzero(d.good), {}, {}
+    rows = ridge.scored_rows(d, settings.test_skip)
+    for name, ex in (("baseline", run.pretrained), ("refit", run.tuned)):
+        if ex is None:
+            continue
+        X = run.features(ex, d, run.args.protocol)  # from the cache, as is the fit
+        fit = ridge.fit_encoding(X, d, settings, run.device)
+        Z, p = (X["test"] - fit.mu) / fit.sd, np.full(len(d.good), np.nan)
+        for j in range(0, len(good), 16384):
+            idx = good[j:j + 16384]
+            pred, y = Z[rows] @ fit.W[:, idx], d.Y["test"][rows, idx]
+            p[idx] = ridge.permutation_p(pred, y, settings.block, permutations).numpy()
+        pvals[name + "_p"], passed = p, ridge.fdr(p, q)
+        out[name] = {k: int(passed[v].sum()) for k, v in sets.items()}
+    npz = os.path.join(run.folder, "voxel_r.npz")
+    old = dict(np.load(npz))
+    prefix = f"{d.name}." if any("." in k for k in old) else ""
+    cache.save_atomic(dict(old, **{prefix + k: v for k, v in pvals.items()}), npz)
+    cache.merge_analyses(run.folder, "significance", dict(
+        out, q=q, permutations=permutations, block=settings.block, protocol=run.protocol()))
+    lines = [f"voxels whose test r > 0 at a false discovery rate of {q} ({permutations} block "
+             f"permutations of {settings.block} TRs)",
+             f"{'set':>12} {'voxels':>7} " + " ".join(f"{k:>9}" for k in out)]
+    lines += [f"{k:>12} {len(v):7d} " + " ".join(f"{out[m][k]:9d}" for m in out)
+              for k, v in sets.items()]
+    return out, "\n".join(lines)

@@ -18,6 +18,7 @@ import torchaudio
 import cache
 import data
 import dist
+import guard
 import ridge
 import runfolder
 import synthetic
@@ -52,7 +53,8 @@ RECIPES = {
                        protocol="brainwavlm", frame="first", test_skip=0),
 }
 # what --resume may change: what is left to do, and how it runs, not what was done
-STEERING = ("epochs", "patience", "device", "precision", "batch_size", "accum", "no_cache")
+STEERING = ("epochs", "patience", "device", "precision", "batch_size", "accum", "infer_batch",
+            "no_cache")
 
 
 def parser():
@@ -141,6 +143,9 @@ def run_flags(a):
     a("--batch-size", type=int, default=16, help="windows per optimiser step (global, across "
                                                  "processes)")
     a("--accum", type=int, default=1, help="batches accumulated per optimiser step")
+    a("--infer-batch", type=guard.number(int, low=1), default=16, help="windows, or a protocol's "
+      "chunks, forwarded at once where features are extracted (stage 1, validation, the refit, "
+      "eval.py): sized for memory apart from --batch-size")
     a("--epochs", type=int, default=20, help="stage-2 epochs; 0 stops after stage 1 (the "
                                              "baseline); with --resume, extends the run")
     a("--patience", type=int, default=3, help="stop after this many epochs without a better "

@@ -72,6 +72,18 @@ def first_process_value(value):
     return box[0]
 
 
+def parallel(model, *, find_unused):
+    """The model as each process trains it: itself alone, or under torchrun wrapped in
+    DistributedDataParallel on this process's device (find_unused: some parameters may get no
+    gradient in a step)."""
+    if WORLD == 1:
+        return model
+    device = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused)
+
+
 def uses_bf16(device, precision="auto"):
     """Whether the backbone runs in bf16 autocast: on a GPU that computes bf16 natively (not the
     emulation of a T4 or V100), unless --precision fp32."""

@@ -26,14 +26,13 @@ import os
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import cache
 import compare
 import config
 import data
+import dist
 import downstream
 import flatmap
 import hf
@@ -45,10 +44,12 @@ import ridge
 import runfolder
 import tasks
 from cache import save_atomic
-from features import split_features, window_features
-from model import Extractor, add_adapters, load_extractor, pool_frames
+from features import split_features
+from model import Extractor, add_adapters, load_extractor
 
-CPU = torch.device("cpu")
+# seconds of audio a 2-core CPU forwards per second (bench.py --only extract; docs/speed.md), to
+# say how long features take where a run's cached ones cannot be read
+CPU_AUDIO_RATE = {"tiny": 400.0, "base": 20.9, "large": 6.0}
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Run:
     pretrained: Extractor  # the backbone before tuning, read where the run read it
     tuned: Extractor  # the tuned one (adapters loaded), or None for a stage-1 run
     settings: ridge.Settings  # how its ridges are fit and scored
+    device: torch.device  # where its features are computed (the run's own, if this machine has it)
 
     def subject(self, name):
         """One subject's data (data.Subject), held out on the run's stories."""
@@ -70,14 +72,15 @@ class Run:
         """{"train", "test"}: this extractor's features of subject d's rows, (rows, p): its
         windows, or, with a sliding protocol, a paper's context, Lanczos and delays."""
         windows = {s: d.windows[s] for s in ("train", "test")}
-        return split_features(extractor, windows, self.args.history, CPU,
-                              batch_size=self.args.batch_size, protocol=protocol)
+        return split_features(extractor, windows, self.args.history, self.device,
+                              batch_size=self.args.infer_batch, protocol=protocol,
+                              precision=self.args.precision)
 
     def fit(self, extractor, d, settings=None):
         """The encoding model of subject d on this extractor under the run's protocol (a
         ridge.RidgeFit)."""
         X = self.features(extractor, d, self.args.protocol)
-        return ridge.fit_encoding(X, d, settings or self.settings)
+        return ridge.fit_encoding(X, d, settings or self.settings, self.device)
 
     def stage1_cv(self):
         """Stage 1's cross-validated r of the first subject: what chooses the voxel sets."""
@@ -89,9 +92,10 @@ class Run:
         return dict(dataclasses.asdict(self.args.protocol), pool=self.args.pool)
 
 
-def load_run(folder):
-    """The Run in a run folder; a folder that is not a finished run, or one written by an older
-    braintune, is refused in one sentence."""
+def load_run(folder, device=None):
+    """The Run in a run folder, its models on `device` (--device; default: the device the run
+    was trained on where this machine has it, else the CPU, with a note); a folder that is not a
+    finished run, or one written by another braintune, is refused in one sentence."""
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: no such run folder")
     for f in ("config.json", "results.json", "stage1.pt"):
@@ -106,9 +110,32 @@ def load_run(folder):
     listings = preflight.list_subjects(args, subjects)
     own = os.path.join(folder, "tiny_pretrained.pt")  # tiny's weights travel with the run
     weights = own if args.weights is None and os.path.isfile(own) else args.weights
-    pre = load_extractor(args.model, args.layer, weights, args.seed, pool=args.pool)
+    device = run_device(folder, args, listings, device)
+    pre = load_extractor(args.model, args.layer, weights, args.seed, pool=args.pool).to(device)
     return Run(folder, args, subjects, pre, tuned_extractor(folder, args, pre),
-               config.ridge_settings(args, listings))
+               config.ridge_settings(args, listings), device)
+
+
+def run_device(folder, args, listings, name=None):
+    """The device an analysis of the run computes on: --device, or the one the run was trained
+    on (config.json's ran_on) where this machine has it, so that the features and fits it cached
+    are read back, not made again; else the CPU, saying in one line what that costs."""
+    if name is not None:
+        config.check_device(name)
+        return torch.device(name)
+    ran = runfolder.read_config(folder, "eval.py")["ran_on"]
+    device = torch.device(ran["device"])
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", min(device.index or 0, torch.cuda.device_count() - 1))
+    here = dist.precision_name(torch.device("cpu"), args.precision)
+    if device.type != "cpu" or ran["precision"] != here:
+        rows = sum(d.rows[s] for d in listings[:1] for s in d.stories["train"] + d.stories["test"])
+        size = "tiny" if args.model == "tiny" else "large" if "large" in args.model else "base"
+        rate = CPU_AUDIO_RATE[size]
+        print(f"note: {folder} was trained on {ran['device']} in {ran['precision']}; on this "
+              f"CPU in {here}, the features of its {rows} windows are extracted again, about "
+              f"{rows * args.history * args.tr / rate / 60:.0f} min per backbone", flush=True)
+    return torch.device("cpu")
 
 
 def tuned_extractor(folder, args, pre):
@@ -182,92 +209,6 @@ def parse_layers(text, depth, model):
     return sorted(set(layers))
 
 
-def profile(run, text="all"):
-    """The layer-wise encoding profile: for each layer, its features pooled into the run's TR
-    bins, ridge refit on the run's training stories (stage 1's folds and lambdas), the test r of
-    each voxel set (chosen by stage-1 cv r); pretrained, and tuned on layers 1..L, those that were
-    tuned (above L the tuned model's weights are the pretrained ones). One forward per window and
-    backbone yields every layer, each cached, then loaded one at a time."""
-    run = read(run)
-    args, layer = run.args, run.pretrained.layer
-    layers = parse_layers(text, len(run.pretrained.backbone.encoder.transformer.layers), args.model)
-    d = run.subject(run.subjects[0])
-    sets = ridge.sets(d, run.stage1_cv())
-    out = {str(x): {} for x in layers}
-    for name, ex in (("pretrained", run.pretrained), ("tuned", run.tuned)):
-        chosen = [x for x in layers if name == "pretrained" or x <= layer] if ex else []
-        at = [Extractor(args.model, ex.backbone, x, ex.normalize, pool=ex.pool)
-              for x in chosen] if ex else []
-        for s in ("train", "test") if chosen else ():
-            window_features(every_layer(at, args.history), d.windows[s],
-                            [e.key() for e in at], CPU, batch_size=args.batch_size,
-                            desc=f"{name} layers, {s}")
-        for x, e in zip(chosen, at):
-            r = ridge.fit_encoding(run.features(e, d), d, run.settings).test_r.numpy()
-            out[str(x)][name] = {k: float(np.nanmean(r[v])) for k, v in sets.items()}
-    cache.merge_analyses(run.folder, "layers", out)
-    lines = [f"{'layer':>5} {'set':>12} {'pretrained':>10} {'tuned':>8} {'change':>8}"]
-    for x, row in out.items():
-        for k, base in row["pretrained"].items():
-            t = row.get("tuned", {}).get(k)
-            both = f"{t:8.4f} {t - base:+8.4f}" if t is not None else f"{'-':>8} {'-':>8}"
-            lines.append(f"{x:>5} {k:>12} {base:10.4f} " + both)
-    if run.tuned is not None and max(layers) > layer:
-        lines.append(f"(the tuned profile stops at layer {layer}, the last that was tuned)")
-    return out, "\n".join(lines)
-
-
-def every_layer(extractors, history):
-    """(batch, samples) -> [(batch, history * dim)], one per extractor: the layers of one backbone
-    from one forward."""
-    first, top = extractors[0], max(e.layer for e in extractors)
-
-    def fn(wave):
-        if first.normalize:
-            wave = F.layer_norm(wave, wave.shape[-1:])
-        hs = first.backbone.extract_features(wave, num_layers=top)[0]
-        return [hs[e.layer - 1].mean(1) if e.pool == "mean" else
-                pool_frames(hs[e.layer - 1], history).flatten(1) for e in extractors]
-    return fn
-
-
-def significance(run, permutations=1000, q=0.05, block=None):
-    """Each voxel's baseline and refit test r against zero, by block permutation of the test
-    story's TRs (blocks of `block` TRs, default the run's --block), the false discovery rate held
-    at q over the voxels (Benjamini-Hochberg); per voxel set, how many voxels pass. The p-values
-    go into voxel_r.npz (baseline_p, refit_p)."""
-    run = read(run)
-    settings = dataclasses.replace(run.settings, block=block or run.settings.block)
-    d = run.subject(run.subjects[0])
-    sets = ridge.sets(d, run.stage1_cv())
-    good, out, pvals = np.flatnonzero(d.good), {}, {}
-    rows = ridge.scored_rows(d, settings.test_skip)
-    for name, ex in (("baseline", run.pretrained), ("refit", run.tuned)):
-        if ex is None:
-            continue
-        X = run.features(ex, d, run.args.protocol)  # from the cache, as is the fit
-        fit = ridge.fit_encoding(X, d, settings)
-        Z, p = (X["test"] - fit.mu) / fit.sd, np.full(len(d.good), np.nan)
-        for j in range(0, len(good), 16384):
-            idx = good[j:j + 16384]
-            pred, y = Z[rows] @ fit.W[:, idx], d.Y["test"][rows, idx]
-            p[idx] = ridge.permutation_p(pred, y, settings.block, permutations).numpy()
-        pvals[name + "_p"], passed = p, ridge.fdr(p, q)
-        out[name] = {k: int(passed[v].sum()) for k, v in sets.items()}
-    npz = os.path.join(run.folder, "voxel_r.npz")
-    old = dict(np.load(npz))
-    prefix = f"{d.name}." if any("." in k for k in old) else ""
-    save_atomic(dict(old, **{prefix + k: v for k, v in pvals.items()}), npz)
-    cache.merge_analyses(run.folder, "significance", dict(
-        out, q=q, permutations=permutations, block=settings.block, protocol=run.protocol()))
-    lines = [f"voxels whose test r > 0 at a false discovery rate of {q} ({permutations} block "
-             f"permutations of {settings.block} TRs)",
-             f"{'set':>12} {'voxels':>7} " + " ".join(f"{k:>9}" for k in out)]
-    lines += [f"{k:>12} {len(v):7d} " + " ".join(f"{out[m][k]:9d}" for m in out)
-              for k, v in sets.items()]
-    return out, "\n".join(lines)
-
-
 def export(run, path):
     """The tuned backbone merged into a plain torchaudio state dict."""
     if os.path.exists(path):
@@ -296,7 +237,7 @@ def downstream_task(run, a):
     out, table = downstream.evaluate(a.downstream, a.downstream_data, nets,
                                      model_name=run.args.model, normalize=run.pretrained.normalize,
                                      layers=layers, limit=a.downstream_limit,
-                                     batch_size=run.args.batch_size)
+                                     batch_size=run.args.infer_batch, device=run.device)
     path = os.path.join(run.folder, "analyses.json")
     saved = cache.read_json(path).get("downstream", {}) if os.path.exists(path) else {}
     cache.merge_analyses(run.folder, "downstream", dict(saved, **{a.downstream: out}))
@@ -322,6 +263,9 @@ def parser():
     p = argparse.ArgumentParser(description="Analyses of a finished braintune run.")
     a = p.add_argument
     a("run", help="run folder written by train.py")
+    a("--device", help="where features are computed: cpu, cuda, cuda:1 ...; default the device "
+                       "the run was trained on where this machine has it (its cached features "
+                       "are read back), else the CPU")
     a("--subject", help="cross-subject transfer: refit on this subject (e.g. S02)")
     a("--probe", choices=["semantic", "phones"], help="linear probe, pretrained vs tuned")
     a("--embeddings", help="word vectors, GloVe text format (default: the dataset's own)")
@@ -359,7 +303,7 @@ def parser():
 def check_flags(a):
     """Every flag against the run and the files it names, before any analysis runs; returns the
     Run."""
-    run = load_run(a.run)  # a clear error for a missing or incomplete run
+    run = load_run(a.run, a.device)  # a clear error for a missing or incomplete run
     if a.subject:
         data.find_subject(run.args.data, a.subject)
     for flag, runs in (("--seeds", a.seeds), ("--vs", a.vs)):
@@ -392,7 +336,7 @@ def check_flags(a):
     if a.hours:
         parse_hours(a.hours)
     if a.against:
-        compare.comparable(run, load_other(a.against))
+        compare.comparable(run, load_other(a.against, run.device))
     if a.downstream:
         check_downstream(run, a)
     if a.flatmap:
@@ -400,10 +344,10 @@ def check_flags(a):
     return run
 
 
-def load_other(folder):
-    """--against's run (a Run)."""
+def load_other(folder, device):
+    """--against's run (a Run), on the device of the first."""
     try:
-        return load_run(folder)
+        return load_run(folder, str(device))
     except ValueError as e:
         raise ValueError(f"--against {folder}: {e}") from None
 
@@ -438,17 +382,18 @@ def main(argv=None):
         _, table = probes.lowlevel(run)
         print("\n" + table)
     if a.layers is not None:
-        _, table = profile(run, a.layers)
+        depth = len(run.pretrained.backbone.encoder.transformer.layers)
+        _, table = probes.profile(run, parse_layers(a.layers, depth, run.args.model))
         print("\n" + table)
     if a.significance:
-        _, table = significance(run, block=a.block)
+        _, table = compare.significance(run, block=a.block)
         print("\n" + table)
     if a.seeds:
         out, table = compare.stability([a.run] + a.seeds, a.vs)
         cache.merge_analyses(a.run, "stability", out)
         print("\n" + table)
     if a.against:
-        out, table = compare.against(run, load_other(a.against))
+        out, table = compare.against(run, load_other(a.against, run.device))
         cache.merge_analyses(a.run, "against", out)
         print("\n" + table)
     if a.efficiency:

@@ -312,8 +312,9 @@ class BrainModel(nn.Module):
         return (x - self.mu) / self.sd
 
     def forward(self, wave):  # (batch, samples) -> [(batch, voxels of subject k)]: every head
-        x = self.features(wave)
-        return [head(x) for head in self.heads]
+        x = self.features(wave)  # the backbone under the caller's autocast (bf16 on a GPU)
+        with torch.autocast(x.device.type, enabled=False):  # the heads in float32, as scored
+            return [head(x.float()) for head in self.heads]
 
 
 def make_head(W, bottleneck=0):

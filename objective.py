@@ -147,9 +147,9 @@ def selection_r(args, model, ds, train, val, shared, *, cached=False):
     model.eval()
     ex, device = model.extractor, model.mu.device
     fn = functools.partial(ex.pooled, history=args.history)
-    X = {s: window_features(fn, shared[s], ex.key() if cached else None, device,
-                            batch_size=args.batch_size, desc=f"refit {s}", precision=args.precision)
-         for s in ("train", "val")}
+    key = ex.key() if cached else None
+    X = {s: window_features(fn, shared[s], key, device, batch_size=args.infer_batch,
+                            desc=f"refit {s}", precision=args.precision) for s in ("train", "val")}
     mu, sd = ridge.moments(X["train"])
     settings = config.ridge_settings(args, ds)
     out = []

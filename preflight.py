@@ -5,6 +5,7 @@ stage 1 it would otherwise come after.
 
     listings = check(args, ["UTS01"], device)    # [Listing], or one ValueError naming flag or file
 """
+import operator
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from scipy.io import wavfile
 import config
 import data
 import dist
+import model
 import voxels
 
 
@@ -196,12 +198,41 @@ def forward_bytes(model, batch, seconds, training):
     return cnn + layer * kept
 
 
+@dataclass
+class Need:
+    """One allocation held at a stage's peak, estimated from the flags and the listings."""
+    what: str  # named in a refusal
+    nbytes: float
+    flags: tuple  # the flags that make it smaller
+
+
+def parameter_counts(args):
+    """The run's backbone with its adapters, built on the meta device (no memory spent): its
+    parameters, all and trainable."""
+    with torch.device("meta"):
+        backbone = model.build_backbone(args.model)
+        depth = len(backbone.encoder.transformer.layers)
+        model.add_adapters(backbone, model.layer_of(args.layer, depth), args.lora_rank,
+                           args.lora_alpha, args.lora_dropout, args.lora_targets,
+                           weighted=args.layer == "weighted")
+    params = list(backbone.parameters())
+    return sum(q.numel() for q in params), sum(q.numel() for q in params if q.requires_grad)
+
+
+def ridge_bytes(n, p, folds):
+    """fit_ridge's working set on n rows of p features: the rows, each fold's eigenvectors and
+    held-out rows, the float64 Gram matrices, and a batch of voxels (about 256 MB)."""
+    return 4 * n * p + folds * 4 * (p * p + min(n / folds, p) * p) + 3 * 8 * p * p + 2 ** 28
+
+
 def check_sizes(args, listings, device):
     """The flags against the sizes the listings give, before any forward: --bottleneck within
     the features and the voxels, --history within the shortest training story (refused
-    outright), and whether the largest allocations fit in the free memory (available_memory): a
-    batch of windows forwarded in stage 1 and trained in stage 2, a protocol's batch of chunks, the
-    features of the training split. One sentence naming the flag and the estimate."""
+    outright), and whether each stage's largest allocations fit where they live (Need): stage 1's
+    backbone, a batch forwarded, the ridge; stage 2's backbone, its trainable part's gradients and
+    Adam moments, every subject's head with its own, a training batch's activations; on the host,
+    the training features and stage 1's weights, and the heads' best-epoch and checkpoint copies.
+    One sentence naming the stage, the largest parts, the free memory and the flags to change."""
     rows = {}  # the shared training windows: each story's rows, however many subjects heard it
     for d in listings:
         for s in d.stories["train"]:
@@ -215,21 +246,49 @@ def check_sizes(args, listings, device):
     if args.bottleneck > min(p, n_voxels):
         raise ValueError(f"--bottleneck {args.bottleneck}: larger than the features ({p}) or the "
                          f"voxels ({n_voxels}); choose at most {min(p, n_voxels)}")
-    free, window = available_memory(device), args.history * args.tr
-    batch = min(args.batch_size, sum(rows.values()))
-    needs = [("--batch-size or --history", forward_bytes(args.model, batch, window, False)),
-             ("--history", sum(rows.values()) * p * 4)]
-    if args.epochs:
-        share = max(batch // dist.WORLD, 1)  # each process's part of the global batch
-        needs.append(("--batch-size or --history",
-                      forward_bytes(args.model, share, window, True)))
+    n, window = sum(rows.values()), args.history * args.tr
+    voxels = sum(d.voxels for d in listings)
+    heads = 4 * sum(min(args.bottleneck, p) * (p + d.voxels) if args.bottleneck else p * d.voxels
+                    for d in listings)
+    everything, trainable = parameter_counts(args)
+    backbone = Need("the backbone", 4 * everything, ("--model",))
+    batch = min(args.infer_batch, n)
+    stage1 = [backbone, Need(f"{batch} windows forwarded", forward_bytes(args.model, batch, window,
+                                                                        False), ("--infer-batch",)),
+              Need("the ridge", ridge_bytes(n, p, args.cv_folds or 5), ("--history",))]
     if args.protocol.sliding:
         chunk = args.protocol.context + args.protocol.stride
-        needs.append(("--context or --batch-size",
-                      forward_bytes(args.model, args.batch_size, chunk, False)))
-    for flag, need in needs:
-        keep = " (--batch-size B/N --accum N keeps the global batch of B)" * ("batch" in flag)
+        stage1.append(Need(f"{args.infer_batch} chunks of {chunk:g} s forwarded", forward_bytes(
+            args.model, args.infer_batch, chunk, False), ("--infer-batch", "--context")))
+    host = [Need("the training windows' features", 4 * n * p, ("--history",)),
+            Need("stage 1's ridge weights", 4 * p * voxels * (1 + args.protocol.sliding),
+                 ("--roi",))]
+    share = max(min(args.batch_size, n) // dist.WORLD, 1)  # each process's part of the batch
+    stage2 = [backbone, Need("the tuned weights' gradients and Adam moments", 12 * trainable,
+                             ("--lora-rank",)),
+              Need(f"{len(listings)} head(s) with gradients and Adam moments", 4 * heads,
+                   ("--roi", "--bottleneck")),
+              Need(f"a training batch of {share} windows", forward_bytes(
+                  args.model, share, window, True), ("--batch-size",))]
+    stage2 = stage2 if args.epochs else []
+    host2 = [Need("the heads' best-epoch and checkpoint copies", 2 * heads, ("--roi",))]
+    where = [("stage 1", stage1), ("stage 2", stage2)]
+    if device.type == "cpu":  # one memory for both
+        where = [("stage 1", stage1 + host), ("stage 2", stage2 + host[1:] + host2)]
+    else:
+        where += [("the host", host + (host2 if args.epochs else []))]
+    for stage, needs in where:
+        on = device if stage != "the host" else torch.device("cpu")
+        free, need = available_memory(on), sum(x.nbytes for x in needs)
         if need > free:
-            raise ValueError(f"{flag}: this run would need about {need / 2 ** 30:.1f} GB at once "
-                             f"and {device} has {free / 2 ** 30:.1f} GB free; make {flag} "
-                             f"smaller{keep}")
+            big = [x for x in sorted(needs, key=operator.attrgetter("nbytes"), reverse=True)
+                   if x.nbytes >= need / 10][:3]  # the parts that matter
+            parts = ", ".join(f"{x.what} {x.nbytes / 2 ** 30:.1f} GB" for x in big)
+            flags = " or ".join(dict.fromkeys(f for x in big for f in x.flags))
+            keep = " (--batch-size B/N --accum N keeps the global batch of B)" * (
+                "--batch-size" in flags)
+            bf16 = ", or let the backbone run in bf16 (--precision auto)" * (
+                on.type == "cuda" and args.precision == "fp32")
+            raise ValueError(f"{' or '.join(big[0].flags)}: {stage} would need about "
+                             f"{need / 2 ** 30:.1f} GB at once on {on} ({parts}) and it has "
+                             f"{free / 2 ** 30:.1f} GB free; make {flags} smaller{keep}{bf16}")

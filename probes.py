@@ -1,17 +1,20 @@
 """
-What a backbone's features carry, pretrained against tuned (eval.py --probe, --lowlevel): linear
-probes of word meaning (BrainWavLM) and phone identity (Moussa et al.) at each word or phone of the
-TextGrids, and how much of the encoding r survives removing what low-level features (mel band
-energies) predict (Moussa et al.). Each result is merged into RUN/analyses.json.
+What a backbone's features carry, pretrained against tuned (eval.py --probe, --lowlevel, --layers):
+linear probes of word meaning (BrainWavLM) and phone identity (Moussa et al.) at each word or phone
+of the TextGrids, how much of the encoding r survives removing what low-level features (mel band
+energies) predict (Moussa et al.), and the encoding r of each layer. Each result is merged into
+RUN/analyses.json.
 
     run = eval.load_run("runs/RUN")
     out, table = probe(run, "semantic")      # mean r of the word vector on the test story
     res, table = lowlevel(run)               # full and residual r per voxel set
+    out, table = profile(run, [2, 5, 9])     # the encoding r of each layer
 """
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchaudio.functional as AF
 
 import cache
@@ -19,7 +22,8 @@ import data
 import ridge
 import textgrid
 import voxels
-from model import pool_frames
+from features import window_features
+from model import Extractor, pool_frames
 
 
 def load_embeddings(path):
@@ -70,7 +74,8 @@ def segment_features(extractor, wave, segments, context=4.0, batch=32):
             e = round(segments[k][1] * data.SR)
             w = torch.from_numpy(np.array(wave[max(e - n, 0):min(e, len(wave))]))
             waves.append(torch.nn.functional.pad(w, (n - len(w), 0)))
-        h = extractor.hidden(torch.stack(waves))  # (batch, frames, dim)
+        device = next(extractor.parameters()).device
+        h = extractor.hidden(torch.stack(waves).to(device)).float().cpu()  # (batch, frames, dim)
         for j, k in enumerate(group):
             length = segments[k][1] - segments[k][0]
             first = min(int((span - length) * h.shape[1] / span), h.shape[1] - 1)
@@ -193,3 +198,54 @@ def lowlevel(run):
     saved = {k: v for k, v in res.items() if k in ("pretrained", "tuned")}
     cache.merge_analyses(run.folder, "lowlevel", saved)
     return res, "\n".join(table)
+
+
+# -----------------------------------------------------------------------------
+# the layer profile
+
+def profile(run, layers):
+    """The layer-wise encoding profile: for each layer, its features pooled into the run's TR
+    bins, ridge refit on the run's training stories (stage 1's folds and lambdas), the test r of
+    each voxel set (chosen by stage-1 cv r); pretrained, and tuned on layers 1..L, those that were
+    tuned (above L the tuned model's weights are the pretrained ones). One forward per window and
+    backbone yields every layer, each cached, then loaded one at a time. run: an eval.Run;
+    layers: 1-based layer numbers."""
+    args, layer = run.args, run.pretrained.layer
+    d = run.subject(run.subjects[0])
+    sets = ridge.sets(d, run.stage1_cv())
+    out = {str(x): {} for x in layers}
+    for name, ex in (("pretrained", run.pretrained), ("tuned", run.tuned)):
+        chosen = [x for x in layers if name == "pretrained" or x <= layer] if ex else []
+        at = [Extractor(args.model, ex.backbone, x, ex.normalize, pool=ex.pool)
+              for x in chosen] if ex else []
+        for s in ("train", "test") if chosen else ():
+            window_features(every_layer(at, args.history), d.windows[s],
+                            [e.key() for e in at], run.device, batch_size=args.infer_batch,
+                            desc=f"{name} layers, {s}", precision=args.precision)
+        for x, e in zip(chosen, at):
+            r = ridge.fit_encoding(run.features(e, d), d, run.settings, run.device).test_r.numpy()
+            out[str(x)][name] = {k: float(np.nanmean(r[v])) for k, v in sets.items()}
+    cache.merge_analyses(run.folder, "layers", out)
+    lines = [f"{'layer':>5} {'set':>12} {'pretrained':>10} {'tuned':>8} {'change':>8}"]
+    for x, row in out.items():
+        for k, base in row["pretrained"].items():
+            t = row.get("tuned", {}).get(k)
+            both = f"{t:8.4f} {t - base:+8.4f}" if t is not None else f"{'-':>8} {'-':>8}"
+            lines.append(f"{x:>5} {k:>12} {base:10.4f} " + both)
+    if run.tuned is not None and max(layers) > layer:
+        lines.append(f"(the tuned profile stops at layer {layer}, the last that was tuned)")
+    return out, "\n".join(lines)
+
+
+def every_layer(extractors, history):
+    """(batch, samples) -> [(batch, history * dim)], one per extractor: the layers of one backbone
+    from one forward."""
+    first, top = extractors[0], max(e.layer for e in extractors)
+
+    def fn(wave):
+        if first.normalize:
+            wave = F.layer_norm(wave, wave.shape[-1:])
+        hs = first.backbone.extract_features(wave, num_layers=top)[0]
+        return [hs[e.layer - 1].mean(1) if e.pool == "mean" else
+                pool_frames(hs[e.layer - 1], history).flatten(1) for e in extractors]
+    return fn

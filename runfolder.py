@@ -67,10 +67,17 @@ def read(path, what):
 # -----------------------------------------------------------------------------
 # config.json
 
-def write_config(run, flags, stories, versions):
-    """config.json: the flags (config.flags_record), each subject's stories, the versions."""
-    cfg = dict(format=FORMAT, args=flags, stories=stories, **versions)
+def write_config(run, flags, stories, extra):
+    """config.json: the flags (config.flags_record), each subject's stories, and `extra` (the
+    versions, ran_on: the device and precision the features were computed in)."""
+    cfg = dict(format=FORMAT, args=flags, stories=stories, **extra)
     save_atomic(json.dumps(cfg, indent=1), os.path.join(run, "config.json"))
+
+
+def update_config(run, **values):
+    """config.json with its top-level `values` replaced (a resumed run's ran_on)."""
+    path = os.path.join(run, "config.json")
+    save_atomic(json.dumps(dict(read_json(path), **values), indent=1), path)
 
 
 def read_config(run, flag):

@@ -133,20 +133,25 @@ def open_run(args, run, ds, shared, extractor, device):
     if args.control != "none":
         log(f"control {args.control}: stage 2 trains on responses whose blocks of "
             f"{args.control_block} TRs are permuted within each story; the test story is real")
+    # where its features were computed: eval.py computes there too, reading the same caches
+    ran_on = dict(device=str(device), precision=dist.precision_name(device, args.precision))
     if RANK == 0 and not args.resume:
         flags = config.flags_record(args)
         if pretrains_tiny(args):  # the weights the run used (found in its folder by --resume)
             flags["weights"] = os.path.abspath(own)
         versions = dict(torch=torch.__version__, torchaudio=torchaudio.__version__,
                         numpy=np.__version__)
-        runfolder.write_config(run, flags, {d.name: d.stories for d in ds}, versions)
+        runfolder.write_config(run, flags, {d.name: d.stories for d in ds},
+                               dict(versions, ran_on=ran_on))
+    elif RANK == 0:
+        runfolder.update_config(run, ran_on=ran_on)
 
 
 def features_of(args, extractor, ds, shared, protocol=None, splits=("train", "test")):
     """The extractor's features of the shared windows' splits, each subject's rows of them
     (features.Features): the windows pooled, or under a paper's `protocol`."""
     return shared_features(extractor, ds, {s: shared[s] for s in splits}, args.history,
-                           batch_size=args.batch_size, protocol=protocol,
+                           batch_size=args.infer_batch, protocol=protocol,
                            precision=args.precision)
 
 
@@ -210,9 +215,9 @@ def stage2(args, model, ds, results, shared, run):
         state.pretrained_val = state.best_val = selection_r(args, model, ds, train, val, shared,
                                                             cached=True)
         log(f"epoch 0 (pretrained): refit validation r {state.pretrained_val:.4f}")
-    net = model if WORLD == 1 else nn.parallel.DistributedDataParallel(  # a subject may hear none
-        model, device_ids=[model.mu.device] if model.mu.device.type == "cuda" else None,
-        find_unused_parameters=args.lora_rank == 0 or len(ds) > 1)
+    # parameters a step may leave without a gradient: a subject that heard none of the batch, or,
+    # with the whole transformer tuned (rank 0), what the layer read does not use
+    net = dist.parallel(model, find_unused=args.lora_rank == 0 or len(ds) > 1)
     for epoch in range(state.epoch, args.epochs):
         if state.bad_epochs >= args.patience:
             break
@@ -285,7 +290,7 @@ def validate(args, model, ds, train, val, shared):
     voxels (each subject's in val_r_subjects), and with --select refit a ridge refit's."""
     model.eval()
     Z = window_features(model.features, shared["val"], None, model.mu.device,
-                        batch_size=args.batch_size, desc="validation", precision=args.precision)
+                        batch_size=args.infer_batch, desc="validation", precision=args.precision)
     val_r = [r.nanmean().item() for r in heads_r(model, Z, val)]
     m = dict(val_r=float(np.mean(val_r)))
     if args.select == "refit":

@@ -11,6 +11,7 @@ import cache
 import compare
 import eval as ev
 import plots
+import probes
 import train
 from model import load_backbone
 
@@ -153,7 +154,7 @@ def test_the_layer_profile_forwards_once_and_its_run_layer_is_the_baseline(run, 
     for ex in (loaded.pretrained, loaded.tuned):
         ex.backbone.feature_extractor.register_forward_pre_hook(count)
     with cache.no_cache():  # every layer extracted here, none read from the run's cache
-        out, table = ev.profile(loaded)
+        out, table = probes.profile(loaded, [1, 2, 3, 4])
     layer = loaded.pretrained.layer
     d = loaded.subject(loaded.subjects[0])
     # one forward per window and backbone
@@ -169,7 +170,7 @@ def test_the_layer_profile_forwards_once_and_its_run_layer_is_the_baseline(run, 
 
 def test_significance_counts_voxels_and_keeps_their_p_values(run):
     # this test story has 24 TRs: blocks of 2
-    out, table = ev.significance(run, permutations=999, block=2)
+    out, table = compare.significance(ev.load_run(run), permutations=999, block=2)
     npz = np.load(os.path.join(run, "voxel_r.npz"))
     truth = os.path.join(ev.load_run(run).args.data, "derivative", "ground_truth", "UTS01.npz")
     kind = np.load(truth)["kind"]
@@ -206,3 +207,33 @@ def test_the_efficiency_curve_ends_at_the_runs_own_refit(run):
         assert last["tuned"][k] == pytest.approx(row["refit_r"], abs=1e-4), k
         assert last["pretrained"][k] == pytest.approx(row["baseline_r"], abs=1e-4), k
     assert set(out["reach"]) == set(saved) and "hours" in table
+
+
+def cache_entries():
+    """{kind: entries} of the features, protocol features and ridge fits in the test cache."""
+    root = os.environ["BRAINTUNE_CACHE"]
+    return {k: sorted(os.listdir(os.path.join(root, k))) if os.path.isdir(os.path.join(root, k))
+            else [] for k in ("features", "protocol", "stage1")}
+
+
+def test_eval_reads_the_runs_own_features_and_fits_and_says_when_it_cannot(run, tmp_path, capsys,
+                                                                            monkeypatch):
+    loaded = ev.load_run(run)
+    loaded.fit(loaded.pretrained, loaded.subject("S01"))  # as train.py fit them: all cached
+    loaded.fit(loaded.tuned, loaded.subject("S01"))
+    before = cache_entries()
+    compare.significance(loaded, permutations=99)
+    assert cache_entries() == before and "note:" not in capsys.readouterr().out
+    gpu = shutil.copytree(run, tmp_path / "gpu")  # the same run, as if trained on a GPU in bf16
+    cfg = json.load(open(gpu / "config.json"))
+    cfg["ran_on"] = {"device": "cuda:0", "precision": "bf16"}
+    (gpu / "config.json").write_text(json.dumps(cfg))
+    assert ev.load_run(str(gpu)).device == torch.device("cpu")  # this machine has no GPU
+    note = capsys.readouterr().out
+    assert "was trained on cuda:0 in bf16; on this CPU in fp32, the features of its" in note
+    assert "extracted again, about" in note
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one that has: its GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ran = ev.run_device(str(gpu), loaded.args, [], None)
+    assert ran == torch.device("cuda", 0) and capsys.readouterr().out == ""
+    assert ev.run_device(str(gpu), loaded.args, [], "cpu") == torch.device("cpu")  # --device

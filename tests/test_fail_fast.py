@@ -150,8 +150,8 @@ def test_train_refuses_each_mistake_before_any_work(ds, tmp_path):
          "--bottleneck 100000: larger than the features (384) or the voxels (90)"),
         (["--lora-rank", "65"], "--lora-rank 65: must be at most the layer's width, 64 (tiny)"),
         (["--protocol", "brainwavlm", "--test-skip", "0", "--context", "100000"],
-         "--context or --batch-size: this run would need about"),
-        (["--protocol", "brainwavlm", "--test-skip", "0", "--context", "100000"],
+         "--infer-batch or --context: stage 1 would need about"),
+        (["--model", "wavlm_base_plus", "--epochs", "1", "--history", "12", "--batch-size", "96"],
          "smaller (--batch-size B/N --accum N keeps the global batch of B)"),
         (["--control-block", "0"], "--control-block 0: must be at least 1"),
     ]
