@@ -9,6 +9,7 @@ with its heads. What the ridge reads of them is features.py's.
     model = BrainModel(extractor, [make_head(W)], mu, sd, history=4)
     voxels = model(wave)[0]                  # (batch, samples) at 16 kHz -> (batch, voxels)
 """
+import contextlib
 import ctypes
 import math
 import os
@@ -313,7 +314,8 @@ class BrainModel(nn.Module):
 
     def forward(self, wave):  # (batch, samples) -> [(batch, voxels of subject k)]: every head
         x = self.features(wave)  # the backbone under the caller's autocast (bf16 on a GPU)
-        with torch.autocast(x.device.type, enabled=False):  # the heads in float32, as scored
+        # the heads in float32, as they are scored (autocast runs only on a GPU here)
+        with torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext():
             return [head(x.float()) for head in self.heads]
 
 

@@ -228,24 +228,55 @@ def ridge_bytes(n, p, folds):
 def check_sizes(args, listings, device):
     """The flags against the sizes the listings give, before any forward: --bottleneck within
     the features and the voxels, --history within the shortest training story (refused
-    outright), and whether each stage's largest allocations fit where they live (Need): stage 1's
-    backbone, a batch forwarded, the ridge; stage 2's backbone, its trainable part's gradients and
-    Adam moments, every subject's head with its own, a training batch's activations; on the host,
-    the training features and stage 1's weights, and the heads' best-epoch and checkpoint copies.
+    outright), and whether each stage's largest allocations (stage_needs) fit where they live.
     One sentence naming the stage, the largest parts, the free memory and the flags to change."""
-    rows = {}  # the shared training windows: each story's rows, however many subjects heard it
-    for d in listings:
-        for s in d.stories["train"]:
-            rows[s] = max(rows.get(s, 0), d.rows[s])
+    rows = training_rows(listings)
     if args.history > min(rows.values()):
         raise ValueError(f"--history {args.history}: longer than the shortest training story "
                          f"({min(rows.values())} TRs); choose at most {min(rows.values())}")
-    dim = config.architecture(args.model)["encoder_embed_dim"]
-    p = dim if args.pool == "mean" else args.history * dim  # the head's input
-    n_voxels = min(d.voxels for d in listings)
+    p, n_voxels = head_input(args), min(d.voxels for d in listings)
     if args.bottleneck > min(p, n_voxels):
         raise ValueError(f"--bottleneck {args.bottleneck}: larger than the features ({p}) or the "
                          f"voxels ({n_voxels}); choose at most {min(p, n_voxels)}")
+    for stage, needs in stage_needs(args, listings, device).items():
+        on = device if stage != "the host" else torch.device("cpu")
+        free, need = available_memory(on), sum(x.nbytes for x in needs)
+        if need > free:
+            big = [x for x in sorted(needs, key=operator.attrgetter("nbytes"), reverse=True)
+                   if x.nbytes >= need / 10][:3]  # the parts that matter
+            parts = ", ".join(f"{x.what} {x.nbytes / 2 ** 30:.1f} GB" for x in big)
+            flags = " or ".join(dict.fromkeys(f for x in big for f in x.flags))
+            keep = " (--batch-size B/N --accum N keeps the global batch of B)" * (
+                "--batch-size" in flags)
+            bf16 = ", or let the backbone run in bf16 (--precision auto)" * (
+                on.type == "cuda" and args.precision == "fp32")
+            raise ValueError(f"{' or '.join(big[0].flags)}: {stage} would need about "
+                             f"{need / 2 ** 30:.1f} GB at once on {on} ({parts}) and it has "
+                             f"{free / 2 ** 30:.1f} GB free; make {flags} smaller{keep}{bf16}")
+
+
+def training_rows(listings):
+    """{story: rows} of the shared training windows, however many subjects heard each story."""
+    rows = {}
+    for d in listings:
+        for s in d.stories["train"]:
+            rows[s] = max(rows.get(s, 0), d.rows[s])
+    return rows
+
+
+def head_input(args):
+    """p, the features a head reads: the layer's width in each TR bin, or once (--pool mean)."""
+    dim = config.architecture(args.model)["encoder_embed_dim"]
+    return dim if args.pool == "mean" else args.history * dim
+
+
+def stage_needs(args, listings, device):
+    """{where: [Need]}: what each stage holds at once where it lives. Stage 1: the backbone, a
+    batch forwarded, the ridge; stage 2: the backbone, its trainable part's gradients and Adam
+    moments, every subject's head with its own, a training batch's activations; the host: the
+    training features and stage 1's weights, the heads' best-epoch and checkpoint copies (on a
+    CPU, one memory holds all)."""
+    rows, p = training_rows(listings), head_input(args)
     n, window = sum(rows.values()), args.history * args.tr
     voxels = sum(d.voxels for d in listings)
     heads = 4 * sum(min(args.bottleneck, p) * (p + d.voxels) if args.bottleneck else p * d.voxels
@@ -269,26 +300,9 @@ def check_sizes(args, listings, device):
               Need(f"{len(listings)} head(s) with gradients and Adam moments", 4 * heads,
                    ("--roi", "--bottleneck")),
               Need(f"a training batch of {share} windows", forward_bytes(
-                  args.model, share, window, True), ("--batch-size",))]
-    stage2 = stage2 if args.epochs else []
+                  args.model, share, window, True), ("--batch-size",))] if args.epochs else []
     host2 = [Need("the heads' best-epoch and checkpoint copies", 2 * heads, ("--roi",))]
-    where = [("stage 1", stage1), ("stage 2", stage2)]
     if device.type == "cpu":  # one memory for both
-        where = [("stage 1", stage1 + host), ("stage 2", stage2 + host[1:] + host2)]
-    else:
-        where += [("the host", host + (host2 if args.epochs else []))]
-    for stage, needs in where:
-        on = device if stage != "the host" else torch.device("cpu")
-        free, need = available_memory(on), sum(x.nbytes for x in needs)
-        if need > free:
-            big = [x for x in sorted(needs, key=operator.attrgetter("nbytes"), reverse=True)
-                   if x.nbytes >= need / 10][:3]  # the parts that matter
-            parts = ", ".join(f"{x.what} {x.nbytes / 2 ** 30:.1f} GB" for x in big)
-            flags = " or ".join(dict.fromkeys(f for x in big for f in x.flags))
-            keep = " (--batch-size B/N --accum N keeps the global batch of B)" * (
-                "--batch-size" in flags)
-            bf16 = ", or let the backbone run in bf16 (--precision auto)" * (
-                on.type == "cuda" and args.precision == "fp32")
-            raise ValueError(f"{' or '.join(big[0].flags)}: {stage} would need about "
-                             f"{need / 2 ** 30:.1f} GB at once on {on} ({parts}) and it has "
-                             f"{free / 2 ** 30:.1f} GB free; make {flags} smaller{keep}{bf16}")
+        return {"stage 1": stage1 + host, "stage 2": stage2 + host[1:] + host2}
+    return {"stage 1": stage1, "stage 2": stage2,
+            "the host": host + (host2 if args.epochs else [])}

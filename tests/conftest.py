@@ -5,8 +5,22 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
+import torch
 
 import synthetic
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU; run by python bench.py --gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda are skipped where there is no GPU; each has a CPU test of its logic."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (python bench.py --gpu)"))
 
 
 @pytest.fixture(scope="session")

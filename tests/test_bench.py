@@ -41,3 +41,21 @@ def test_dropout_masks_are_drawn_only_where_there_is_dropout():
     wave = torch.randn(2, 16000)
     assert bench.mask_seconds(bench.backbone("tiny", 0.0), wave, 3, 1) == 0.0
     assert bench.mask_seconds(bench.backbone("tiny", 0.1), wave, 3, 1) > 0.0
+
+
+def test_the_gpu_check_runs_every_part_and_writes_its_table(tmp_path):
+    """python bench.py --gpu, scaled down on the CPU where there is no GPU: every check's row,
+    and the checks that hold on any device (a resumed run with dropout equals an uninterrupted
+    one, eval.py reads the run's caches) pass."""
+    import bench_gpu
+    rows = bench_gpu.main(str(tmp_path / "gpu.json"), quick=True)
+    table = (tmp_path / "bench_gpu.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "scaled down" in table
+    verdict = {what.split(":")[0].strip(): ok for what, _, _, ok in rows}
+    for check in ("CPU against the device, float32", "a resumed run with dropout against an "
+                  "uninterrupted one", "its weights, where the lambda is the same"):
+        assert verdict[check], table
+    assert any(w.startswith("eval.py on the run") and ok for w, _, _, ok in rows), table
+    for what in ("ridge 800 x 96 x 500", "brainwavlm whole-cortex step", "stage 1 of a whole",
+                 "moussa2025 protocol's extraction"):
+        assert what in table

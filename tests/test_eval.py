@@ -63,9 +63,9 @@ def test_plots_are_pngs_with_labelled_axes(run, monkeypatch):
 def test_one_command_loads_the_run_once_for_all_its_analyses(run, tmp_path, monkeypatch, capsys):
     calls, real = [], ev.load_run
 
-    def counted(folder):
+    def counted(folder, device=None):
         calls.append(folder)
-        return real(folder)
+        return real(folder, device)
     monkeypatch.setattr(ev, "load_run", counted)
     ev.main([run, "--plot", "--seeds", run, "--export", str(tmp_path / "t.pt")])
     assert calls == [run] and "wrote" in capsys.readouterr().out
@@ -237,3 +237,15 @@ def test_eval_reads_the_runs_own_features_and_fits_and_says_when_it_cannot(run, 
     ran = ev.run_device(str(gpu), loaded.args, [], None)
     assert ran == torch.device("cuda", 0) and capsys.readouterr().out == ""
     assert ev.run_device(str(gpu), loaded.args, [], "cpu") == torch.device("cpu")  # --device
+
+
+@pytest.mark.cuda
+def test_eval_on_a_cuda_run_reads_the_features_and_fits_it_cached(demo, tmp_path):
+    """The CPU's logic: test_eval_reads_the_runs_own_features_and_fits_and_says_when_it_cannot."""
+    run = train.main(["--data", demo, "--model", "tiny", "--out", str(tmp_path / "r"),
+                      "--batch-size", "8", "--epochs", "1", "--device", "cuda"])
+    before = cache_entries()
+    loaded = ev.load_run(run)
+    assert loaded.device.type == "cuda"
+    compare.significance(loaded, permutations=99)
+    assert cache_entries() == before

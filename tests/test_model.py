@@ -225,25 +225,26 @@ def test_frame_first_keeps_each_snippets_first_frame_at_its_end():
     assert x_last.min() > 180 and len(t_last) > len(t_first)  # 200 frames: the last stride's
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("name", ["tiny", "wav2vec2_base", "hubert_base", "wavlm_base_plus"])
 @pytest.mark.parametrize("bottleneck", [0, 5])
-def test_the_model_is_built_on_the_device_it_trains_on(name, bottleneck):
+def test_the_model_is_built_on_the_device_it_trains_on(name, bottleneck, device):
     """The meta device stands in for a GPU: a backbone already there gets its adapters (q k v o,
     WavLM's fused q k v included), its layer weights and its heads there too, and a training
     forward with LoRA dropout and a backward run without a tensor left on the CPU."""
     import model
-    with torch.device("meta"):  # the architecture made on the device, no memory spent
+    with torch.device(device):  # the architecture made on the device (meta: no memory spent)
         backbone = model.build_backbone(name)
     normalize = model.normalizes(name)
     extractor = model.Extractor(name, backbone, 2, normalize, weighted=True)
     model.add_adapters(backbone, 2, 4, 4.0, 0.1, "qkvo", weighted=True)
     p = 4 * config.architecture(name)["encoder_embed_dim"]  # 4 TR bins of the layer's width
-    heads = [make_head(torch.randn(p, 30, device="meta"), bottleneck) for _ in range(2)]
-    net = model.BrainModel(extractor, heads, torch.zeros(p, device="meta"),
-                           torch.ones(p, device="meta"), 4).train()
-    preds = net(torch.randn(2, 4 * 16000, device="meta"))
+    heads = [make_head(torch.randn(p, 30, device=device), bottleneck) for _ in range(2)]
+    net = model.BrainModel(extractor, heads, torch.zeros(p, device=device),
+                           torch.ones(p, device=device), 4).train()
+    preds = net(torch.randn(2, 4 * 16000, device=device))
     sum(y.sum() for y in preds).backward()
     trainable = [(n, q) for n, q in net.named_parameters() if q.requires_grad]
     assert any(".lora_" in n for n, _ in trainable) and any("heads." in n for n, _ in trainable)
-    assert all(q.device.type == "meta" and q.grad is not None for _, q in trainable)
+    assert all(q.device.type == device and q.grad is not None for _, q in trainable)
     assert [y.shape for y in preds] == [(2, 30), (2, 30)]

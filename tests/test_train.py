@@ -451,3 +451,18 @@ def test_metrics_log_the_rates_each_epoch_trained_at(demo, tmp_path):
     m = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     assert [x["lr"] for x in m] == pytest.approx([0.0, 2e-4])
     assert [x["head_lr"] for x in m] == pytest.approx([1e-4, 8e-5])
+
+
+@pytest.mark.cuda
+def test_a_resumed_cuda_run_with_dropout_equals_an_uninterrupted_one(demo, tmp_path):
+    """On a GPU, dropout draws from the CUDA generator, which the checkpoint keeps (the CPU's
+    logic: test_dist's checkpoint test, and the resume tests above)."""
+    flags = ["--device", "cuda", "--lora-dropout", "0.1", "--backbone-dropout", "0.1"]
+    whole = train.main(quick(demo, tmp_path / "whole", "--epochs", "2", *flags))
+    cut = train.main(quick(demo, tmp_path / "cut", "--epochs", "1", *flags))
+    train.main(["--resume", cut, "--epochs", "2"])
+    a, b = (np.load(os.path.join(r, "voxel_r.npz")) for r in (whole, cut))
+    for k in ("baseline_r", "tuned_r", "refit_r"):
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5)
+    saved = load_checkpoint(os.path.join(cut, "checkpoint.pt"))
+    assert saved["cuda_rng"] and all(v.device.type == "cpu" for v in saved["trainable"].values())
