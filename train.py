@@ -553,7 +553,8 @@ def refit(args, model, ds, results, shared, settings):
 
 
 def report(args, run, ds, results):
-    """results.json, voxel_r.npz and the results table."""
+    """blocks.pt (each subject's test block sums, baseline and refit: compare.read_blocks),
+    results.json, voxel_r.npz and the results table."""
     tests = {d.name: ridge.summarize(r, d.ceiling) for d, r in zip(ds, results)}
     scored = dict(vars(args.scoring))
     if scored["frame"] == "last":  # named only when not the default: today's keys unchanged
@@ -568,6 +569,10 @@ def report(args, run, ds, results):
     one = len(ds) == 1
     res = per[ds[0].name] if one else dict(model=args.model, roi=args.roi, protocol=scored,
                                            **extra, subjects=per)
+    blocks = {d.name: {k: None if b is None else dict(sums=b.sums, rows=b.rows)
+                       for k, b in (("baseline", r.baseline_blocks), ("refit", r.refit_blocks))}
+              for d, r in zip(ds, results)}
+    save_atomic(dict(format=FORMAT, subjects=blocks), os.path.join(run, "blocks.pt"))
     save_atomic(json.dumps(res, indent=1), os.path.join(run, "results.json"))
     arrays = {(k if one else f"{d.name}.{k}"): v for d, r in zip(ds, results)
               for k, v in r.r().items()}
