@@ -143,6 +143,7 @@ def plot_sweep(stats, path):
                        c="gray")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(x, list(rows), rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_title(name)
     axes[0][0].set_ylabel("change in mean r (refit - baseline)")
     save(fig, path, [])

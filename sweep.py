@@ -64,10 +64,9 @@ class Job:
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Runs every setting of some train.py flags with "
-                                "every seed (sweeps/NAME/), then the table of their changes with "
-                                "intervals over seeds and test blocks. train.py's other flags "
-                                "follow --.")
+    p = argparse.ArgumentParser(description="Every setting of a few train.py flags with every "
+                                "seed (sweeps/NAME/), and the table of their changes; train.py's "
+                                "other flags follow --.")
     a = p.add_argument
     a("name", help="the sweep's name: its folder is sweeps/NAME")
     a("--vary", action="append", default=[], help="FLAG=V1,V2,...: train.py's flag and the "
@@ -113,7 +112,11 @@ def parse_spec(a, train):
         if dest in [known["--" + f].dest for f, _ in vary]:
             raise ValueError(f"--vary {text}: {option} is varied twice")
         vary.append([option[2:], values])
-    given = config.given_flags(config.parser(), train)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            given = config.given_flags(config.parser(), train)
+    except SystemExit:  # a value of the wrong type: refused in train.py's words (check_settings)
+        given = {}
     for dest in given:
         flag = "--" + dest.replace("_", "-")
         if dest in OWN:
@@ -126,8 +129,8 @@ def parse_spec(a, train):
     except ValueError:
         seeds = []
     if not seeds or len(set(seeds)) < len(seeds):
-        raise ValueError(f"--seeds {a.seeds}: expected distinct whole numbers, comma-separated "
-                         "(e.g. 0,1,2)")
+        raise ValueError(f"--seeds {a.seeds or '(not given)'}: expected distinct whole numbers, "
+                         "comma-separated (e.g. 0,1,2)")
     return Spec(vary, seeds, list(train))
 
 
@@ -384,8 +387,8 @@ def main(argv=None):
     failed += launch(evals, a.jobs)
     stats = report(folder, spec, runs, a)
     if failed:
-        raise ValueError(f"{len(failed)} of the sweep's commands failed (above); the same command "
-                         "finishes them")
+        raise ValueError(f"{len(failed)} of the sweep's commands failed (above, with their logs); "
+                         "the same command runs them again")
     return stats
 
 

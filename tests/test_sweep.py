@@ -2,6 +2,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,13 +184,15 @@ def test_bad_sweeps_are_refused_before_any_run(swept, demo, tmp_path):
              (["--vary", "force=1", "--seeds", "0"], "--force takes no value"),
              (["--vary", "lr=1e-2,1e-2", "--seeds", "0"], "with distinct values"),
              (["--vary", "lr=1e-2,3e-3", "--seeds", "0", "--", "--lr", "1"], "both in --vary and"),
-             (["--vary", "lr=1e-2", "--seeds", ""], "--seeds : expected distinct"),
+             (["--vary", "lr=1e-2", "--seeds", ""], "--seeds (not given): expected distinct"),
+             (["--vary", "lr=1e-2"], "--seeds (not given): expected distinct"),
              (["--vary", "lr=1e-2", "--seeds", "1,0,1"], "--seeds 1,0,1: expected distinct"),
              (["--vary", "lr=1e-2", "--seeds", "0", "--", "--seed", "3"], "--seed after --"),
-             (["--vary", "subject=S01,S02", "--seeds", "0"], "--subject cannot be varied")]
+             (["--vary", "subject=S01,S02", "--seeds", "0"], "--subject cannot be varied"),
+             (["--seeds", "0", "--", "--history", "x"], "argument --history: invalid int value")]
     for args, message in cases:
         given = args + (flags[1:] if "--" in args else flags)
-        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             run_sweep(str(tmp_path), ["new"] + given)
     assert not os.path.exists(tmp_path / "sweeps")  # nothing written
     changed = argv[:argv.index("--seeds") + 1] + ["0,1,2"] + argv[argv.index("--seeds") + 2:]
