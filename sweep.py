@@ -304,7 +304,7 @@ def columns(by_seed, a):
     return out
 
 
-def report(folder, spec, runs, a):
+def write_report(folder, spec, runs, a):
     """The table of the seeds every setting has finished (compare.sweep_statistics), and the
     eval.py columns asked: printed, and written beside the runs with the figure (report.md,
     report.json, sweep.png)."""
@@ -385,7 +385,7 @@ def main(argv=None):
                  os.path.join(logs, r.name + ".eval.log"))
              for r in runs if state(r) == "finished" and (flags := eval_flags(r, a))]
     failed += launch(evals, a.jobs)
-    stats = report(folder, spec, runs, a)
+    stats = write_report(folder, spec, runs, a)
     if failed:
         raise ValueError(f"{len(failed)} of the sweep's commands failed (above, with their logs); "
                          "the same command runs them again")
