@@ -364,8 +364,8 @@ def main(argv=None):
                          "its own command, only --report, or another NAME")
     runs = make_runs(spec, folder)
     check_settings(spec, runs, a, new=old is None)
+    os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
     if old is None:
-        os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
         cache.save_atomic(json.dumps(vars(spec), indent=1), path)
     if a.print:
         print("\n".join(shlex.join(command(r)) for r in runs if state(r) != "finished"))
