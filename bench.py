@@ -25,6 +25,7 @@ import bench_runs
 import data
 import lora
 import ridge
+from bench_runs import peak_mb, ridge_problem, timeit
 from features import window_features
 from model import (BrainModel, Extractor, build_backbone, hidden, keep_freed_memory,
                    layer_of, make_head)
@@ -44,10 +45,10 @@ def ridge_flops(n, p, v, n_alphas=10, folds=5):
 
 
 def bench_ridge(n, p, v, reps, peer=True):
-    X, Y, alphas, groups = bench_runs.ridge_problem(n, p, v)
+    X, Y, alphas, groups = ridge_problem(n, p, v)
     out = {"n": n, "p": p, "v": v,
-           "seconds": bench_runs.timeit(lambda: ridge.fit_ridge(X, Y, alphas, groups), reps)}
-    out["peak_mb"] = bench_runs.peak_mb(lambda: ridge.fit_ridge(X, Y, alphas, groups))
+           "seconds": timeit(lambda: ridge.fit_ridge(X, Y, alphas, groups), reps)}
+    out["peak_mb"] = peak_mb(lambda: ridge.fit_ridge(X, Y, alphas, groups))
     out["gflops"] = ridge_flops(n, p, v) / out["seconds"] / 1e9
     with torch.profiler.profile() as prof:
         solved = ridge.fit_ridge(X, Y, alphas, groups)
@@ -70,7 +71,7 @@ def bench_ridge(n, p, v, reps, peer=True):
                                 score_func=correlation_score, n_alphas_batch=len(alphas),
                                 n_targets_batch=v, n_targets_batch_refit=v)
         last = []
-        out["himalaya_seconds"] = bench_runs.timeit(lambda: last.append(run()), max(1, reps - 1), warmup=0)
+        out["himalaya_seconds"] = timeit(lambda: last.append(run()), max(1, reps - 1), warmup=0)
         ba, coef, _ = last[-1]
         ba, coef = torch.as_tensor(ba).float(), torch.as_tensor(coef).float()
         same = torch.isclose(ba, best.float())
@@ -86,7 +87,7 @@ def bench_ridge(n, p, v, reps, peer=True):
 
 def matmul_gflops(size, reps):
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size ** 3 / bench_runs.timeit(lambda: a @ b, reps) / 1e9
+    return 2 * size ** 3 / timeit(lambda: a @ b, reps) / 1e9
 
 
 def backbone(name, dropout=None):
@@ -119,7 +120,7 @@ def mask_seconds(model, wave, layer, reps):
             shapes.append(((len(wave), att.num_heads, frames, frames), att.dropout))
     if not shapes:
         return 0.0
-    return bench_runs.timeit(lambda: [torch.empty(shape).bernoulli_(1 - p) for shape, p in shapes], reps)
+    return timeit(lambda: [torch.empty(shape).bernoulli_(1 - p) for shape, p in shapes], reps)
 
 
 def bench_step(name, batch, history, rank, reps, *, n_vox=1000, step_only=False, subjects=1,
@@ -149,10 +150,10 @@ def bench_step(name, batch, history, rank, reps, *, n_vox=1000, step_only=False,
         with torch.inference_mode():
             net(wave)
     if step_only:
-        return {"model": name, "batch": batch, "subjects": subjects, "step_s": bench_runs.timeit(step, reps)}
-    t_fwd, t_step = bench_runs.timeit(forward, reps), bench_runs.timeit(step, reps)
+        return {"model": name, "batch": batch, "subjects": subjects, "step_s": timeit(step, reps)}
+    t_fwd, t_step = timeit(forward, reps), timeit(step, reps)
     return {"model": name, "batch": batch, "rank": rank, "dropout": dropout, "forward_s": t_fwd,
-            "step_s": t_step, "step_over_forward": t_step / t_fwd, "peak_mb": bench_runs.peak_mb(step),
+            "step_s": t_step, "step_over_forward": t_step / t_fwd, "peak_mb": peak_mb(step),
             "forward_gflops": forward_flops(model, wave) / t_fwd / 1e9,
             "masks_s": mask_seconds(model, wave, L, reps)}
 
@@ -177,8 +178,8 @@ def bench_extract(name, n_windows, history, batch, reps):
         with torch.inference_mode():
             for i in range(0, len(waves), batch):
                 model.extract_features(waves[i:i + batch], num_layers=L)
-    t_full = bench_runs.timeit(full, reps)
-    t_bare = bench_runs.timeit(bare, reps)
+    t_full = timeit(full, reps)
+    t_bare = timeit(bare, reps)
     return {"model": name, "windows": n_windows,
             "audio_s_per_s": n_windows * history * data.TR / t_full,
             "overhead": t_full / t_bare - 1}
@@ -195,7 +196,7 @@ def bench_head(n_vox, p, bottleneck, batch=8):
         opt.step()
     params = sum(q.numel() for q in head.parameters()) * 4 / 2 ** 20
     return {"voxels": n_vox, "p": p, "bottleneck": bottleneck, "params_mb": params,
-            "peak_mb": bench_runs.peak_mb(step)}
+            "peak_mb": peak_mb(step)}
 
 
 def bench_stats(v, rows=291, block=10, sets=4):
@@ -217,9 +218,9 @@ def bench_stats(v, rows=291, block=10, sets=4):
     def perm():
         return [ridge.permutation_p(a[:, j:j + 16384], y[:, j:j + 16384], block)
                 for j in range(0, v, 16384)]
-    return {"voxels": v, "rows": rows, "bootstrap_s": bench_runs.timeit(boot, 1, 0),
-            "bootstrap_peak_mb": bench_runs.peak_mb(boot), "permutation_s": bench_runs.timeit(perm, 1, 0),
-            "permutation_peak_mb": bench_runs.peak_mb(perm)}
+    return {"voxels": v, "rows": rows, "bootstrap_s": timeit(boot, 1, 0),
+            "bootstrap_peak_mb": peak_mb(boot), "permutation_s": timeit(perm, 1, 0),
+            "permutation_peak_mb": peak_mb(perm)}
 
 
 def main():

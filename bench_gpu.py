@@ -38,7 +38,6 @@ import objective
 import preflight
 import ridge
 import synthetic
-import train
 from features import PROTOCOLS, Protocol, stride_frames, window_features
 from model import BrainModel, Extractor, add_adapters, build_backbone, make_head
 
@@ -70,13 +69,21 @@ def peak_gb(device, fn):
     return time.perf_counter() - t, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 30
 
 
+def train_py(flags, cache_folder, log):
+    """python train.py FLAGS in a process of its own, with the cache cache_folder."""
+    env = dict(os.environ, BRAINTUNE_CACHE=cache_folder)
+    r = bench_runs.run_measured([sys.executable, "train.py", *flags], log, env)
+    if r["exit"]:
+        raise RuntimeError(f"train.py {' '.join(flags)} failed: see {log}")
+
+
 def small_run(ds, out, device, *extra):
     """train.py on the small synthetic dataset, on `device`, with a cache of its own (the features
     of another device must not be read back); returns the run folder."""
-    os.environ["BRAINTUNE_CACHE"] = os.path.join(out + "-cache")
-    flags = ["--data", ds, "--model", "tiny", "--tiny-pretrain", "0", "--batch-size", "8",
-             "--lr", "1e-3", "--device", str(device), "--out", out, *extra]
-    return train.main(flags)
+    train_py(["--data", ds, "--model", "tiny", "--tiny-pretrain", "0", "--batch-size", "8",
+              "--lr", "1e-3", "--device", str(device), "--out", out, *extra], out + "-cache",
+             out + ".log")
+    return out
 
 
 def max_r_diff(a, b):
@@ -101,12 +108,10 @@ def check_runs(tmp, device):
                      max_r_diff(cpu, bf16), "<= 2e-2", max_r_diff(cpu, bf16) <= 2e-2))
     else:
         rows.append(("CPU against the device, bf16 autocast", "not native here", "-", True))
-    torch.use_deterministic_algorithms(True, warn_only=True)
     drop = ["--lora-dropout", "0.1", "--backbone-dropout", "0.1", "--patience", "3"]
     whole = small_run(ds, os.path.join(tmp, "whole"), device, "--epochs", "2", *drop)
     cut = small_run(ds, os.path.join(tmp, "cut"), device, "--epochs", "1", *drop)
-    train.main(["--resume", cut, "--epochs", "2"])
-    torch.use_deterministic_algorithms(False)
+    train_py(["--resume", cut, "--epochs", "2"], cut + "-cache", cut + "-resumed.log")
     rows.append(("a resumed run with dropout against an uninterrupted one: max voxel r "
                  "difference", max_r_diff(whole, cut), "<= 1e-5", max_r_diff(whole, cut) <= 1e-5))
     kinds = ("features", "protocol", "stage1")

@@ -179,10 +179,10 @@ def read_json(path):
 
 
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a broken file behind. JSON text
-    (.json, .jsonl), arrays (.npz) or anything torch.save takes."""
+    """Write to a temporary file, then rename: a crash never leaves a broken file behind. Text (a
+    str: JSON, a script), arrays (.npz) or anything torch.save takes."""
     tmp = path + ".tmp"
-    if path.endswith(".json") or path.endswith(".jsonl"):
+    if isinstance(obj, str):
         with open(tmp, "w") as f:
             f.write(obj)
     elif path.endswith(".npz"):

@@ -37,10 +37,12 @@ def window_features(fn, windows, key, device, *, batch_size, desc="features", pr
     def blocks(i):  # [(rows, p)] of story i, one per key
         out = []
         story = range(windows.starts[i], windows.starts[i + 1])
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(windows, story), batch_size)
+        cuda = device.type == "cuda"  # the windows sliced in workers, ahead of the GPU
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(windows, story), batch_size,
+                                             num_workers=2 if cuda else 0, pin_memory=cuda)
         for wave, *_ in loader:
             with dist.autocast(device, precision):
-                y = fn(wave.to(device))
+                y = fn(wave.to(device, non_blocking=True))
             out.append([t.float().cpu() for t in (y if many else [y])])
         if not out:
             return [np.zeros((0, 0), np.float32)]

@@ -1,9 +1,11 @@
 """
 The figures of a finished run (eval.py --plot), PNGs in its folder: each subject's refit r against
 baseline r and the change's histogram, the training curves, LoRA's relative weight change per layer,
-and the figures of the analyses already in analyses.json (the layer profile, the efficiency curve).
+and the figures of the analyses already in analyses.json (the layer profile, the efficiency curve);
+and a sweep's changes with their intervals (sweep.py).
 
     paths = plot(eval.load_run("runs/RUN"))
+    plot_sweep(compare.sweep_statistics(seeds, settings), "sweeps/NAME/sweep.png")
 """
 import json
 import os
@@ -125,3 +127,25 @@ def plot_efficiency(eff, folder, paths):
         ax.set(xscale="log", xlabel="hours of training fMRI", ylabel="mean test r", title=k)
         ax.legend()
     save(fig, os.path.join(folder, "efficiency.png"), paths)
+
+
+def plot_sweep(stats, path):
+    """A sweep's figure (sweep.py), per voxel set: each setting's change in mean r with its 95%
+    interval over the seeds and the test story's blocks, and each seed's change (grey dots)."""
+    plt, sets_ = pyplot(), stats["sets"]
+    fig, axes = plt.subplots(1, len(sets_), figsize=(1 + 3.2 * len(sets_), 3.8), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], sets_.items()):
+        x = np.arange(len(rows))
+        mean = np.array([row["change"] for row in rows.values()])
+        ci = np.array([row["change_ci"] for row in rows.values()]).T  # (2, settings)
+        ax.errorbar(x, mean, yerr=np.abs(ci - mean), fmt="o", capsize=4)
+        for i, row in enumerate(rows.values()):
+            ax.scatter(np.full(len(row["seeds"]), i + 0.15), list(row["seeds"].values()), s=10,
+                       c="gray")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, list(rows), rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_title(name)
+    axes[0][0].set_ylabel("change in mean r (refit - baseline)")
+    save(fig, path, [])
+    return path

@@ -246,10 +246,16 @@ def fit_encoding(X, d, settings, device=torch.device("cpu"), stats=None):
 def sets(d, cv, top=0):
     """The voxel sets the results are reported on: all, each ROI of the subject, and the top N by
     stage-1 cv r (N: `top`, --roi topN's, else a tenth of the usable voxels)."""
-    good = np.flatnonzero(d.good)
+    return voxel_sets(d.good, d.rois, cv, top)
+
+
+def voxel_sets(good, rois, cv, top=0):
+    """sets of a subject given its usable voxels good (voxels,) bool and its ROIs {name: (n,)
+    indices}."""
+    good = np.flatnonzero(good)
     n_top = top or max(1, len(good) // 10)
-    top = good[np.argsort(-cv.numpy()[good], kind="stable")[:n_top]]
-    rois = {k: np.intersect1d(v, good) for k, v in d.rois.items()}
+    top = good[np.argsort(-np.asarray(cv)[good], kind="stable")[:n_top]]
+    rois = {k: np.intersect1d(v, good) for k, v in rois.items()}
     return {"all": good, **rois, f"top{n_top}": top}
 
 # -----------------------------------------------------------------------------
@@ -268,21 +274,23 @@ def block_sums(p, y, lengths, block=10):
     return BlockSums(torch.stack(sums, 1), rows.double())
 
 
-def bootstrap_means(a, b, sets_, resamples=1000, seed=0, chunk=20):
-    """Each set's mean r under two models, (resamples, sets, 2), in a block bootstrap of the test
-    story: its blocks of TRs drawn with replacement (neighbouring TRs are correlated), the same
-    draws for both models, every voxel's r recomputed from the block sums. a, b: BlockSums."""
-    n = a.rows
+def bootstrap_means(blocks, sets_, resamples=1000, seed=0, chunk=20):
+    """Each set's mean r under each model, (resamples, sets, models), in a block bootstrap of the
+    test story: its blocks of TRs drawn with replacement (neighbouring TRs are correlated), the
+    same draws for every model, every voxel's r recomputed from the block sums. blocks: a
+    BlockSums per model, all of the same blocks."""
+    n = blocks[0].rows
+    assert all(torch.equal(b.rows, n) for b in blocks), "the models' test blocks differ"
     draws = np.random.default_rng(seed).integers(0, len(n), (resamples, len(n)))
     counts = np.stack([np.bincount(d, minlength=len(n)) for d in draws])  # (resamples, blocks)
     counts = torch.as_tensor(counts, dtype=torch.float64)
     idx = [torch.as_tensor(v) for v in sets_.values()]
     # filled in place: no small tensor outlives a chunk's large ones, so the heap reuses their
     # memory whole
-    means = torch.empty(resamples, len(idx), 2, dtype=torch.float64)
+    means = torch.empty(resamples, len(idx), len(blocks), dtype=torch.float64)
     for i in range(0, resamples, chunk):
         c = counts[i:i + chunk]  # (chunk, blocks)
-        for m, s in enumerate((a.sums, b.sums)):
+        for m, s in enumerate(b.sums for b in blocks):
             S = torch.einsum("rb,bkv->rkv", c, s)  # (chunk, 5, voxels)
             N = (c @ n)[:, None]  # (chunk, 1)
             var = (N * S[:, 2] - S[:, 0] ** 2) * (N * S[:, 3] - S[:, 1] ** 2)
@@ -295,7 +303,7 @@ def bootstrap_means(a, b, sets_, resamples=1000, seed=0, chunk=20):
 def change_ci(a, b, sets_, resamples=1000, seed=0):
     """The 95% percentile interval of each set's relative change in mean r (percent), b against
     a, by a block bootstrap (bootstrap_means). a, b: BlockSums."""
-    m = bootstrap_means(a, b, sets_, resamples, seed)
+    m = bootstrap_means([a, b], sets_, resamples, seed)
     changes = 100 * (m[..., 1] - m[..., 0]) / m[..., 0].abs()  # (resamples, sets)
     return {k: np.percentile(changes[:, j].numpy(), [2.5, 97.5]).tolist()
             for j, k in enumerate(sets_)}
@@ -304,7 +312,7 @@ def change_ci(a, b, sets_, resamples=1000, seed=0):
 def difference_ci(a, b, sets_, resamples=1000, seed=0):
     """The 95% percentile interval of each set's difference in mean r, b minus a, by the same
     block bootstrap (the same resampled blocks for both models). a, b: BlockSums."""
-    m = bootstrap_means(a, b, sets_, resamples, seed)
+    m = bootstrap_means([a, b], sets_, resamples, seed)
     diff = m[..., 1] - m[..., 0]  # (resamples, sets)
     return {k: np.percentile(diff[:, j].numpy(), [2.5, 97.5]).tolist()
             for j, k in enumerate(sets_)}
@@ -411,3 +419,4 @@ def fdr(p, q=0.05):
     out = np.zeros(len(p), bool)
     out[order[:passed[-1] + 1] if len(passed) else []] = True
     return out
+
