@@ -245,8 +245,7 @@ def main():
     wanted = set(a.only.split(",") if a.only else parts[:-3])  # whole commands: asked for
     q = a.quick
     reps = 2 if q else 3
-    if not torch.cuda.is_available():
-        keep_freed_memory()  # as train.py runs on a CPU
+    keep_freed_memory()  # as train.py runs on a CPU: every part here runs there
     machine = {"cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "cuda": torch.cuda.is_available(), "quick": q}

@@ -47,13 +47,9 @@ def _status(key):  # kB, from the kernel's accounting of this process
 
 
 def peak_mb(fn):
-    """Peak memory that fn adds, in MB: on CUDA from the allocator; on CPU the resident set's
-    high-water mark (reset through /proc/self/clear_refs) above the resident set before fn."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    """Peak memory that fn adds on the CPU, where bench.py's parts run (a GPU machine's too), in
+    MB: the resident set's high-water mark (reset through /proc/self/clear_refs) above the
+    resident set before fn (bench_gpu.peak_gb measures a GPU's)."""
     libc = ctypes.CDLL("libc.so.6")
     # while measuring, blocks over 1 MB are mapped and unmapped one by one (M_MMAP_THRESHOLD), so
     # the high-water mark counts live memory, not what glibc's heap keeps; it slows allocation, so
