@@ -142,8 +142,9 @@ def selection_r(args, model, ds, train, val, shared, *, cached=False):
     """--select refit's score of the backbone as it is: its window features of the training and
     validation stories (cached only with `cached`: each epoch's are new), z-scored by the training
     rows', a ridge (the run's lambdas and folds) fit on each subject's training rows for its
-    trained voxels (train: [Targets]), scored on its validation rows (val); the mean over
-    subjects of the mean r over the trained voxels."""
+    trained voxels (train: [Targets]), scored on each validation story (val); the mean over
+    subjects of the mean over the trained voxels of each voxel's r averaged over the stories
+    (BrainWavLM's brain_best_linear.py)."""
     model.eval()
     ex, device = model.extractor, model.mu.device
     fn = functools.partial(ex.pooled, history=args.history)
@@ -157,9 +158,18 @@ def selection_r(args, model, ds, train, val, shared, *, cached=False):
         Z = {s: (x[e.window_of] - mu) / sd for (s, x), e in zip(X.items(), (t, v))}
         groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], settings.folds)
         fit = ridge.fit_ridge(Z["train"].to(device), TrainedVoxels(t), settings.alphas, groups)
-        r = ridge.pearson(Z["val"] @ fit.W, v.Y[v.response_rows, v.roi])  # (trained voxels,)
-        out.append(r.nanmean().item())
+        pred, y = Z["val"] @ fit.W, v.Y[v.response_rows, v.roi]  # (rows, trained voxels)
+        lengths = [len(e) for e in d.windows["val"].ends]
+        out.append(story_mean_r(pred, y, lengths).nanmean().item())
     return float(np.mean(out))
+
+
+def story_mean_r(pred, y, lengths):
+    """(voxels,) each voxel's r on each story (of `lengths` consecutive rows of pred and y,
+    (rows, voxels)), averaged over the stories, as BrainWavLM's brain_best_linear.py scores an
+    epoch, rather than one r over the stories' rows joined."""
+    ends = np.cumsum([0] + list(lengths))
+    return torch.stack([ridge.pearson(pred[a:b], y[a:b]) for a, b in zip(ends, ends[1:])]).mean(0)
 
 
 class TrainedVoxels:
