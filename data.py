@@ -252,10 +252,13 @@ def textgrid_path(root, story):
 # -----------------------------------------------------------------------------
 # delayed-TR windows
 
-def before_audio(story, t):
-    """The sentence for an fMRI frame that would need audio from before the story starts."""
-    return (f"story {story!r}: its first fMRI frame is at {t:.1f} s, before the audio starts "
-            "(see --sound-start, --trim-start, --tr, --lag)")
+def before_audio(story, t, lag=0):
+    """The sentence for an fMRI frame that would need audio from before the story starts (t: its
+    time, or with a lag the end of its window)."""
+    what = f"the window of its first fMRI frame, --lag {lag} TRs earlier, ends" if lag else \
+        "its first fMRI frame is"
+    return (f"story {story!r}: {what} at {t:.1f} s, before the audio starts (see --sound-start, "
+            "--trim-start, --tr)")
 
 
 class Windows(torch.utils.data.Dataset):
@@ -281,7 +284,7 @@ class Windows(torch.utils.data.Dataset):
                 raise ValueError(f"story {s!r}: audio is {len(wave) / SR:.1f} s long but its last "
                                  f"fMRI frame needs audio up to {ends[-1] / SR:.1f} s")
             if n and ends[0] < 0:
-                raise ValueError(before_audio(s, ends[0] / SR))
+                raise ValueError(before_audio(s, ends[0] / SR, lag))
             self.ends.append(ends)
         self.starts = np.cumsum([0] + [len(e) for e in self.ends])  # first window of each story
         self.index = [(i, r) for i, e in enumerate(self.ends) for r in range(len(e))]
