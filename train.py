@@ -79,6 +79,9 @@ def brain_tune(args):
         model = brain_model(args, extractor, fits, results)
         model = stage2(args, model, ds, results, shared, run)
         evaluate(args, model, ds, results, shared, listings)
+        for epoch in config.scored_epochs(args)[:-1]:  # the other epochs --select names
+            model.load_state_dict(runfolder.read_epoch(run, epoch), strict=False)
+            evaluate(args, model, ds, [r.at(epoch) for r in results], shared, listings)
     if RANK == 0:
         report(args, run, ds, results)
     return run
@@ -113,7 +116,7 @@ def pretrained(args, run, windows=None):
         STEP[0] = "tiny's pretraining"
         weights = tiny_weights(args.data, windows, args.tiny_pretrain, args.seed)
     return load_extractor(args.model, args.layer, weights, args.seed, args.backbone_dropout,
-                          pool=args.pool)
+                          pool=args.pool, augment=config.augment(args))
 
 
 def open_run(args, run, ds, shared, extractor, device):
@@ -184,12 +187,13 @@ def brain_model(args, extractor, fits, results):
     # the adapters' init must not depend on what the caches spared (DataLoaders draw seeds)
     torch.manual_seed(args.seed)
     add_adapters(extractor.backbone, extractor.layer, args.lora_rank, args.lora_alpha,
-                 args.lora_dropout, args.lora_targets,
-                 weighted=extractor.layer_weights is not None)
+                 args.lora_dropout, args.lora_targets, weighted=extractor.layer_weights is not None,
+                 projection=args.tune == "feature-projection")
     heads = [make_head(f.init.W[:, r.roi].to(device), args.bottleneck)
              for f, r in zip(fits, results)]
     mu, sd = fits[0].init.mu, fits[0].init.sd  # the shared windows' z-scoring
-    return BrainModel(extractor, heads, mu.to(device), sd.to(device), args.history)
+    return BrainModel(extractor, heads, mu.to(device), sd.to(device), args.history,
+                      raw=args.head_input == "raw")
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def stage2(args, model, ds, results, shared, run):
         log(f"epoch 0 (pretrained): refit validation r {state.pretrained_val:.4f}")
     net = model if WORLD == 1 else nn.parallel.DistributedDataParallel(  # a subject may hear none
         model, device_ids=[model.mu.device] if model.mu.device.type == "cuda" else None,
-        find_unused_parameters=args.lora_rank == 0 or len(ds) > 1)
+        find_unused_parameters=args.lora_rank == 0 or len(ds) > 1 or args.layer_drop > 0)
     for epoch in range(state.epoch, args.epochs):
         if state.bad_epochs >= args.patience:
             break
@@ -224,8 +228,9 @@ def stage2(args, model, ds, results, shared, run):
         if args.select == "refit" and epoch == 0:
             m["pretrained_refit_val_r"] = state.pretrained_val
         record_epoch(args, state, dict(m, seconds=round(time.time() - t0, 2)), trainable)
-        if RANK == 0:
-            runfolder.save_checkpoint(run, vars(state), opt, sched, trainable)
+        if RANK == 0:  # and an epoch --select names but does not keep, scored after training
+            runfolder.save_checkpoint(run, vars(state), opt, sched, trainable,
+                                      scored=epoch + 1 in config.scored_epochs(args)[:-1])
     model.load_state_dict(state.best, strict=False)
     if args.select == "refit":
         log(f"kept epoch {state.best_epoch} (refit validation r {state.best_val:.4f}; 0 is the "
@@ -314,13 +319,14 @@ def resume_stage2(args, run, model, opt, sched):
 
 
 def record_epoch(args, state, metrics, trainable):
-    """One epoch's metrics into the state: the best epoch's parameters kept on the CPU (by
-    --select's validation r), patience counted."""
+    """One epoch's metrics into the state: the kept epoch's parameters on the CPU (--select's:
+    the best validation r, or the last epoch named), patience counted (val and refit only)."""
     score = metrics["refit_val_r" if args.select == "refit" else "val_r"]
-    better = score > state.best_val
+    named = config.scored_epochs(args)  # --select last or 6,11,21: the last named is kept
+    better = metrics["epoch"] == named[-1] if named else score > state.best_val
     state.metrics.append(metrics)
     state.epoch, state.best_val = metrics["epoch"], max(state.best_val, score)
-    state.bad_epochs = 0 if better else state.bad_epochs + 1
+    state.bad_epochs = 0 if better or named else state.bad_epochs + 1
     if better:
         state.best = {n: p.detach().cpu().clone() for n, p in trainable.items()}
         state.best_epoch = metrics["epoch"]
@@ -341,7 +347,7 @@ def evaluate(args, model, ds, results, shared, listings):
     if sliding:
         X = features_of(args, ex, ds, shared, args.protocol)
     test = [targets(args, d, "test", r.roi, args.protocol.test_skip) for d, r in zip(ds, results)]
-    Z = (own.shared["test"] - model.mu.cpu()) / model.sd.cpu()
+    Z = model.head_input(own.shared["test"])
     refits = fit_subjects(args, X, ds, listings, model.mu.device)
     for d, res, r, fit in zip(ds, results, heads_r(model, Z, test), refits):
         res.tuned_r = np.full(len(d.good), np.nan, np.float32)
@@ -358,6 +364,9 @@ def report(args, run, ds, results):
     per = {d.name: dict(subject=d.name, model=args.model, roi=args.roi.text,
                         n_voxels=int(len(r.roi)), protocol=scored, **extra, test=tests[d.name])
            for d, r in zip(ds, results)}
+    named = config.scored_epochs(args) if args.epochs else []  # --select last or 6,11,21
+    for d, r in zip(ds, results) if named else ():
+        per[d.name].update(ridge.summarize_epochs(r, d.ceiling, named))
     one = len(ds) == 1
     res = per[ds[0].name] if one else dict(model=args.model, roi=args.roi.text, protocol=scored,
                                            **extra, subjects=per)
@@ -368,7 +377,7 @@ def report(args, run, ds, results):
     runfolder.save_results(run, res, arrays, blocks)
     line = dict(scored, control=f"{args.control} (blocks of {args.control_block} TRs)") \
         if extra else scored
-    print(ridge.format_table(tests, line))
+    print(ridge.format_table({n: ridge.epoch_rows(p) for n, p in per.items()}, line))
 
 
 def main(argv=None):
