@@ -205,3 +205,22 @@ def test_voxels_nc_writes_the_voxels_above_the_threshold_and_compares_braintunes
         with pytest.raises(ValueError, match=says):
             voxels.main(argv)
     assert not os.path.exists(tmp_path / "n.npy")
+
+
+def test_a_run_killed_after_a_listed_epoch_resumes_with_its_epoch_file(demo, tmp_path,
+                                                                       monkeypatch):
+    import runfolder
+    real_save = runfolder.save_atomic
+
+    def crash_after_epoch_1(obj, path):
+        real_save(obj, path)
+        if path.endswith("metrics.jsonl"):
+            raise KeyboardInterrupt  # killed right after epoch 1 was saved
+    monkeypatch.setattr(runfolder, "save_atomic", crash_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(fast(demo, tmp_path / "cut", "--epochs", "2", "--select", "1,2"))
+    monkeypatch.setattr(runfolder, "save_atomic", real_save)
+    assert os.path.isfile(tmp_path / "cut" / "epoch_1.pt")
+    run = train.main(["--resume", str(tmp_path / "cut")])
+    res = json.load(open(os.path.join(run, "results.json")))
+    assert sorted(res["epochs"]) == ["1", "2"] and res["epoch"] == 2
