@@ -143,7 +143,7 @@ def run_flags(a):
     a("--mask-time-prob", type=guard.number(float, low=0, high=1), default=0.0, help="SpecAugment "
       "in stage 2, as Hugging Face's: spans of --mask-time-length frames after the feature "
       "projection set to zero, about this share of each window (BrainWavLM's WavLM: 0.05)")
-    a("--mask-time-length", type=guard.number(int, low=1), default=10, help="frames per masked span")
+    a("--mask-time-length", type=guard.number(int, low=1), default=10, help="frames per span")
     a("--mask-time-min-masks", type=guard.number(int, low=0), default=2, help="spans per window at "
       "least, where --mask-time-prob is above 0")
     a("--tune", choices=["transformer", "feature-projection"], default="transformer", help="what "
