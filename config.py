@@ -10,6 +10,7 @@ in memory, preflight.py checks, before any forward.
 """
 import argparse
 import os
+import re
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import runfolder
 import synthetic
 import voxels
 from features import PROTOCOLS, Protocol
-from model import BUNDLES, POOLS, TINY
+from model import BUNDLES, POOLS, TINY, Augment, window_frames
 
 # Moussa et al.'s training stories, as named in their train_stories_25 (dataset.py:121); their
 # published loop indexes another list by position (REFERENCE.md section 10): the names are meant
@@ -42,15 +43,18 @@ RECIPES = {
     "li2024": dict(model="wav2vec2_base", layer="weighted", history=6, lora_rank=0, loss="mse",
                    l2=1e-4, lr=1e-5, head_lr=1e-4),
     "moussa2025": dict(model="hubert_base", layer="12", history=5, lora_rank=0, loss="mse", l2=0.0,
-                       lr=5e-5, head_lr=1e-4, batch_size=128, epochs=30, patience=30, warmup=5,
+                       lr=5e-5, head_lr=1e-4, batch_size=128, epochs=21, patience=30, warmup=5,
                        schedule="moussa2025", clip=0.0, backbone_dropout=0.0, pool="mean",
                        roi="nc0.4", train_stories=MOUSSA_STORIES, val_stories="stagefright",
-                       protocol="moussa2025"),
+                       protocol="moussa2025", select="6,11,21", tune="feature-projection",
+                       head_input="raw", precision="fp32"),
     "brainwavlm": dict(model="wavlm_base_plus", layer="9", history=4, lora_rank=4, lora_alpha=4.0,
-                       lora_dropout=0.1, lora_targets="qkv", loss="corr", lr=1e-4, head_lr=1e-4,
+                       lora_dropout=0.0, lora_targets="qkv", loss="corr", lr=1e-4, head_lr=1e-4,
                        epochs=20, patience=20, warmup=0.0, clip=0.0, select="refit",
                        bottleneck=100, val_stories="fromboyhoodtofatherhood,stagefright",
-                       protocol="brainwavlm", frame="first", test_skip=0),
+                       protocol="brainwavlm", frame="first", test_skip=0, lag=1,
+                       mask_time_prob=0.05, mask_time_length=10, mask_time_min_masks=2,
+                       layer_drop=0.05, precision="fp32"),
 }
 # what --resume may change: what is left to do, and how it runs, not what was done
 STEERING = ("epochs", "patience", "device", "precision", "batch_size", "accum", "infer_batch",
@@ -80,6 +84,9 @@ def parser():
     a("--layer", default=None, help="transformer layer read (1-based; default 3/4 of the depth, "
       "9 of 12) or 'weighted' (learned weighted sum of all layers, Li et al.)")
     a("--history", type=int, default=6, help="TRs of audio before each fMRI frame (Li et al.: 6)")
+    a("--lag", type=guard.number(int, low=0), default=0, help="TRs from the end of each window to "
+      "its fMRI frame: the --history bins cover lags lag..lag+history-1 TRs (BrainWavLM's delays "
+      "1-4: --history 4 --lag 1)")
     a("--pool", choices=list(POOLS), default="bins", help="the head's input: bins (the window's "
       "frames averaged in --history TR bins) or mean (the mean of all its frames, Moussa et al.)")
     a("--tr", type=float, default=data.TR, help="seconds per fMRI frame")
@@ -131,6 +138,21 @@ def run_flags(a):
     a("--backbone-dropout", type=float, default=None, help="the backbone's own dropout "
       "(attention, hidden, projection) in stage 2; default the bundle's (0.1; tiny 0); 0 makes a "
       "CPU step about 1.3x faster (bench.py)")
+    a("--layer-drop", type=guard.number(float, low=0, high=1, high_open=True), default=0.0,
+      help="LayerDrop in stage 2, as a Hugging Face model in train mode: each layer skipped with "
+      "this probability in a step (BrainWavLM's WavLM: 0.05)")
+    a("--mask-time-prob", type=guard.number(float, low=0, high=1), default=0.0, help="SpecAugment "
+      "in stage 2, as Hugging Face's: spans of --mask-time-length frames after the feature "
+      "projection set to zero, about this share of each window (BrainWavLM's WavLM: 0.05)")
+    a("--mask-time-length", type=guard.number(int, low=1), default=10, help="frames per span")
+    a("--mask-time-min-masks", type=guard.number(int, low=0), default=2, help="spans per window at "
+      "least, where --mask-time-prob is above 0")
+    a("--tune", choices=["transformer", "feature-projection"], default="transformer", help="what "
+      "trains beside the heads: the adapters (or with --lora-rank 0 the transformer), or that and "
+      "the feature projection from the CNN to the transformer (Moussa et al.: only the CNN frozen)")
+    a("--head-input", choices=["zscored", "raw"], default="zscored", help="what the heads read: "
+      "the pooled features z-scored by stage 1's moments, or raw (Moussa et al.), the heads' "
+      "weights and bias folded so that they start as the same function")
     a("--loss", choices=["mse", "corr"], default="mse", help="mse (Li et al.) or corr (BrainWavLM)")
     a("--l2", type=float, default=0.0, help="L2 penalty on the head's weights (Li et al.)")
     a("--lr", type=float, default=1e-4, help="learning rate of the adapters (or the transformer)")
@@ -150,9 +172,11 @@ def run_flags(a):
                                              "baseline); with --resume, extends the run")
     a("--patience", type=int, default=3, help="stop after this many epochs without a better "
                                               "validation r")
-    a("--select", choices=["val", "refit"], default="val", help="the epoch kept: val (the best "
-      "validation r of the trained heads) or refit (of a ridge refit on the training stories' "
-      "features, scored on the validation stories; the pretrained backbone a candidate)")
+    a("--select", type=guard.argtype(selection), default="val", help="the epoch kept: val (the "
+      "best validation r of the trained heads), refit (of a ridge refit on the training stories' "
+      "features, scored on the validation stories; the pretrained backbone a candidate), last, "
+      "or epochs, comma-separated (6,11,21: the models after 6, 11 and 21 epochs, each scored on "
+      "the test story, the last kept; Moussa et al.); last and a list never stop early")
     a("--control", choices=["none", "permuted"], default="none", help="permuted: stage 2 trains "
       "on each training and validation story's responses with blocks of --control-block TRs "
       "permuted within the story (the permuted-brain control); the test story is always real")
@@ -170,6 +194,28 @@ def run_flags(a):
     a("--force", action="store_true", help="overwrite an existing run folder")
     a("--no-cache", action="store_true", help="keep nothing in $BRAINTUNE_CACHE (default .cache): "
       "responses, audio, features and stage-1 fits are made again and deleted at exit")
+
+
+def selection(text):
+    """--select's text: val, refit, last, or epochs from 1 up, comma-separated and increasing."""
+    epochs = [int(x) for x in text.split(",")] if re.fullmatch(r"\d+(,\d+)*", text) else [0]
+    if text not in ("val", "refit", "last") and (epochs[0] < 1 or sorted(set(epochs)) != epochs):
+        raise ValueError("expected val, refit, last, or epochs from 1 up, comma-separated and "
+                         f"increasing (e.g. 6,11,21), not {text!r}")
+    return text
+
+
+def scored_epochs(args):
+    """The epochs --select names (a list, or last: --epochs), each scored, the last kept."""
+    if args.select in ("val", "refit"):
+        return []  # the best is chosen
+    return [args.epochs] if args.select == "last" else [int(x) for x in args.select.split(",")]
+
+
+def augment(args):
+    """What the backbone does in stage 2's training mode beside its dropout (model.Augment)."""
+    return Augment(args.mask_time_prob, args.mask_time_length, args.mask_time_min_masks,
+                   args.layer_drop)
 
 
 def given_flags(p, argv):
@@ -322,6 +368,7 @@ def check_ranges(args):
     if args.weights and not os.path.isfile(args.weights):
         raise ValueError(f"--weights {args.weights}: no such file")
     width = architecture(args.model)["encoder_embed_dim"]
+    frames = window_frames(architecture(args.model), round(args.history * args.tr * data.SR))
     for flag, ok, want in (
             ("--history", args.history >= 1, "at least 1"), ("--tr", args.tr > 0, "positive"),
             ("--trim-start", args.trim_start >= 0, "0 or more"),
@@ -349,6 +396,10 @@ def check_ranges(args):
             ("--accum", args.accum >= 1, "at least 1"), ("--epochs", args.epochs >= 0, "0 or more"),
             ("--patience", args.patience >= 1, "at least 1"),
             ("--control-block", args.control_block >= 1, "at least 1"),
+            ("--select", not args.epochs or (scored_epochs(args) or [0])[-1] <= args.epochs,
+             f"epochs up to --epochs {args.epochs}"),
+            ("--mask-time-length", not args.mask_time_prob or args.mask_time_length <= frames,
+             f"at most a window's {frames} frames (--history {args.history})"),
             ("--tiny-pretrain", args.tiny_pretrain >= 0, "0 or more")):
         if not ok:
             name = flag[2:].replace("-", "_")
@@ -380,8 +431,9 @@ def flags_record(args):
 
 
 def timing(args):
-    """The run's fMRI timing (--tr, --trim-start, --sound-start), as data's functions take it."""
-    return dict(tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start)
+    """The run's fMRI timing (--tr, --trim-start, --sound-start) and the training windows' --lag,
+    as data's functions take them."""
+    return dict(tr=args.tr, trim_start=args.trim_start, sound_start=args.sound_start, lag=args.lag)
 
 
 def load_subjects(args, names):

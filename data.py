@@ -43,10 +43,11 @@ TRAIN_STORIES = ("alternateithicatom souls avatar legacy odetostepfather underth
                  "hangtime").split()
 
 
-def row_times(n_rows, tr=TR, trim_start=TRIM_START, sound_start=SOUND_START):
+def row_times(n_rows, tr=TR, trim_start=TRIM_START, sound_start=SOUND_START, lag=0):
     """Seconds from audio onset at the centre of each hf5 row: row r is scanner TR r + trim_start,
-    and scanner TR i is centred at i * tr - sound_start + tr / 2."""
-    return (np.arange(n_rows) + trim_start) * tr - sound_start + tr / 2
+    and scanner TR i is centred at i * tr - sound_start + tr / 2; less `lag` TRs, where each
+    row's training window ends (--lag)."""
+    return (np.arange(n_rows) + trim_start - lag) * tr - sound_start + tr / 2
 
 
 # -----------------------------------------------------------------------------
@@ -251,33 +252,38 @@ def textgrid_path(root, story):
 # -----------------------------------------------------------------------------
 # delayed-TR windows
 
-def before_audio(story, t):
-    """The sentence for an fMRI frame that would need audio from before the story starts."""
-    return (f"story {story!r}: its first fMRI frame is at {t:.1f} s, before the audio starts "
-            "(see --sound-start, --trim-start, --tr)")
+def before_audio(story, t, lag=0):
+    """The sentence for an fMRI frame that would need audio from before the story starts (t: its
+    time, or with a lag the end of its window)."""
+    what = f"the window of its first fMRI frame, --lag {lag} TRs earlier, ends" if lag else \
+        "its first fMRI frame is"
+    return (f"story {story!r}: {what} at {t:.1f} s, before the audio starts (see --sound-start, "
+            "--trim-start, --tr)")
 
 
 class Windows(torch.utils.data.Dataset):
-    """For row r of each story, the audio heard from t_r - H*TR to t_r, sliced on the fly from the
-    story's (memory-mapped) 16 kHz wave. rows: {story: number of fMRI frames, or its responses};
+    """For row r of each story, the audio heard from t_r - H*TR to t_r (or, with a lag, lag TRs
+    earlier), sliced on the fly from the story's (memory-mapped) 16 kHz wave. rows: {story: number
+    of fMRI frames, or its responses};
     keys: {story: what identifies its audio} for the feature cache. Yields (wave (samples,), story
     index, row index)."""
 
     def __init__(self, waves, rows, stories, *, history=6, tr=TR, trim_start=TRIM_START,
-                 sound_start=SOUND_START, keys=None):
+                 sound_start=SOUND_START, lag=0, keys=None):
         self.stories, self.n_samples = list(stories), round(history * tr * SR)
         self.waves = [waves[s] for s in self.stories]
         self.keys = [keys[s] for s in self.stories] if keys else None
-        self.timing = dict(history=history, tr=tr, trim_start=trim_start, sound_start=sound_start)
+        self.timing = dict(history=history, tr=tr, trim_start=trim_start, sound_start=sound_start,
+                           lag=lag)  # in the feature cache's key
         self.ends = []  # (rows,) sample at which each window ends
         for s, wave in zip(self.stories, self.waves):
             n = rows[s] if isinstance(rows[s], (int, np.integer)) else len(rows[s])
-            ends = np.round(row_times(n, tr, trim_start, sound_start) * SR).astype(np.int64)
+            ends = np.round(row_times(n, tr, trim_start, sound_start, lag) * SR).astype(np.int64)
             if n and ends[-1] - len(wave) > tr * SR:
                 raise ValueError(f"story {s!r}: audio is {len(wave) / SR:.1f} s long but its last "
                                  f"fMRI frame needs audio up to {ends[-1] / SR:.1f} s")
             if n and ends[0] < 0:
-                raise ValueError(before_audio(s, ends[0] / SR))
+                raise ValueError(before_audio(s, ends[0] / SR, lag))
             self.ends.append(ends)
         self.starts = np.cumsum([0] + [len(e) for e in self.ends])  # first window of each story
         self.index = [(i, r) for i, e in enumerate(self.ends) for r in range(len(e))]

@@ -14,6 +14,7 @@ import ctypes
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -122,24 +123,40 @@ def load_backbone(name, weights=None, seed=0, dropout=None):
 POOLS = ("bins", "mean")  # --pool: a window's frames in TR bins, or their mean (Moussa et al.)
 
 
+@dataclass(frozen=True)
+class Augment:
+    """What a Hugging Face speech model in training mode does beside its dropout, and torchaudio's
+    does not: SpecAugment's time masks on the projected features, and LayerDrop (hidden)."""
+    mask_prob: float = 0.0  # --mask-time-prob: 0 masks nothing
+    mask_length: int = 10  # --mask-time-length: frames per span
+    min_masks: int = 2  # --mask-time-min-masks: spans at least, per window
+    layer_drop: float = 0.0  # --layer-drop: each layer skipped with this probability
+
+    @property
+    def acts(self):
+        return self.mask_prob > 0 or self.layer_drop > 0
+
+
 class Extractor(nn.Module):
     """What turns audio into the features the ridge and the heads read: a backbone read at one
     transformer layer (layers above it are not computed), or at a learned softmax-weighted sum of
     all of them (Li et al.), the wave layer-normalised first where its bundle does so; a window's
     frames pooled by `pool` (--pool): bins, the mean of each TR bin; mean, of all of them."""
 
-    def __init__(self, name, backbone, layer, normalize=False, weighted=False, *, pool="bins"):
+    def __init__(self, name, backbone, layer, normalize=False, weighted=False, *, pool="bins",
+                 augment=Augment()):
         super().__init__()
         assert pool in POOLS, pool
         self.name, self.backbone, self.layer, self.normalize = name, backbone, layer, normalize
-        self.pool = pool
+        self.pool, self.augment = pool, augment  # augment: in training mode only
         n_layers = len(backbone.encoder.transformer.layers)
         # (layers,) logits, uniform at the start
         where = next(backbone.parameters()).device  # made on the backbone's device
         self.layer_weights = nn.Parameter(torch.zeros(n_layers, device=where)) if weighted else None
 
     def hidden(self, wave):  # (batch, samples) -> (batch, frames, dim)
-        return hidden(self.backbone, wave, self.layer, self.layer_weights, self.normalize)
+        return hidden(self.backbone, wave, self.layer, self.layer_weights, self.normalize,
+                      augment=self.augment)
 
     def pooled(self, wave, history):  # (batch, samples) -> (batch, history * dim); mean: dim
         if self.pool == "mean":  # the whole window's frames (Moussa et al.'s hubert_linear.py)
@@ -157,13 +174,15 @@ class Extractor(nn.Module):
                            pool=self.pool)
 
 
-def load_extractor(name, layer=None, weights=None, seed=0, dropout=None, *, pool="bins"):
+def load_extractor(name, layer=None, weights=None, seed=0, dropout=None, *, pool="bins",
+                   augment=Augment()):
     """An Extractor of backbone `name` (load_backbone) read at --layer `layer`: a 1-based layer
-    number as text, None for 3/4 of the depth, or 'weighted'; its windows pooled by `pool`."""
+    number as text, None for 3/4 of the depth, or 'weighted'; its windows pooled by `pool`; in
+    training mode, `augment` (an Augment) acts too."""
     backbone = load_backbone(name, weights, seed, dropout)
     depth = len(backbone.encoder.transformer.layers)
     return Extractor(name, backbone, layer_of(layer, depth), normalizes(name), layer == "weighted",
-                     pool=pool)
+                     pool=pool, augment=augment)
 
 
 def pretrain_tiny(root, audio, epochs=4, seed=0, *, chunk=4.0, batch_size=16, max_steps=300):
@@ -247,24 +266,80 @@ def pool_frames(frames, history):
     return (sums / (edges[1:] - edges[:-1]).to(frames.dtype)[None, :, None]).flip(1)
 
 
-def hidden(backbone, wave, layer, layer_weights=None, normalize=False):
+def hidden(backbone, wave, layer, layer_weights=None, normalize=False, *, augment=Augment()):
     """(batch, samples) -> (batch, frames, dim): transformer layer `layer` (1-based; layers above it
-    are not computed), or the softmax-weighted sum of all layers (Li et al.)."""
+    are not computed), or the softmax-weighted sum of all layers (Li et al.); a backbone in
+    training mode applies `augment` (augmented_layers)."""
     if normalize:
         wave = F.layer_norm(wave, wave.shape[-1:])
+    top = layer if layer_weights is None else None
+    if backbone.training and augment.acts:
+        layers = augmented_layers(backbone, wave, top, augment)
+    else:
+        layers = backbone.extract_features(wave, num_layers=top)[0]
     if layer_weights is None:
-        return backbone.extract_features(wave, num_layers=layer)[0][-1]
-    layers = torch.stack(backbone.extract_features(wave)[0])  # (layers, batch, frames, dim)
-    return torch.einsum("l,lbfd->bfd", layer_weights.softmax(0), layers)
+        return layers[-1]
+    return torch.einsum("l,lbfd->bfd", layer_weights.softmax(0), torch.stack(layers))
 
 
-def add_adapters(backbone, layer, rank, alpha, dropout, targets, *, weighted=False):
+def augmented_layers(backbone, wave, num_layers, augment):
+    """torchaudio's extract_features (every layer's (batch, frames, dim), up to num_layers) with a
+    Hugging Face model's training-mode SpecAugment and LayerDrop: time spans of the projected
+    features (after the CNN and the feature projection, before the positional convolution) set to
+    zero (time_mask; HF writes its pretrained mask embedding there, which torchaudio's weights do
+    not hold), and each layer skipped with probability augment.layer_drop, its input passed on as
+    its output, except a layer that computes WavLM's position bias (HF never skips WavLM's
+    first)."""
+    x, _ = backbone.feature_extractor(wave, None)  # (batch, frames, 512)
+    x = backbone.encoder.feature_projection(x)  # (batch, frames, dim)
+    if augment.mask_prob > 0:
+        masked = time_mask(x.shape[0], x.shape[1], augment).to(x.device)  # (batch, frames)
+        x = x.masked_fill(masked[..., None], 0.0)
+    transformer = backbone.encoder.transformer
+    x, bias, out = transformer._preprocess(x), None, []
+    for layer in transformer.layers[:num_layers]:
+        keeps_bias = getattr(layer.attention, "rel_attn_embed", None) is not None
+        if keeps_bias or not torch.rand(()) < augment.layer_drop:
+            x, bias = layer(x, None, position_bias=bias)
+        out.append(x)
+    return out
+
+
+def time_mask(batch, frames, augment):
+    """(batch, frames) bool: SpecAugment's time mask as Hugging Face draws it for sequences of
+    equal length (transformers' _compute_mask_indices): n = max(int(p * frames / length + u),
+    min_masks) spans, u ~ U(0, 1) drawn once per call, at most frames // length and frames -
+    length + 1; each row's span starts drawn without replacement from 0..frames - length, each
+    span `length` frames (spans may overlap, so fewer than n * length frames may be masked)."""
+    p, length = augment.mask_prob, augment.mask_length
+    assert 1 <= length <= frames, f"a mask span of {length} frames in {frames}"
+    n = max(int(p * frames / length + torch.rand(()).item()), augment.min_masks)
+    n = min(n, frames // length, frames - length + 1)
+    starts = torch.rand(batch, frames - length + 1).argsort(1)[:, :n]  # (batch, n) distinct
+    spans = (starts[:, :, None] + torch.arange(length)).flatten(1)  # (batch, n * length)
+    return torch.zeros(batch, frames, dtype=torch.bool).scatter_(1, spans, True)
+
+
+def window_frames(arch, samples):
+    """The frames the CNN front end of architecture `arch` (a torchaudio builder's settings)
+    makes of `samples` samples: each convolution (kernel k, stride s) maps n to (n - k) // s + 1."""
+    for _, k, s in arch["extractor_conv_layer_config"]:
+        samples = (samples - k) // s + 1
+    return samples
+
+
+def add_adapters(backbone, layer, rank, alpha, dropout, targets, *, weighted=False,
+                 projection=False):
     """The backbone made tunable up to the layer read: LoRA on the attention projections of layers
     1..layer (lora.add_lora), or with rank 0 the whole transformer, frozen above that layer unless
-    every layer is read (weighted), as those get no gradient. In place; returns the backbone."""
+    every layer is read (weighted), as those get no gradient; with projection, the feature
+    projection too (LayerNorm and Linear from the CNN to the transformer: only the CNN frozen, as
+    Moussa et al.'s _freeze_parameters() leaves it). In place; returns the backbone."""
     lora.add_lora(backbone, rank, alpha, dropout, targets, range(layer))
     if rank == 0 and not weighted:
         backbone.encoder.transformer.layers[layer:].requires_grad_(False)
+    if projection:
+        backbone.encoder.feature_projection.requires_grad_(True)
     return backbone
 
 
@@ -294,14 +369,16 @@ def feature_key(name, backbone, layer, layer_weights, normalize, *, pool="bins")
 
 class BrainModel(nn.Module):
     """wave -> extractor -> TR bins (or the mean of the frames: pool) -> z-score (training
-    statistics) -> a head per subject -> voxels."""
+    statistics; or with raw, the features as they are) -> a head per subject -> voxels."""
 
-    def __init__(self, extractor, heads, mu, sd, history):
+    def __init__(self, extractor, heads, mu, sd, history, *, raw=False):
         super().__init__()
-        self.extractor, self.history = extractor, history
+        self.extractor, self.history, self.raw = extractor, history, raw
         self.heads = nn.ModuleList(heads)
         self.register_buffer("mu", mu)
         self.register_buffer("sd", sd)
+        for head in self.heads if raw else ():  # the same function as on z-scored features
+            fold_zscore(head, mu, sd)
 
     @property
     def pool(self):
@@ -309,8 +386,10 @@ class BrainModel(nn.Module):
         return self.extractor.pool
 
     def features(self, wave):  # (batch, samples) -> (batch, p): history * dim, or dim (mean)
-        x = self.extractor.pooled(wave, self.history)
-        return (x - self.mu) / self.sd
+        return self.head_input(self.extractor.pooled(wave, self.history))
+
+    def head_input(self, x):  # (batch, p) pooled features -> what the heads read, on x's device
+        return x if self.raw else (x - self.mu.to(x.device)) / self.sd.to(x.device)
 
     def forward(self, wave):  # (batch, samples) -> [(batch, voxels of subject k)]: every head
         x = self.features(wave)  # the backbone under the caller's autocast (bf16 on a GPU)
@@ -333,3 +412,15 @@ def make_head(W, bottleneck=0):
     down.weight.data = (U[:, :k] * s[:k].sqrt()).T.contiguous()
     up.weight.data, up.bias.data = (Vh[:k].T * s[:k].sqrt()).contiguous(), torch.zeros(v, **like)
     return nn.Sequential(down, up)
+
+
+@torch.no_grad()
+def fold_zscore(head, mu, sd):
+    """A head (make_head's) that reads z = (x - mu) / sd changed in place to read x itself, the
+    same function (--head-input raw): its first Linear's weight divided by sd, and -W mu / sd
+    carried through to the last Linear's bias. Gradients then reach the backbone through raw
+    features, as in Moussa et al.'s nn.Linear on the mean of the frames."""
+    first, last = (head[0], head[-1]) if isinstance(head, nn.Sequential) else (head, head)
+    first.weight /= sd  # (k or v, p)
+    shift = first.weight @ mu  # (k or v,)
+    last.bias -= shift if first is last else last.weight @ shift

@@ -1,8 +1,9 @@
 """
 What stage 2 trains against, and how: each subject's targets on a split (its responses on the
 trained voxels, or the permuted-brain control's), the batches read ahead of each step, the loss
-(MSE + L2, or the correlation across voxels), the heads' r, --select refit's ridge score, and the
-optimiser with its schedules (a warm-up, or Moussa et al.'s per-epoch factors).
+(MSE + L2, or the correlation across voxels), the heads' r, --select refit's ridge score, the
+optimiser with its schedules (a warm-up, or Moussa et al.'s per-epoch factors), and the state
+stage 2 keeps across epochs (the best one, patience, a resumed run's checkpoint).
 
     t = targets(args, d, "train", roi)          # a Targets: which response row each window scores
     loss = subjects_loss(net(batch.wave), model.heads, batch, args)
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 import config
 import data
 import ridge
+import runfolder
+from cache import log
 from dist import RANK, WORLD
 from features import window_features
 
@@ -142,8 +145,9 @@ def selection_r(args, model, ds, train, val, shared, *, cached=False):
     """--select refit's score of the backbone as it is: its window features of the training and
     validation stories (cached only with `cached`: each epoch's are new), z-scored by the training
     rows', a ridge (the run's lambdas and folds) fit on each subject's training rows for its
-    trained voxels (train: [Targets]), scored on its validation rows (val); the mean over
-    subjects of the mean r over the trained voxels."""
+    trained voxels (train: [Targets]), scored on each validation story (val); the mean over
+    subjects of the mean over the trained voxels of each voxel's r averaged over the stories
+    (BrainWavLM's brain_best_linear.py)."""
     model.eval()
     ex, device = model.extractor, model.mu.device
     fn = functools.partial(ex.pooled, history=args.history)
@@ -157,9 +161,18 @@ def selection_r(args, model, ds, train, val, shared, *, cached=False):
         Z = {s: (x[e.window_of] - mu) / sd for (s, x), e in zip(X.items(), (t, v))}
         groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], settings.folds)
         fit = ridge.fit_ridge(Z["train"].to(device), TrainedVoxels(t), settings.alphas, groups)
-        r = ridge.pearson(Z["val"] @ fit.W, v.Y[v.response_rows, v.roi])  # (trained voxels,)
-        out.append(r.nanmean().item())
+        pred, y = Z["val"] @ fit.W, v.Y[v.response_rows, v.roi]  # (rows, trained voxels)
+        lengths = [len(e) for e in d.windows["val"].ends]
+        out.append(story_mean_r(pred, y, lengths).nanmean().item())
     return float(np.mean(out))
+
+
+def story_mean_r(pred, y, lengths):
+    """(voxels,) each voxel's r on each story (of `lengths` consecutive rows of pred and y,
+    (rows, voxels)), averaged over the stories, as BrainWavLM's brain_best_linear.py scores an
+    epoch, rather than one r over the stories' rows joined."""
+    ends = np.cumsum([0] + list(lengths))
+    return torch.stack([ridge.pearson(pred[a:b], y[a:b]) for a, b in zip(ends, ends[1:])]).mean(0)
 
 
 class TrainedVoxels:
@@ -209,3 +222,53 @@ def optimiser(args, trainable, n_windows):
     def factor(step):
         return min(1.0, (step + 1) / warmup)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# -----------------------------------------------------------------------------
+# stage 2's state across epochs: the best epoch, patience, a resumed run's checkpoint
+
+@dataclass
+class TrainState:
+    """Where stage 2 is, as its checkpoint keeps it."""
+    epoch: int = 0  # epochs finished
+    best_val: float = -float("inf")  # the best validation r so far
+    bad_epochs: int = 0  # epochs since it improved
+    metrics: list = None  # one dict per epoch (metrics.jsonl)
+    best: dict = None  # {name: tensor}: the trainable parameters of the best epoch, on the CPU
+    best_epoch: int = 0  # the epoch they are of (0: the initial state)
+    pretrained_val: float = None  # --select refit: the pretrained backbone's refit validation r
+
+
+def resume_stage2(args, run, model, opt, sched):
+    """The run's last checkpoint loaded into model, opt and sched (its TrainState), or None; the
+    steering flags given with --resume recorded in config.json with the epoch they take effect
+    at."""
+    ckpt = runfolder.read_checkpoint(run) if args.resume else None
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        model.load_state_dict(ckpt["trainable"], strict=False)
+    state = TrainState(**ckpt["state"]) if ckpt is not None else None
+    if args.steered and RANK == 0:
+        epoch = state.epoch if state else 0
+        runfolder.steer_config(run, args.steered, epoch)
+        log(f"resumed at epoch {epoch} with " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                          for k, v in args.steered.items()))
+    return state
+
+
+def record_epoch(args, state, metrics, trainable):
+    """One epoch's metrics into the state: the kept epoch's parameters on the CPU (--select's:
+    the best validation r, or the last epoch named), patience counted (val and refit only)."""
+    score = metrics["refit_val_r" if args.select == "refit" else "val_r"]
+    named = config.scored_epochs(args)  # --select last or 6,11,21: the last named is kept
+    better = metrics["epoch"] == named[-1] if named else score > state.best_val
+    state.metrics.append(metrics)
+    state.epoch, state.best_val = metrics["epoch"], max(state.best_val, score)
+    state.bad_epochs = 0 if better or named else state.bad_epochs + 1
+    if better:
+        state.best = {n: p.detach().cpu().clone() for n, p in trainable.items()}
+        state.best_epoch = metrics["epoch"]
+    refit = f", refit validation r {score:.4f}" if args.select == "refit" else ""
+    log(f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, validation r "
+        f"{metrics['val_r']:.4f}{refit}, {metrics['seconds']:.1f} s")

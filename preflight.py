@@ -103,7 +103,7 @@ def story_header(root, subj, story, timing):
                              f"frame needs audio up to {times[-1]:.1f} s (see --tr, --trim-start, "
                              "--sound-start)")
         if times[0] < 0:
-            raise ValueError(data.before_audio(story, times[0]))
+            raise ValueError(data.before_audio(story, times[0], timing.get("lag", 0)))
     return Header(shape[0], shape[1], seconds)
 
 

@@ -9,7 +9,7 @@ two models, the block permutation test and the false discovery rate, and the res
 """
 import functools
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -69,6 +69,11 @@ class Results:
     tuned_r: np.ndarray = None  # (voxels,) the tuned model's own heads; NaN off the trained voxels
     refit_r: np.ndarray = None  # (voxels,) the tuned backbone, ridge refit
     refit_blocks: BlockSums = None
+    epochs: dict = field(default_factory=dict)  # {epoch: Results}: each other --select epoch
+
+    def at(self, epoch):
+        """These results' copy for another epoch --select names (6,11,21), kept in .epochs."""
+        return self.epochs.setdefault(epoch, Results(**dict(vars(self), epochs={})))
 
     def r(self):
         """{"baseline_r", "tuned_r", "refit_r"}: the per-voxel r there are (voxel_r.npz's keys)."""
@@ -316,6 +321,21 @@ def difference_ci(a, b, sets_, resamples=1000, seed=0):
     diff = m[..., 1] - m[..., 0]  # (resamples, sets)
     return {k: np.percentile(diff[:, j].numpy(), [2.5, 97.5]).tolist()
             for j, k in enumerate(sets_)}
+
+
+def summarize_epochs(res, ceiling, epochs):
+    """{"epoch", "epochs"}: results.json's record of the epochs --select names, the last kept:
+    summarize() of each, res itself for the last and res.epochs[e] for the others."""
+    return dict(epoch=epochs[-1], epochs={str(e): summarize(res.epochs.get(e, res), ceiling)
+                                          for e in epochs})
+
+
+def epoch_rows(record):
+    """The table rows of results.json's record of a subject: each set's, or with "epochs" each
+    set's at each epoch ("all @6": the model after epoch 6)."""
+    if "epochs" not in record:
+        return record["test"]
+    return {f"{k} @{e}": t[k] for k in record["test"] for e, t in record["epochs"].items()}
 
 
 def summarize(res, ceiling):

@@ -7,6 +7,7 @@ by train.py (--resume) and eval.py alike:
     stage1.pt        each subject's stage-1 ridge fits (ridge.fit_state)
     checkpoint.pt    stage 2 as the last finished epoch left it: what --resume continues
     adapter.pt       the trainable parameters of the epoch kept
+    epoch_N.pt       those after epoch N, for each other epoch --select lists (6,11,21)
     metrics.jsonl    one line per epoch
     results.json, voxel_r.npz, blocks.pt   the results, each voxel's r, the test story's block sums
 
@@ -135,10 +136,12 @@ def read_stage1(run):
 # -----------------------------------------------------------------------------
 # checkpoint.pt, metrics.jsonl, adapter.pt
 
-def save_checkpoint(run, state, opt, sched, trainable):
+def save_checkpoint(run, state, opt, sched, trainable, *, scored=False):
     """checkpoint.pt (what a resumed run continues from: the optimiser, the schedule, every
     random generator's state, stage 2's state (a dict) and the trainable parameters), and
-    metrics.jsonl, each atomically."""
+    metrics.jsonl, each atomically; with scored, epoch_N.pt first (save_epoch)."""
+    if scored:  # first: a run resumed from the checkpoint finds it
+        save_epoch(run, trainable, state["epoch"])
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     ckpt = dict(format=FORMAT, opt=opt.state_dict(), sched=sched.state_dict(),
                 rng=torch.get_rng_state(), cuda_rng=cuda, state=state, trainable=trainable)
@@ -163,6 +166,20 @@ def save_adapter(run, trainable, epoch, flags):
     """adapter.pt: the trainable parameters of the epoch kept (0: the initial state)."""
     save_atomic(cpu(dict(format=FORMAT, trainable=trainable, epoch=epoch, args=flags)),
                 os.path.join(run, "adapter.pt"))
+
+
+def save_epoch(run, trainable, epoch):
+    """epoch_N.pt: the trainable parameters after epoch N, an epoch --select lists but does not
+    keep, scored on the test story after training. For full tuning they are the transformer
+    (about 340 MB for a base model), so they wait on disk, not in memory."""
+    save_atomic(cpu(dict(format=FORMAT, trainable=trainable, epoch=epoch)),
+                os.path.join(run, f"epoch_{epoch}.pt"))
+
+
+def read_epoch(run, epoch):
+    """epoch_N.pt's trainable parameters (save_epoch)."""
+    path = os.path.join(run, f"epoch_{epoch}.pt")
+    return read(path, "tune again in a new run folder")["trainable"]
 
 
 def read_adapter(run):

@@ -14,7 +14,6 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,21 +34,10 @@ from dist import RANK, WORLD
 from features import shared_features, window_features
 from model import (BrainModel, add_adapters, keep_freed_memory, load_extractor, make_head,
                    tiny_weights)
-from objective import Batches, heads_r, optimiser, selection_r, subjects_loss, targets
+from objective import (Batches, TrainState, heads_r, optimiser, record_epoch, resume_stage2,
+                       selection_r, subjects_loss, targets)
 
 STEP = ["starting"]  # what the run is doing, for an error that cannot be foreseen (out of memory)
-
-
-@dataclass
-class TrainState:
-    """Where stage 2 is, as its checkpoint keeps it."""
-    epoch: int = 0  # epochs finished
-    best_val: float = -float("inf")  # the best validation r so far
-    bad_epochs: int = 0  # epochs since it improved
-    metrics: list = None  # one dict per epoch (metrics.jsonl)
-    best: dict = None  # {name: tensor}: the trainable parameters of the best epoch, on the CPU
-    best_epoch: int = 0  # the epoch they are of (0: the initial state)
-    pretrained_val: float = None  # --select refit: the pretrained backbone's refit validation r
 
 
 # -----------------------------------------------------------------------------
@@ -79,6 +67,9 @@ def brain_tune(args):
         model = brain_model(args, extractor, fits, results)
         model = stage2(args, model, ds, results, shared, run)
         evaluate(args, model, ds, results, shared, listings)
+        for epoch in config.scored_epochs(args)[:-1]:  # the other epochs --select names
+            model.load_state_dict(runfolder.read_epoch(run, epoch), strict=False)
+            evaluate(args, model, ds, [r.at(epoch) for r in results], shared, listings)
     if RANK == 0:
         report(args, run, ds, results)
     return run
@@ -113,7 +104,7 @@ def pretrained(args, run, windows=None):
         STEP[0] = "tiny's pretraining"
         weights = tiny_weights(args.data, windows, args.tiny_pretrain, args.seed)
     return load_extractor(args.model, args.layer, weights, args.seed, args.backbone_dropout,
-                          pool=args.pool)
+                          pool=args.pool, augment=config.augment(args))
 
 
 def open_run(args, run, ds, shared, extractor, device):
@@ -189,12 +180,13 @@ def brain_model(args, extractor, fits, results):
     # the adapters' init must not depend on what the caches spared (DataLoaders draw seeds)
     torch.manual_seed(args.seed)
     add_adapters(extractor.backbone, extractor.layer, args.lora_rank, args.lora_alpha,
-                 args.lora_dropout, args.lora_targets,
-                 weighted=extractor.layer_weights is not None)
+                 args.lora_dropout, args.lora_targets, weighted=extractor.layer_weights is not None,
+                 projection=args.tune == "feature-projection")
     heads = [make_head(f.init.W[:, r.roi].to(device), args.bottleneck)
              for f, r in zip(fits, results)]
     mu, sd = fits[0].init.mu, fits[0].init.sd  # the shared windows' z-scoring
-    return BrainModel(extractor, heads, mu.to(device), sd.to(device), args.history)
+    return BrainModel(extractor, heads, mu.to(device), sd.to(device), args.history,
+                      raw=args.head_input == "raw")
 
 
 # -----------------------------------------------------------------------------
@@ -215,9 +207,10 @@ def stage2(args, model, ds, results, shared, run):
         state.pretrained_val = state.best_val = selection_r(args, model, ds, train, val, shared,
                                                             cached=True)
         log(f"epoch 0 (pretrained): refit validation r {state.pretrained_val:.4f}")
-    # parameters a step may leave without a gradient: a subject that heard none of the batch, or,
-    # with the whole transformer tuned (rank 0), what the layer read does not use
-    net = dist.parallel(model, find_unused=args.lora_rank == 0 or len(ds) > 1)
+    # parameters a step may leave without a gradient: a subject that heard none of the batch,
+    # what the layer read does not use of a whole tuned transformer (rank 0), a dropped layer
+    unused = args.lora_rank == 0 or len(ds) > 1 or args.layer_drop > 0
+    net = dist.parallel(model, find_unused=unused)
     for epoch in range(state.epoch, args.epochs):
         if state.bad_epochs >= args.patience:
             break
@@ -229,8 +222,9 @@ def stage2(args, model, ds, results, shared, run):
         if args.select == "refit" and epoch == 0:
             m["pretrained_refit_val_r"] = state.pretrained_val
         record_epoch(args, state, dict(m, seconds=round(time.time() - t0, 2)), trainable)
-        if RANK == 0:
-            runfolder.save_checkpoint(run, vars(state), opt, sched, trainable)
+        if RANK == 0:  # and an epoch --select names but does not keep, scored after training
+            runfolder.save_checkpoint(run, vars(state), opt, sched, trainable,
+                                      scored=epoch + 1 in config.scored_epochs(args)[:-1])
     model.load_state_dict(state.best, strict=False)
     if args.select == "refit":
         log(f"kept epoch {state.best_epoch} (refit validation r {state.best_val:.4f}; 0 is the "
@@ -300,40 +294,6 @@ def validate(args, model, ds, train, val, shared):
     return m
 
 
-def resume_stage2(args, run, model, opt, sched):
-    """The run's last checkpoint loaded into model, opt and sched (its TrainState), or None; the
-    steering flags given with --resume recorded in config.json with the epoch they take effect
-    at."""
-    ckpt = runfolder.read_checkpoint(run) if args.resume else None
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        model.load_state_dict(ckpt["trainable"], strict=False)
-    state = TrainState(**ckpt["state"]) if ckpt is not None else None
-    if args.steered and RANK == 0:
-        epoch = state.epoch if state else 0
-        runfolder.steer_config(run, args.steered, epoch)
-        log(f"resumed at epoch {epoch} with " + ", ".join(f"--{k.replace('_', '-')} {v}"
-                                                          for k, v in args.steered.items()))
-    return state
-
-
-def record_epoch(args, state, metrics, trainable):
-    """One epoch's metrics into the state: the best epoch's parameters kept on the CPU (by
-    --select's validation r), patience counted."""
-    score = metrics["refit_val_r" if args.select == "refit" else "val_r"]
-    better = score > state.best_val
-    state.metrics.append(metrics)
-    state.epoch, state.best_val = metrics["epoch"], max(state.best_val, score)
-    state.bad_epochs = 0 if better else state.bad_epochs + 1
-    if better:
-        state.best = {n: p.detach().cpu().clone() for n, p in trainable.items()}
-        state.best_epoch = metrics["epoch"]
-    refit = f", refit validation r {score:.4f}" if args.select == "refit" else ""
-    log(f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, validation r "
-        f"{metrics['val_r']:.4f}{refit}, {metrics['seconds']:.1f} s")
-
-
 # -----------------------------------------------------------------------------
 # the results
 
@@ -346,7 +306,7 @@ def evaluate(args, model, ds, results, shared, listings):
     if sliding:
         X = features_of(args, ex, ds, shared, args.protocol)
     test = [targets(args, d, "test", r.roi, args.protocol.test_skip) for d, r in zip(ds, results)]
-    Z = (own.shared["test"] - model.mu.cpu()) / model.sd.cpu()
+    Z = model.head_input(own.shared["test"])
     refits = fit_subjects(args, X, ds, listings, model.mu.device)
     for d, res, r, fit in zip(ds, results, heads_r(model, Z, test), refits):
         res.tuned_r = np.full(len(d.good), np.nan, np.float32)
@@ -363,6 +323,9 @@ def report(args, run, ds, results):
     per = {d.name: dict(subject=d.name, model=args.model, roi=args.roi.text,
                         n_voxels=int(len(r.roi)), protocol=scored, **extra, test=tests[d.name])
            for d, r in zip(ds, results)}
+    named = config.scored_epochs(args) if args.epochs else []  # --select last or 6,11,21
+    for d, r in zip(ds, results) if named else ():
+        per[d.name].update(ridge.summarize_epochs(r, d.ceiling, named))
     one = len(ds) == 1
     res = per[ds[0].name] if one else dict(model=args.model, roi=args.roi.text, protocol=scored,
                                            **extra, subjects=per)
@@ -373,7 +336,7 @@ def report(args, run, ds, results):
     runfolder.save_results(run, res, arrays, blocks)
     line = dict(scored, control=f"{args.control} (blocks of {args.control_block} TRs)") \
         if extra else scored
-    print(ridge.format_table(tests, line))
+    print(ridge.format_table({n: ridge.epoch_rows(p) for n, p in per.items()}, line))
 
 
 def main(argv=None):

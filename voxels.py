@@ -1,9 +1,11 @@
 """
 The voxels: --roi parsed once (Voxels), a subject's ROI files, the noise ceiling from the test
-story's repeats (Schoppe et al. 2016), and the voxels stage 2 trains on (choose).
+story's repeats (Schoppe et al. 2016), and the voxels stage 2 trains on (choose). As a command,
+a --roi file from a file of one noise ceiling per voxel (Moussa et al.'s subject_NCs/UTS0N.npy).
 
     roi = parse_roi("nc0.4")                       # Voxels(kind="nc", threshold=0.4)
     results = choose(args, d, fit)                 # a ridge.Results: sets, trained voxels, baseline
+    python voxels.py nc UTS01.npy --threshold 0.4 --out uts01_nc.npy    # then --roi uts01_nc.npy
 """
 import os
 import re
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+import guard
 import ridge
 from cache import cached, file_key, progress
 
@@ -136,3 +139,68 @@ def choose(args, d, fit, roi_file):
     else:
         roi = np.intersect1d(load_roi(roi_file, d.name, args.roi, len(d.good)), sets["all"])
     return ridge.Results(sets, roi, fit.baseline.test_r.numpy(), fit.baseline.blocks)
+
+
+# -----------------------------------------------------------------------------
+# python voxels.py nc FILE: the voxels of a noise-ceiling file, as a --roi file
+
+def above(ceiling, threshold):
+    """The voxels (hf5 columns) whose noise ceiling exceeds threshold, as Moussa et al. choose
+    theirs (brain_trainer_story.py:89, np.where(sub_nc > nc_thr)); NaN is never above."""
+    return np.flatnonzero(np.nan_to_num(ceiling, nan=-np.inf) > threshold)
+
+
+def parser():
+    p = guard.Parser(description="Voxel sets for train.py --roi.")
+    nc = p.add_subparsers(dest="command", required=True).add_parser(
+        "nc", help="the voxels whose noise ceiling in a file of one value per voxel exceeds "
+                   "--threshold (Moussa et al.'s datasets/subject_NCs/UTS0N.npy), as a .npy "
+                   "file of hf5 column indices for --roi")
+    nc.add_argument("file", help="a .npy file of one noise ceiling per voxel, in hf5 column order")
+    nc.add_argument("--threshold", type=guard.number(float, low=0, high=1, high_open=True),
+                    default=0.4, help="voxels above it are kept (Moussa et al.'s --nc_thr: 0.4)")
+    nc.add_argument("--out", required=True, help="the new .npy file of voxel indices to write")
+    nc.add_argument("--against", help="the subject's test-story hf5 holding its "
+                    "individual_repeats (e.g. ds003020/derivative/preprocessed_data/UTS01/"
+                    "wheretheressmoke.hf5): compare with braintune's own ncT, cc_max of it")
+    return p
+
+
+def main(argv=None):
+    """The nc command: every input checked before the file is written (atomically)."""
+    a = parser().parse_args(argv)
+    if not a.out.endswith(".npy"):
+        raise ValueError(f"--out {a.out}: --roi reads a .npy file; give a name ending in .npy")
+    guard.new_path(a.out, "--out")
+    ceiling = guard.load_array(a.file, "")
+    if not isinstance(ceiling, np.ndarray) or ceiling.ndim != 1 or ceiling.dtype.kind != "f":
+        raise ValueError(f"{a.file}: expected one noise ceiling per voxel (a 1-D array of "
+                         "floats), found " + (f"shape {ceiling.shape} of {ceiling.dtype}"
+                                              if isinstance(ceiling, np.ndarray) else "a .npz"))
+    ours = a.against and story_ceiling(a.against, os.path.basename(os.path.dirname(a.against)))
+    if a.against and ours is None:
+        raise ValueError(f"--against {a.against}: holds no 'individual_repeats', from which "
+                         "braintune's noise ceiling comes")
+    if a.against and len(ours) != len(ceiling):
+        raise ValueError(f"{a.file}: {len(ceiling)} voxels, where --against {a.against} has "
+                         f"{len(ours)}; is it the same subject's?")
+    roi = above(ceiling, a.threshold)
+    if not len(roi):
+        raise ValueError(f"{a.file}: no voxel's noise ceiling is above {a.threshold:g}")
+    with open(a.out + ".tmp", "wb") as f:
+        np.save(f, roi)
+    os.replace(a.out + ".tmp", a.out)
+    print(f"{a.file}: {len(roi):,} of {len(ceiling):,} voxels above {a.threshold:g}; wrote "
+          f"{a.out} (train.py --roi {a.out})")
+    if a.against:
+        own, both = above(ours, a.threshold), np.isfinite(ours) & np.isfinite(ceiling)
+        r = np.corrcoef(ours[both], ceiling[both])[0, 1]
+        print(f"braintune's nc{a.threshold:g} (cc_max of {a.against}'s repeats): {len(own):,} "
+              f"voxels; {len(np.intersect1d(roi, own)):,} in both, "
+              f"{len(np.setdiff1d(roi, own)):,} in the file's alone, "
+              f"{len(np.setdiff1d(own, roi)):,} in braintune's alone; the two ceilings correlate "
+              f"r = {r:.3f} over the {both.sum():,} voxels where both are finite")
+
+
+if __name__ == "__main__":
+    guard.main_guard(main)

@@ -51,6 +51,27 @@ def run(demo, tmp_path_factory):
                        "--epochs", "2", "--lr", "1e-2", "--lora-dropout", "0"])
 
 
+@pytest.fixture
+def killed_after_one_epoch(monkeypatch):
+    """run(argv): train.main(argv) killed (Ctrl-C) right after its first epoch's checkpoint and
+    metrics.jsonl are saved, the run folder left as a crash would leave it."""
+    import runfolder
+    import train
+
+    def run(argv):
+        real_save = runfolder.save_atomic
+
+        def crash(obj, path):
+            real_save(obj, path)
+            if path.endswith("metrics.jsonl"):
+                raise KeyboardInterrupt
+        monkeypatch.setattr(runfolder, "save_atomic", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)
+        monkeypatch.setattr(runfolder, "save_atomic", real_save)
+    return run
+
+
 def cannot_write(folder):
     """Whether this process is refused a new file in `folder`."""
     try:

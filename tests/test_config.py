@@ -18,9 +18,11 @@ def test_each_recipe_sets_its_flags_and_the_command_line_wins(recipe):
 # section 10, or braintune's own choice)
 NAMED = {
     "moussa2025": dict(model="hubert_base", layer="12", history=5, lora_rank=0, loss="mse", l2=0.0,
-                       lr=5e-5, head_lr=1e-4, batch_size=128, epochs=30, patience=30, warmup=5,
+                       lr=5e-5, head_lr=1e-4, batch_size=128, epochs=21, patience=30, warmup=5,
                        schedule="moussa2025", clip=0.0, backbone_dropout=0.0, pool="mean",
                        roi="nc0.4", val_stories=["stagefright"], protocol="moussa2025",
+                       select="6,11,21", tune="feature-projection", head_input="raw",
+                       precision="fp32",
                        train_stories=("souls howtodraw alternateithicatom hangtime "
                                       "swimmingwithastronauts eyespy itsabox "
                                       "myfirstdaywiththeyankees legacy theclosetthatateeverything "
@@ -29,10 +31,12 @@ NAMED = {
                                       "odetostepfather adventuresinsayingyes sloth exorcism buck "
                                       "inamoment").split()),
     "brainwavlm": dict(model="wavlm_base_plus", layer="9", history=4, lora_rank=4, lora_alpha=4.0,
-                       lora_dropout=0.1, lora_targets="qkv", loss="corr", lr=1e-4, head_lr=1e-4,
+                       lora_dropout=0.0, lora_targets="qkv", loss="corr", lr=1e-4, head_lr=1e-4,
                        epochs=20, patience=20, warmup=0.0, clip=0.0, select="refit",
                        bottleneck=100, val_stories=["fromboyhoodtofatherhood", "stagefright"],
-                       protocol="brainwavlm", frame="first", test_skip=0),
+                       protocol="brainwavlm", frame="first", test_skip=0, lag=1,
+                       mask_time_prob=0.05, mask_time_length=10, mask_time_min_masks=2,
+                       layer_drop=0.05, precision="fp32"),
 }
 
 

@@ -10,7 +10,6 @@ import torch
 import eval as ev
 import objective
 import preflight
-import runfolder
 import train
 import voxels
 from model import load_checkpoint, load_extractor
@@ -44,18 +43,9 @@ def quick(demo, out, *extra):
             "1e-3", *extra]
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(demo, tmp_path, monkeypatch):
+def test_resume_after_a_crash_equals_an_uninterrupted_run(demo, tmp_path, killed_after_one_epoch):
     full = train.main(quick(demo, tmp_path / "full", "--epochs", "2"))
-    real_save = runfolder.save_atomic
-
-    def crash_after_epoch_1(obj, path):
-        real_save(obj, path)
-        if path.endswith("metrics.jsonl"):
-            raise KeyboardInterrupt  # killed right after epoch 1 was saved
-    monkeypatch.setattr(runfolder, "save_atomic", crash_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(quick(demo, tmp_path / "cut", "--epochs", "2"))
-    monkeypatch.setattr(runfolder, "save_atomic", real_save)
+    killed_after_one_epoch(quick(demo, tmp_path / "cut", "--epochs", "2"))
     assert len(open(tmp_path / "cut" / "metrics.jsonl").readlines()) == 1
     resumed = train.main(["--resume", str(tmp_path / "cut")])
     a, b = np.load(os.path.join(full, "voxel_r.npz")), np.load(os.path.join(resumed, "voxel_r.npz"))
@@ -291,7 +281,7 @@ def test_the_imports_run_one_way():
         return seen
     assert not [n for n in deps if n in below(n, set())]  # no cycle
     assert deps["model"] <= {"cache", "data", "lora", "textgrid"} and deps["lora"] == set()
-    assert deps["data"] <= {"cache", "voxels"} and deps["voxels"] <= {"cache", "ridge"}
+    assert deps["data"] <= {"cache", "voxels"} and deps["voxels"] <= {"cache", "guard", "ridge"}
     assert deps["textgrid"] == set() and deps["dist"] == set()
     assert not [n for n in deps if "train" in deps[n]]
 
