@@ -101,7 +101,7 @@ def test_a_lag_moves_every_training_window_back_by_whole_trs(demo):
     ds1, shared1 = config.load_subjects(config.parse(["--data", demo, "--lag", "1"]), ["S01"])
     for a, b in zip(shared0["train"].ends, shared1["train"].ends):
         assert (np.abs(a[:-1] - b[1:]) <= 1).all()  # row r at lag 1: row r - 1's audio
-    assert "lag" not in shared0["train"].timing and shared1["train"].timing["lag"] == 1
+    assert shared0["train"].timing["lag"] == 0 and shared1["train"].timing["lag"] == 1
     at = int(np.flatnonzero(shared0["train"].ends[0][:-1] == shared1["train"].ends[0][1:])[0])
     assert torch.equal(shared0["train"][at][0], shared1["train"][at + 1][0])
     with pytest.raises(ValueError, match=r"the window of its first fMRI frame, --lag 6 TRs "
