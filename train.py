@@ -97,12 +97,14 @@ def pretrains_tiny(args):
 
 def pretrained(args, run, windows=None):
     """The pretrained model.Extractor: the torchaudio bundle's weights, --weights, tiny's weights
-    kept in the run folder (--resume), or tiny pretrained on the training `windows` now."""
+    kept in the run folder (--resume), or tiny pretrained on the training `windows` now (its
+    pretraining seeded apart from --seed, which varies what stage 2 draws: runs of several seeds
+    share their pretrained model and stage 1)."""
     own = os.path.join(run, "tiny_pretrained.pt")
     weights = own if args.resume and os.path.isfile(own) else args.weights
-    if pretrains_tiny(args):
+    if pretrains_tiny(args):  # one tiny for every --seed, as a downloaded model is the same
         STEP[0] = "tiny's pretraining"
-        weights = tiny_weights(args.data, windows, args.tiny_pretrain, args.seed)
+        weights = tiny_weights(args.data, windows, args.tiny_pretrain, seed=0)
     return load_extractor(args.model, args.layer, weights, args.seed, args.backbone_dropout,
                           pool=args.pool, augment=config.augment(args))
 

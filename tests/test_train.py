@@ -456,3 +456,16 @@ def test_a_resumed_cuda_run_with_dropout_equals_an_uninterrupted_one(demo, tmp_p
         np.testing.assert_allclose(a[k], b[k], atol=1e-5)
     saved = load_checkpoint(os.path.join(cut, "checkpoint.pt"))
     assert saved["cuda_rng"] and all(v.device.type == "cpu" for v in saved["trainable"].values())
+
+
+def test_seeds_share_the_pretrained_tiny_and_stage_1(demo, tmp_path, capsys):
+    """--seed varies stage 2, not the pretrained model: tiny's pretraining is the same for every
+    seed, so a second seed reads stage 1 from the cache and has the same baseline."""
+    a = train.main(["--data", demo, "--model", "tiny", "--epochs", "0", "--out",
+                    str(tmp_path / "a")])
+    capsys.readouterr()
+    b = train.main(["--data", demo, "--model", "tiny", "--epochs", "0", "--seed", "1", "--out",
+                    str(tmp_path / "b")])
+    assert "ridge: read from the cache" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(os.path.join(a, "voxel_r.npz"))["baseline_r"],
+                                  np.load(os.path.join(b, "voxel_r.npz"))["baseline_r"])
