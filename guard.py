@@ -283,6 +283,11 @@ class RunLock:
         _HELD.append(self)  # held until released, even where the caller keeps no reference
         return self
 
+    def rename(self, new):
+        """The held folder renamed to `new` (os.rename), still held: its lock file goes with it."""
+        os.rename(self.folder, new)
+        self.folder, self.path = new, os.path.join(new, self.NAME)
+
     def release(self):
         if self.file is not None:
             with contextlib.suppress(FileNotFoundError):  # removed while held: whoever opens the
