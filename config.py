@@ -18,11 +18,13 @@ import torchaudio
 import cache
 import data
 import dist
+import guard
 import ridge
 import runfolder
 import synthetic
 import voxels
 from features import PROTOCOLS, Protocol
+from guard import number
 from model import BUNDLES, POOLS, TINY
 
 # Moussa et al.'s training stories, as named in their train_stories_25 (dataset.py:121); their
@@ -55,36 +57,45 @@ RECIPES = {
 STEERING = ("epochs", "patience", "device", "precision", "batch_size", "accum", "no_cache")
 
 
+RATE = number(float, low=0, low_open=True)  # a learning rate
+DROPOUT = number(float, low=0, high=1, high_open=True)
+MAX_LAMBDAS = 10 ** 6  # a finer grid than this is no grid: its memory is checked (preflight)
+
+
 def parser():
-    """train.py's flags, each with its help; the data, the model and the evaluation here, stage
-    2's and the run's in run_flags."""
-    p = argparse.ArgumentParser(description="Brain-tuning of a speech model on fMRI responses "
-                                            "to stories.")
+    """train.py's flags, each with its help and each number's range (guard.number); the data, the
+    model and the evaluation here, stage 2's and the run's in run_flags."""
+    p = guard.Parser(description="Brain-tuning of a speech model on fMRI responses to stories.")
     a = p.add_argument
     a("--subject", default="S01", help="subject, e.g. S01 or UTS01; several, comma-separated "
                                        "(S01,S02,S03), tune one backbone with a head for each")
-    a("--roi", default="all", help="voxels to train on: all, an ROI name, a .npy file, topN "
-                                   "(stage-1 cv r) or ncT (noise ceiling above T, from the test "
-                                   "story's repeats; Moussa et al.: nc0.4)")
+    a("--roi", default="all", help="voxels to train on: all, an ROI name, a .npy file (voxel "
+      "indices, or a mask of the voxel count: boolean or 0/1), topN (stage-1 cv r) or ncT (noise "
+      "ceiling above T, from the test story's repeats; Moussa et al.: nc0.4)")
     a("--data", default=None, help="dataset folder (ds003020 layout); default: the synthetic "
                                    "one, made if absent")
+    a("--drop-nonfinite-voxels", action="store_true", help="leave out the voxels whose responses "
+      "hold NaN or inf in some story (without it such a file is refused, its rows named)")
     a("--recipe", choices=sorted(RECIPES), help="set the defaults to one paper's recipe (README)")
     a("--model", default=None, help=f"tiny or {', '.join(BUNDLES)}; default tiny on synthetic "
                                     "data, wavlm_base_plus on a real dataset")
     a("--weights", default=None, help="local state dict for --model instead of the torchaudio "
                                       "download")
-    a("--tiny-pretrain", type=int, default=4, help="epochs of tiny's phone pretraining on the "
-      "training stories (its stand-in for self-supervised pretraining); 0: random")
+    a("--tiny-pretrain", type=number(int, low=0), default=4, help="epochs of tiny's phone "
+      "pretraining on the training stories (its stand-in for self-supervised pretraining); 0: "
+      "random")
     a("--layer", default=None, help="transformer layer read (1-based; default 3/4 of the depth, "
       "9 of 12) or 'weighted' (learned weighted sum of all layers, Li et al.)")
-    a("--history", type=int, default=6, help="TRs of audio before each fMRI frame (Li et al.: 6)")
+    a("--history", type=number(int, low=1), default=6, help="TRs of audio before each fMRI frame "
+                                                           "(Li et al.: 6)")
     a("--pool", choices=list(POOLS), default="bins", help="the head's input: bins (the window's "
       "frames averaged in --history TR bins) or mean (the mean of all its frames, Moussa et al.)")
-    a("--tr", type=float, default=data.TR, help="seconds per fMRI frame")
-    a("--trim-start", type=int, default=data.TRIM_START, help="TRs dropped at the start of each "
-                                                              "run")
-    a("--sound-start", type=float, default=data.SOUND_START, help="seconds from run start to "
-                                                                  "audio start")
+    a("--tr", type=number(float, low=0, low_open=True), default=data.TR, help="seconds per fMRI "
+                                                                             "frame")
+    a("--trim-start", type=number(int, low=0), default=data.TRIM_START, help="TRs dropped at the "
+                                                                            "start of each run")
+    a("--sound-start", type=number(float), default=data.SOUND_START, help="seconds from run start "
+                                                                         "to audio start")
     a("--test-stories", default=None, help="comma-separated test stories (default: "
                                            "wheretheressmoke)")
     a("--val-stories", default=None, help="comma-separated validation stories (default: "
@@ -94,82 +105,89 @@ def parser():
     a("--protocol", choices=sorted(PROTOCOLS), default="windows", help="the features that stage "
       "1's baseline, the refit and eval.py's fits are scored with: windows (the training input) "
       "or a paper's (moussa2025, brainwavlm: a sliding context, Lanczos to the TRs, delays 1-4)")
-    a("--context", type=float, default=None, help="seconds heard before each stride (moussa2025 "
-                                                  "16, brainwavlm 3.75)")
-    a("--stride", type=float, default=None, help="seconds between the ends of the feature "
-                                                 "windows (0.1, 0.25)")
+    a("--context", type=number(float, low=0), default=None, help="seconds heard before each "
+                                                                "stride (moussa2025 16, "
+                                                                "brainwavlm 3.75)")
+    a("--stride", type=number(float, low=0, low_open=True), default=None, help="seconds between "
+      "the ends of the feature windows (0.1, 0.25)")
     a("--frame", choices=["last", "first"], default="last", help="the frames kept of each "
       "protocol snippet: last (those of its last stride) or first (its first frame, labelled at "
       "the snippet's end: BrainWavLM's code)")
     a("--delays", default=None, help="TR delays of the protocol's features, comma-separated (the "
                                      "papers: 1,2,3,4)")
-    a("--test-skip", type=int, default=None, help="rows left out of each test story's score at "
-                                                  "its start (the papers: 40; windows: 0)")
-    a("--block", type=int, default=10, help="TRs per block of the test story's bootstrap (the "
-                                            "change's interval)")
-    a("--cv-folds", type=int, default=None, help="ridge cross-validation folds, each a group of "
-      "whole stories (default 5, or one per training story if there are fewer)")
-    a("--alphas", default="1e-1,1e8,19", help="ridge lambda grid: first,last,count (log-spaced)")
+    a("--test-skip", type=number(int, low=0), default=None, help="rows left out of each test "
+      "story's score at its start (the papers: 40; windows: 0)")
+    a("--block", type=number(int, low=1), default=10, help="TRs per block of the test story's "
+                                                          "bootstrap (the change's interval)")
+    a("--cv-folds", type=number(int, low=2), default=None, help="ridge cross-validation folds, "
+      "each a group of whole stories (default 5, or one per training story if there are fewer)")
+    a("--alphas", type=guard.argtype(lambdas), default="1e-1,1e8,19", help="ridge lambda grid: "
+      "first,last,count (log-spaced)")
     run_flags(p.add_argument_group("stage 2 and the run").add_argument)
     return p
 
 
 def run_flags(a):
     """Stage 2's flags and the run's (a: add_argument of their group)."""
-    a("--bottleneck", type=int, default=0, help="head through K units, initialised by rank-K "
-                                                "ridge weights")
-    a("--lora-rank", type=int, default=4, help="LoRA rank (BrainWavLM: 4); 0 = tune the whole "
-                                               "transformer")
-    a("--lora-alpha", type=float, default=4.0, help="LoRA alpha; scaling = alpha / rank "
-                                                    "(BrainWavLM: 4)")
-    a("--lora-dropout", type=float, default=0.1, help="dropout on the adapters' input "
-                                                      "(BrainWavLM: 0.1)")
+    a("--bottleneck", type=number(int, low=0), default=0, help="head through K units, "
+                                                              "initialised by rank-K ridge weights")
+    a("--lora-rank", type=number(int, low=0), default=4, help="LoRA rank (BrainWavLM: 4); 0 = "
+                                                             "tune the whole transformer")
+    a("--lora-alpha", type=number(float, low=0, low_open=True), default=4.0, help="LoRA alpha; "
+      "scaling = alpha / rank (BrainWavLM: 4)")
+    a("--lora-dropout", type=DROPOUT, default=0.1, help="dropout on the adapters' input "
+                                                       "(BrainWavLM: 0.1)")
     a("--lora-targets", default="qkv", help="projections to adapt, letters of qkvo (BrainWavLM: "
                                             "qkv)")
-    a("--backbone-dropout", type=float, default=None, help="the backbone's own dropout "
+    a("--backbone-dropout", type=DROPOUT, default=None, help="the backbone's own dropout "
       "(attention, hidden, projection) in stage 2; default the bundle's (0.1; tiny 0); 0 makes a "
       "CPU step about 1.3x faster (bench.py)")
     a("--loss", choices=["mse", "corr"], default="mse", help="mse (Li et al.) or corr (BrainWavLM)")
-    a("--l2", type=float, default=0.0, help="L2 penalty on the head's weights (Li et al.)")
-    a("--lr", type=float, default=1e-4, help="learning rate of the adapters (or the transformer)")
-    a("--head-lr", type=float, default=1e-4, help="learning rate of the head")
-    a("--warmup", type=float, default=1.0, help="epochs of linear learning-rate warm-up")
+    a("--l2", type=number(float, low=0), default=0.0, help="L2 penalty on the head's weights (Li "
+                                                          "et al.)")
+    a("--lr", type=RATE, default=1e-4, help="learning rate of the adapters (or the transformer)")
+    a("--head-lr", type=RATE, default=1e-4, help="learning rate of the head")
+    a("--warmup", type=number(float, low=0), default=1.0, help="epochs of linear learning-rate "
+                                                              "warm-up")
     a("--schedule", choices=["warmup", "moussa2025"], default="warmup", help="warmup: --warmup "
       "epochs of linear warm-up per step, then constant; moussa2025: per epoch, the backbone's lr "
       "x epoch/5 to epoch 5 then down to 0 at epoch 30, the head's x max(0.8^epoch, 0.1)")
-    a("--clip", type=float, default=1.0, help="gradient-norm clipping; 0: none")
-    a("--batch-size", type=int, default=16, help="windows per optimiser step (global, across "
-                                                 "processes)")
-    a("--accum", type=int, default=1, help="batches accumulated per optimiser step")
-    a("--epochs", type=int, default=20, help="stage-2 epochs; 0 stops after stage 1 (the "
-                                             "baseline); with --resume, extends the run")
-    a("--patience", type=int, default=3, help="stop after this many epochs without a better "
-                                              "validation r")
+    a("--clip", type=number(float, low=0), default=1.0, help="gradient-norm clipping; 0: none")
+    a("--batch-size", type=number(int, low=1), default=16, help="windows per optimiser step "
+                                                               "(global, across processes)")
+    a("--accum", type=number(int, low=1), default=1, help="batches accumulated per optimiser step")
+    a("--epochs", type=number(int, low=0), default=20, help="stage-2 epochs; 0 stops after stage "
+      "1 (the baseline); with --resume, extends the run")
+    a("--patience", type=number(int, low=1), default=3, help="stop after this many epochs "
+                                                            "without a better validation r")
     a("--select", choices=["val", "refit"], default="val", help="the epoch kept: val (the best "
       "validation r of the trained heads) or refit (of a ridge refit on the training stories' "
       "features, scored on the validation stories; the pretrained backbone a candidate)")
     a("--control", choices=["none", "permuted"], default="none", help="permuted: stage 2 trains "
       "on each training and validation story's responses with blocks of --control-block TRs "
       "permuted within the story (the permuted-brain control); the test story is always real")
-    a("--control-block", type=int, default=10, help="TRs per permuted block of --control "
-                                                    "permuted (1: single TRs)")
+    a("--control-block", type=number(int, low=1), default=10, help="TRs per permuted block of "
+                                                                  "--control permuted (1: single "
+                                                                  "TRs)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda when available")
     a("--precision", choices=["auto", "fp32"], default="auto", help="auto: the backbone in bf16 "
       "autocast on a GPU, float32 on a CPU; fp32: float32 everywhere (the ridge is always "
       "float32)")
-    a("--seed", type=int, default=0, help="random seed")
+    a("--seed", type=number(int, low=0, high=2 ** 32 - 1), default=0, help="random seed")
     a("--out", default=None, help="run folder (default runs/<subject>_<roi>_<model>_<time>)")
     a("--resume", default=None, help="continue the run in this folder from its last finished "
       "epoch; only " + ", ".join("--" + k.replace("_", "-") for k in STEERING) + " may be given "
-      "with it (the batch's two keep the global batch)")
-    a("--force", action="store_true", help="overwrite an existing run folder")
+      "with it (the batch's two keep the global batch), and any other flag only with the run's "
+      "own value")
+    a("--force", action="store_true", help="replace an existing run folder (only a run folder) "
+      "with the new run, whole, once the new run has finished")
     a("--no-cache", action="store_true", help="keep nothing in $BRAINTUNE_CACHE (default .cache): "
       "responses, audio, features and stage-1 fits are made again and deleted at exit")
 
 
 def given_flags(p, argv):
     """{flag's dest: value} of the flags on the command line alone (the defaults left out)."""
-    quiet = argparse.ArgumentParser(add_help=False)
+    quiet = guard.Parser(add_help=False)
     for action in p._actions:
         if action.option_strings and action.dest != "help":
             kw = dict(dest=action.dest, default=argparse.SUPPRESS)
@@ -183,9 +201,12 @@ def given_flags(p, argv):
 def parse(argv=None):
     """The flags, each checked alone and against the others (the dataset: data.check_dataset)."""
     p = parser()
-    first = p.parse_args(argv)
+    first, given = p.parse_args(argv), given_flags(p, argv)
     if first.resume:
-        return resumed(p, first.resume, given_flags(p, argv))
+        return resumed(p, first.resume, given)
+    if "control_block" in given and first.control == "none":
+        raise ValueError("--control-block: a setting of --control permuted, which is not given; "
+                         "give --control permuted too, or leave --control-block out")
     if first.recipe is None and (first.model == "tiny" or (first.model is None and
                                                            first.data is None)):
         first.recipe = "demo"
@@ -216,15 +237,13 @@ def story_list(value):
 def resumed(p, run, given):
     """The flags of the run in folder `run` (its config.json; flags newer than the run take
     today's defaults), with the steering flags given beside --resume (STEERING) in force and
-    listed in args.steered; any other flag is refused, as it would change what was done."""
+    listed in args.steered. Any other flag is accepted with the run's own value and refused with
+    another (it would change what was done); --epochs never below the epochs the run finished."""
+    if given.get("force"):
+        raise ValueError("--force replaces a run folder and --resume continues one; give one")
     saved = runfolder.read_config(run, "--resume")["args"]
-    changed = sorted(k for k in given if k not in STEERING + ("resume",))
-    if changed:
-        flag = "--" + changed[0].replace("_", "-")
-        raise ValueError(f"{flag}: given with --resume, it would change the run in {run}; start a "
-                         "new run instead (only " + ", ".join("--" + k.replace("_", "-")
-                                                              for k in STEERING) + " may steer it)")
-    args = argparse.Namespace(**dict(vars(p.parse_args([])), **saved))
+    unchanged(p, run, saved, given)
+    args = saved_flags(p, saved)
     steered = {k: v for k, v in given.items() if k in STEERING and v != saved.get(k)}
     if {"batch_size", "accum"} & set(steered):
         new = given.get("batch_size", args.batch_size) * given.get("accum", args.accum)
@@ -235,23 +254,63 @@ def resumed(p, run, given):
                              "--accum), or the run would not be the same")
     for k, v in steered.items():
         setattr(args, k, v)
-    if args.weights and os.path.basename(args.weights) == "tiny_pretrained.pt":
-        args.weights = None  # tiny's pretrained weights travel with the run folder
+    done = runfolder.epochs_done(run)
+    if args.epochs < done:
+        raise ValueError(f"--epochs {args.epochs}: the run in {run} has finished {done} epochs; "
+                         f"--resume extends a run (--epochs {done} or more), never shortens it")
     args.resume, args.force, args.steered = run, False, steered
     return resolve(args)
 
 
+def saved_flags(p, saved):
+    """A run's recorded flags (config.json's args) as parse_args would give them, unresolved."""
+    args = argparse.Namespace(**dict(vars(p.parse_args([])), **saved))
+    if args.weights and os.path.basename(args.weights) == "tiny_pretrained.pt":
+        args.weights = None  # tiny's pretrained weights travel with the run folder
+    return args
+
+
+def unchanged(p, run, saved, given):
+    """Refuses a flag given with --resume that would change the run: each flag not in STEERING
+    must resolve to the run's own value (`--roi all` beside --resume of a run of --roi all is the
+    user's command repeated, and changes nothing)."""
+    fixed = sorted(k for k in given if k not in STEERING + ("resume",))
+    if not fixed:
+        return
+    mine = dict(given, data=os.path.abspath(given.get("data") or saved["data"]))
+    theirs = flags_record(resolve(saved_flags(p, dict(saved, **{k: given[k] for k in given
+                                                                if k in STEERING}))))
+    mine = flags_record(resolve(saved_flags(p, dict(saved, **mine))))
+    for k in fixed:
+        if mine[k] != theirs[k]:
+            flag = "--" + k.replace("_", "-")
+            raise ValueError(f"{flag} {shown(given[k])}: the run in {run} has {flag} "
+                             f"{shown(theirs[k])}; with --resume a flag may repeat the run's own "
+                             "value, not change it (start a new run; only " +
+                             ", ".join("--" + s.replace("_", "-") for s in STEERING) +
+                             " steer it)")
+
+
+def shown(value):
+    """A flag's value as a command line gives it."""
+    if isinstance(value, bool):
+        return "(given)" if value else "(not given)"
+    if isinstance(value, list) and value and all(isinstance(v, float) for v in value):
+        return f"{value[0]:g},{value[-1]:g},{len(value)}"  # --alphas, as given
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def resolve(args):
     """The flags' values, from the command line or a run's config.json, resolved in place once:
-    the story lists, the lambdas, --roi as voxels.Voxels, --protocol and its settings as one
+    the story lists, --roi as voxels.Voxels, --protocol and its settings as one
     features.Protocol; each checked alone and against the others."""
     for k in ("test_stories", "val_stories"):
         if isinstance(getattr(args, k), str):
             setattr(args, k, getattr(args, k).split(","))
     if isinstance(args.train_stories, str):
         args.train_stories = story_list(args.train_stories)
-    if isinstance(args.alphas, str):
-        args.alphas = lambdas(args.alphas)
     if args.model != "tiny" and args.model not in BUNDLES:
         raise ValueError(f"--model {args.model}: unknown; choose tiny or one of "
                          f"{', '.join(BUNDLES)}")
@@ -271,14 +330,15 @@ def resolve(args):
 
 
 def lambdas(text):
-    """--alphas first,last,count: the ridge's lambdas, log-spaced."""
-    try:
-        lo, hi, n = (float(x) for x in text.split(","))
-        assert 0 < lo <= hi and n >= 1 and n == int(n)
-    except (ValueError, AssertionError):
-        raise ValueError(f"--alphas {text}: expected first,last,count with 0 < first <= "
-                         "last, e.g. 1e-1,1e8,19") from None
-    return np.logspace(np.log10(lo), np.log10(hi), int(n)).tolist()
+    """--alphas first,last,count: the ridge's lambdas, log-spaced (an argparse type)."""
+    kinds = (RATE, RATE, number(int, low=1, high=MAX_LAMBDAS))
+    parts = text.split(",")
+    values = [k.parse(x) for k, x in zip(kinds, parts)]
+    ok = len(parts) == 3 and all(v is not None and k.holds(v) for k, v in zip(kinds, values))
+    if not ok or values[0] > values[1]:
+        raise ValueError(f"expected first,last,count: lambdas {RATE}, first <= last, and a count "
+                         f"{kinds[2]}, e.g. 1e-1,1e8,19 (got {text!r})")
+    return np.logspace(np.log10(values[0]), np.log10(values[1]), values[2]).tolist()
 
 
 def protocol(args):
@@ -313,52 +373,31 @@ def architecture(name):
 
 
 def check_ranges(args):
-    """Every number in its range, --weights there, --device on this machine."""
+    """What a number's own range (its parser type, guard.number) cannot say: the ranges that
+    depend on the model or the processes; --weights there, --device on this machine."""
     if args.weights and not os.path.isfile(args.weights):
         raise ValueError(f"--weights {args.weights}: no such file")
     width = architecture(args.model)["encoder_embed_dim"]
-    for flag, ok, want in (
-            ("--history", args.history >= 1, "at least 1"), ("--tr", args.tr > 0, "positive"),
-            ("--trim-start", args.trim_start >= 0, "0 or more"),
-            ("--block", args.block >= 1, "at least 1"),
-            ("--context", (args.protocol.context or 0) >= 0, "0 or more"),
-            ("--test-skip", args.protocol.test_skip >= 0, "0 or more"),
-            ("--stride", args.protocol.stride is None or args.protocol.stride > 0, "positive"),
-            ("--cv-folds", (args.cv_folds or 2) >= 2, "at least 2"),
-            ("--bottleneck", args.bottleneck >= 0, "0 (none) or more"),
-            ("--lora-rank", args.lora_rank >= 0, "0 or more"),
-            ("--lora-rank", args.lora_rank <= width,
-             f"at most the layer's width, {width} ({args.model})"),
-            ("--lora-alpha", args.lora_alpha > 0, "positive"),
-            ("--lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
-            ("--lora-targets", set(args.lora_targets) <= set("qkvo") and args.lora_targets,
-             "letters of qkvo"),
-            ("--backbone-dropout", args.backbone_dropout is None or
-             0 <= args.backbone_dropout < 1, "in [0, 1)"),
-            ("--l2", args.l2 >= 0, "0 or more"), ("--lr", args.lr > 0, "positive"),
-            ("--head-lr", args.head_lr > 0, "positive"),
-            ("--warmup", args.warmup >= 0, "0 or more"),
-            ("--clip", args.clip >= 0, "0 (none) or more"),
-            ("--batch-size", args.batch_size >= dist.WORLD,
-             f"at least the number of processes, {dist.WORLD}"),
-            ("--accum", args.accum >= 1, "at least 1"), ("--epochs", args.epochs >= 0, "0 or more"),
-            ("--patience", args.patience >= 1, "at least 1"),
-            ("--control-block", args.control_block >= 1, "at least 1"),
-            ("--tiny-pretrain", args.tiny_pretrain >= 0, "0 or more")):
-        if not ok:
-            name = flag[2:].replace("-", "_")
-            value = getattr(args, name) if hasattr(args, name) else getattr(args.protocol, name)
-            raise ValueError(f"{flag} {value}: must be {want}")
+    if args.lora_rank > width:
+        raise ValueError(f"--lora-rank {args.lora_rank}: must be at most the layer's width, "
+                         f"{width} ({args.model})")
+    if not args.lora_targets or not set(args.lora_targets) <= set("qkvo"):
+        raise ValueError(f"--lora-targets {args.lora_targets}: must be letters of qkvo")
+    if args.batch_size < dist.WORLD:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least the number of "
+                         f"processes, {dist.WORLD}")
     if args.device:
         check_device(args.device)
 
 
 def check_device(name):
-    """--device names a device this machine has."""
+    """--device names a device this machine has, of a kind braintune runs on (cpu, cuda)."""
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device; try cpu, cuda or cuda:1") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: braintune runs on cpu or cuda, not {dev.type}")
     count = torch.cuda.device_count()
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= count):
         raise ValueError(f"--device {name}: this machine has {count} CUDA device(s); use "
@@ -383,7 +422,8 @@ def load_subjects(args, names):
     """data.prepare under the run's flags: each subject's data (data.Subject), held out on the
     run's test, validation and training stories, and the windows they share."""
     return data.prepare(args.data, names, args.test_stories, args.val_stories,
-                        args.train_stories, history=args.history, **timing(args))
+                        args.train_stories, drop_nonfinite=args.drop_nonfinite_voxels,
+                        history=args.history, **timing(args))
 
 
 def ridge_settings(args, listings):

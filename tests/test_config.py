@@ -56,10 +56,12 @@ def test_a_papers_recipe_sets_what_the_docs_table_names(recipe):
         assert args.protocol.frame == "first" and args.protocol.test_skip == 0
 
 
-def test_clip_0_means_none_and_a_negative_clip_is_refused():
+def test_clip_0_means_none_and_a_negative_clip_is_refused(capsys):
     assert config.parse(["--clip", "0"]).clip == 0 and config.parse([]).clip == 1.0
-    with pytest.raises(ValueError, match=r"--clip -1.0: must be 0 \(none\) or more"):
+    with pytest.raises(SystemExit):
         config.parse(["--clip", "-1"])
+    assert capsys.readouterr().err == ("error: argument --clip: must be a finite number >= 0 (got "
+                                       "'-1')\n")
 
 
 def test_the_new_flags_default_to_what_ran_before_and_bad_values_are_refused(tmp_path):
