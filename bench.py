@@ -8,7 +8,6 @@ warm-up; every target is a ratio measured in the same run.
     python bench.py --only fullscale,downstream   # train.py on a whole subject; eval.py
                                                    # --downstream at Speech Commands' size
 """
-import argparse
 import ctypes
 import functools
 import json
@@ -31,6 +30,7 @@ from torchaudio.models import wavlm_model
 import cache
 import data
 import downstream
+import guard
 import lora
 import ridge
 from features import window_features
@@ -436,9 +436,9 @@ def bench_downstream(quick):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="braintune speed and memory benchmark")
+    ap = guard.Parser(description="braintune speed and memory benchmark")
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
-    ap.add_argument("--out", default="bench.json", help="where to write the numbers")
+    ap.add_argument("--out", default="bench.json", help="where to write the numbers (a new file)")
     ap.add_argument("--only", default="", help="comma-separated parts to run (default all but "
                     "fullscale and downstream): ridge, step, subjects, extract, head, scaling, "
                     "stats, fullscale, downstream")
@@ -446,10 +446,10 @@ def main():
     parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "stats", "fullscale",
              "downstream")
     unknown = [x for x in a.only.split(",") if a.only and x not in parts]
-    if unknown or not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
-        folder = os.path.dirname(os.path.abspath(a.out))
+    if unknown:
         sys.exit(f"error: --only {a.only}: unknown part {unknown[0]!r}; choose from "
-                 f"{', '.join(parts)}" if unknown else f"error: --out {a.out}: no folder {folder}")
+                 f"{', '.join(parts)}")
+    guard.new_path(a.out, "--out")  # never an earlier file overwritten
     wanted = set(a.only.split(",") if a.only else parts[:-2])  # fullscale, downstream: asked for
     q = a.quick
     reps = 2 if q else 3
@@ -488,7 +488,7 @@ def main():
         res["fullscale"] = bench_fullscale(q)
     if "downstream" in wanted:  # 33 min here (docs/speed.md), 3.3 GB of disk
         res["downstream"] = bench_downstream(q)
-    with open(a.out, "w") as f:
+    with open(a.out, "x") as f:  # "x": not even a file made since the check
         json.dump(res, f, indent=1)
     print(format_report(res))
 
@@ -556,4 +556,4 @@ def format_report(res):
 
 
 if __name__ == "__main__":
-    main()
+    guard.main_guard(main)
