@@ -319,8 +319,8 @@ def test_the_imports_run_one_way():
         return seen
     assert not [n for n in deps if n in below(n, set())]  # no cycle
     assert deps["model"] <= {"cache", "data", "lora", "textgrid"} and deps["lora"] == set()
-    assert deps["data"] <= {"cache", "voxels"} and deps["voxels"] <= {"cache", "ridge"}
-    assert deps["textgrid"] == set() and deps["dist"] == set()
+    assert deps["data"] <= {"cache", "voxels"} and deps["voxels"] <= {"cache", "guard", "ridge"}
+    assert deps["textgrid"] == set() and deps["dist"] == set() and deps["guard"] == set()
     assert not [n for n in deps if "train" in deps[n]]
 
 
