@@ -8,7 +8,6 @@ warm-up; every target is a ratio measured in the same run.
     python bench.py --only quickstart,fullscale,downstream   # whole commands (bench_runs.py)
     python bench.py --gpu      # the prepared check of a machine with one GPU (bench_gpu.py)
 """
-import argparse
 import functools
 import json
 import os
@@ -23,6 +22,7 @@ import torch.nn as nn
 import bench_gpu
 import bench_runs
 import data
+import guard
 import lora
 import ridge
 from bench_runs import peak_mb, ridge_problem, timeit
@@ -224,24 +224,25 @@ def bench_stats(v, rows=291, block=10, sets=4):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="braintune speed and memory benchmark")
+    ap = guard.Parser(description="braintune speed and memory benchmark")
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes, under a minute")
-    ap.add_argument("--out", default="bench.json", help="where to write the numbers")
+    ap.add_argument("--out", default="bench.json", help="where to write the numbers (a new file)")
     ap.add_argument("--only", default="", help="comma-separated parts to run (default all but "
                     "quickstart, fullscale and downstream): ridge, step, subjects, extract, head, "
                     "scaling, stats, quickstart, fullscale, downstream")
     ap.add_argument("--gpu", action="store_true", help="the prepared check of a machine with one "
                     "NVIDIA GPU (bench_gpu.py): a markdown table, at most 8 minutes")
     a = ap.parse_args()
+    guard.new_path(a.out, "--out")  # never an earlier file overwritten
     if a.gpu:
+        guard.new_path(bench_gpu.table_path(a.out), "--out")
         return bench_gpu.main(a.out, quick=a.quick)
     parts = ("ridge", "step", "subjects", "extract", "head", "scaling", "stats", "quickstart",
              "fullscale", "downstream")
     unknown = [x for x in a.only.split(",") if a.only and x not in parts]
-    if unknown or not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
-        folder = os.path.dirname(os.path.abspath(a.out))
+    if unknown:
         sys.exit(f"error: --only {a.only}: unknown part {unknown[0]!r}; choose from "
-                 f"{', '.join(parts)}" if unknown else f"error: --out {a.out}: no folder {folder}")
+                 f"{', '.join(parts)}")
     wanted = set(a.only.split(",") if a.only else parts[:-3])  # whole commands: asked for
     q = a.quick
     reps = 2 if q else 3
@@ -281,7 +282,7 @@ def main():
         res["fullscale"] = bench_runs.bench_fullscale(q)
     if "downstream" in wanted:  # 33 min here (docs/speed.md), 3.3 GB of disk
         res["downstream"] = bench_runs.bench_downstream(q)
-    with open(a.out, "w") as f:
+    with open(a.out, "x") as f:  # "x": not even a file made since the check
         json.dump(res, f, indent=1)
     print(format_report(res))
 
@@ -353,4 +354,4 @@ def format_report(res):
 
 
 if __name__ == "__main__":
-    main()
+    guard.main_guard(main)

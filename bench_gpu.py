@@ -2,7 +2,7 @@
 The prepared check of a machine with one NVIDIA GPU: `python bench.py --gpu`. Every part of the
 GPU path that a CPU cannot show, on random weights and synthetic data it makes itself (no
 internet), in about 8 minutes on one H100; one markdown table, printed and written beside --out
-(bench_gpu.md), each row against its target:
+(bench.json -> bench.md), each row against its target:
 
     CPU against CUDA on the same small run (float32, and bf16 where the card has it)
     a resumed CUDA run with dropout against an uninterrupted one
@@ -233,9 +233,14 @@ def check_marked_tests():
     return [("the tests marked cuda (pytest -m cuda)", last, "all passed", p.returncode == 0)]
 
 
+def table_path(out):
+    """The markdown table's file beside the JSON `out`: bench.json -> bench.md."""
+    return os.path.splitext(out)[0] + ".md"
+
+
 def main(out, quick=False):
     """Every check on the first GPU (the CPU where there is none), the table printed and written
-    to bench_gpu.md beside `out`, the rows to `out` (JSON)."""
+    beside `out` (table_path), the rows to `out` (JSON)."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     sizes = QUICK if quick or device.type == "cpu" else FULL
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU: the CPU"
@@ -259,9 +264,9 @@ def main(out, quick=False):
               f"| {what} | {value} | {target} | {'pass' if ok else 'FAIL'} |"
               for what, value, target, ok in rows]
     table = "\n".join(lines)
-    with open(os.path.join(os.path.dirname(os.path.abspath(out)), "bench_gpu.md"), "w") as f:
+    with open(table_path(out), "x") as f:  # "x": new files, as bench.py checked
         f.write(table + "\n")
-    with open(out, "w") as f:
+    with open(out, "x") as f:
         json.dump(dict(device=name, rows=[list(map(str, r)) for r in rows]), f, indent=1)
     print(table)
     return rows

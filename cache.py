@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import dist
+import guard
 
 
 def log(msg):
@@ -60,6 +61,11 @@ def cache_root():
     if _PRIVATE:
         return _PRIVATE[-1]
     return os.path.abspath(os.environ.get("BRAINTUNE_CACHE", ".cache"))
+
+
+def check_root():
+    """The cache's folder, one this process can write in (or make), checked before any work."""
+    return guard.writable_folder(cache_root(), "$BRAINTUNE_CACHE (default .cache)")
 
 
 @contextlib.contextmanager
@@ -119,14 +125,7 @@ def cached(kind, key, build, name="entry"):
             shutil.rmtree(path, ignore_errors=True)
     if build is None:
         return None
-    # left by a killed process: never read
-    for old in glob.glob(path + ".tmp*") if os.name == "posix" else []:
-        try:
-            os.kill(int(old.rsplit(".tmp", 1)[1]), 0)  # signal 0: is the writer still running?
-        except ProcessLookupError:
-            shutil.rmtree(old, ignore_errors=True)
-        except (ValueError, OSError):
-            pass
+    remove_stale(path + ".tmp")  # left by a killed process: never read
     out, tmp = build(), f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -152,6 +151,17 @@ def cached(kind, key, build, name="entry"):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _read_entry(path)
+
+
+def remove_stale(prefix):
+    """Remove the folders PREFIX<pid> whose process is no longer running (killed while writing)."""
+    for old in glob.glob(glob.escape(prefix) + "*") if os.name == "posix" else []:
+        try:
+            os.kill(int(old[len(prefix):]), 0)  # signal 0: is the writer still running?
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, OSError):
+            pass
 
 
 def described(x):
@@ -195,10 +205,12 @@ def save_atomic(obj, path):
 
 @contextlib.contextmanager
 def atomic_folder(path):
-    """`with atomic_folder(out) as tmp:` fill the folder tmp (out.tmp, emptied first); it is
-    renamed to out when the block ends, and removed if the block fails, so that a half-written
-    folder never bears the name asked for."""
-    tmp = path.rstrip("/") + ".tmp"
+    """`with atomic_folder(out) as tmp:` fill the folder tmp (out.braintune-tmp<pid>, a name no
+    user's folder has; those of killed processes are removed); it is renamed to out when the block
+    ends, and removed if the block fails, so that a half-written folder never bears the name asked
+    for."""
+    tmp = f"{path.rstrip('/')}.braintune-tmp{os.getpid()}"
+    remove_stale(path.rstrip("/") + ".braintune-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         yield tmp

@@ -22,6 +22,7 @@ import torch
 import cache
 import config
 import data
+import guard
 import ridge
 import runfolder
 import voxels
@@ -57,12 +58,30 @@ def stability(runs, vs=None):
     return out, "\n".join(lines)
 
 
+def check_groups(run, seeds, vs, against):
+    """--seeds, --vs and --against (eval.py): folders of finished runs, each run given once (the
+    run itself is the first of --seeds' group), --vs only beside --seeds."""
+    seen = {os.path.realpath(run): run}
+    if against and os.path.realpath(against) in seen:
+        raise ValueError(f"--against {against}: the run itself, which differs from itself by "
+                         "nothing; give another run")
+    for flag, r in [("--seeds", r) for r in seeds or []] + [("--vs", r) for r in vs or []]:
+        if not os.path.isfile(os.path.join(r, "results.json")):
+            raise ValueError(f"{flag} {r}: not the folder of a finished run (no results.json)")
+        if os.path.realpath(r) in seen:
+            raise ValueError(f"{flag} {r}: the same run as {seen[os.path.realpath(r)]} (the run "
+                             "itself is the first of --seeds' group); give each run once")
+        seen[os.path.realpath(r)] = r
+    if vs and not seeds:
+        raise ValueError("--vs compares with the runs of --seeds; give --seeds too")
+
+
 def comparable(a, b):
     """Refuses, in one sentence, two runs (eval.Run) whose refits cannot be paired: another
     subject, test story, protocol or baseline (backbone, layer, windows)."""
     res = [read_json(os.path.join(r.folder, "results.json")) for r in (a, b)]
     stories = [read_json(os.path.join(r.folder, "config.json"))["stories"] for r in (a, b)]
-    base = [np.load(os.path.join(r.folder, "voxel_r.npz")) for r in (a, b)]
+    base = [guard.load_array(os.path.join(r.folder, "voxel_r.npz"), None) for r in (a, b)]
     first = [data.find_subject(r.args.data, r.subjects[0]) for r in (a, b)]
     tests = [s[f]["test"] for s, f in zip(stories, first)]
     why = None
@@ -391,7 +410,7 @@ def significance(run, permutations=1000, q=0.05, block=None):
         pvals[name + "_p"], passed = p, ridge.fdr(p, q)
         out[name] = {k: int(passed[v].sum()) for k, v in sets.items()}
     npz = os.path.join(run.folder, "voxel_r.npz")
-    old = dict(np.load(npz))
+    old = guard.load_array(npz, None)
     prefix = f"{d.name}." if any("." in k for k in old) else ""
     cache.save_atomic(dict(old, **{prefix + k: v for k, v in pvals.items()}), npz)
     cache.merge_analyses(run.folder, "significance", dict(

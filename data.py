@@ -78,13 +78,27 @@ def wav_path(root, story):
     return os.path.join(root, "stimuli", story + ".wav")
 
 
-def read_wav(path):
-    """Any WAV (int16, int32, uint8, float; mono or multi-channel) -> (samples,) float32 at 16 kHz.
-    """
+def open_wav(path):
+    """A WAV file's sample rate and its samples, (samples,) or (samples, channels), memory-mapped;
+    one sentence naming the file where it cannot be read, its header says 0 Hz, or it is empty."""
     try:
         sr, x = wavfile.read(path, mmap=True)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: cannot read as WAV ({e})") from None
+    if sr <= 0 or not len(x):
+        raise ValueError(f"{path}: " + (f"its header says {sr} Hz" if sr <= 0 else "no samples"))
+    return sr, x
+
+
+def read_wav(path):
+    """Any WAV (int16, int32, uint8, float; mono or multi-channel) -> (samples,) float32 at 16 kHz.
+    A float WAV holding NaN or inf is refused, naming the file and the time."""
+    sr, x = open_wav(path)
+    if x.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))  # (samples,) read once
+        if len(bad):
+            raise ValueError(f"{path}: {len(bad)} samples are NaN or infinite, the first at "
+                             f"{bad[0] / sr:.2f} s")
     scales = {np.dtype(np.int16): 2 ** 15, np.dtype(np.int32): 2 ** 31, np.dtype(np.uint8): 128}
     scale = scales.get(x.dtype, 1)
     mono = x.mean(1, dtype=np.float32) if x.ndim == 2 else x.astype(np.float32)  # (samples,)
@@ -155,10 +169,11 @@ def splits(root, subj, test_stories=None, val_stories=None, train_stories=None):
     return dict(train=train, val=val, test=test)
 
 
-def story_responses(root, subj, story):
+def story_responses(root, subj, story, drop_nonfinite=False):
     """{"data": (TRs, voxels) float32 z-scored, memory-mapped; "good": (voxels,) finite and not
-    constant in this story}. Read once from the hf5 (converted to float32 while reading, so no
-    float64 copy), then from the cache. Voxels not good are zero."""
+    constant in this story; "bad_rows": the rows holding NaN or inf}. Read once from the hf5
+    (converted to float32 while reading, so no float64 copy), then from the cache. Voxels not good
+    are zero. NaN or inf is refused (nonfinite), unless drop_nonfinite leaves their voxels out."""
     path = response_path(root, subj, story)
 
     def build():
@@ -168,24 +183,43 @@ def story_responses(root, subj, story):
                                  f"{', '.join(f.keys())})")
             x = np.empty(f["data"].shape, np.float32)
             f["data"].read_direct(x)
-        good = np.isfinite(x).all(0)
+        finite = np.isfinite(x)  # (TRs, voxels)
+        entry = {"data": x, "good": finite.all(0), "bad_rows": np.flatnonzero(~finite.all(1))}
+        nonfinite(path, entry, drop_nonfinite)  # before the cache keeps anything of it
         np.nan_to_num(x, copy=False)
-        good &= zscore_(x) > 0
-        x[:, ~good] = 0
-        return {"data": x, "good": good}
-    return cached("responses", dict(file=file_key(path), v=1), build, story)
+        entry["good"] &= zscore_(x) > 0
+        x[:, ~entry["good"]] = 0
+        return entry
+    entry = cached("responses", dict(file=file_key(path), v=2), build, story)
+    nonfinite(path, entry, drop_nonfinite)
+    return entry
 
 
-def load_responses(root, subj, stories):
+def nonfinite(path, entry, drop):
+    """Refuses a story's responses (story_responses' entry) holding NaN or inf, naming the file
+    and its rows, unless drop (--drop-nonfinite-voxels): then their voxels are left out."""
+    rows = entry["bad_rows"]
+    if len(rows) and not drop:
+        some = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise ValueError(f"{path}: NaN or inf in {len(rows)} of its {len(entry['data'])} rows "
+                         f"(row {some}); --drop-nonfinite-voxels leaves out the voxels that hold "
+                         "them")
+
+
+def load_responses(root, subj, stories, drop_nonfinite=False):
     """{story: (TRs, voxels) z-scored per story, memory-mapped}, and the mask of usable voxels
-    (finite and not constant in every story); the others are left out of fitting and every mean."""
+    (finite and not constant in every story); the others are left out of fitting and every mean.
+    NaN or inf is refused, or with drop_nonfinite its voxels left out (story_responses)."""
     resp, good = {}, None
     for s in progress(stories, f"{subj} responses"):
-        e = story_responses(root, subj, s)
+        e = story_responses(root, subj, s, drop_nonfinite)
         if good is not None and len(e["good"]) != len(good):
             raise ValueError(f"{os.path.dirname(response_path(root, subj, s))}: stories have "
                              f"different voxel counts ({len(good)}, and {len(e['good'])} in {s})")
         resp[s], good = e["data"], e["good"] if good is None else good & e["good"]
+    if not good.any():
+        raise ValueError(f"{os.path.dirname(response_path(root, subj, stories[0]))}: every voxel "
+                         "is NaN, infinite or constant in some story; none is left to fit")
     if not good.all():
         warnings.warn(f"{subj}: {(~good).sum()} of {good.size} voxels are constant or NaN in some "
                       "story; they are left out of fitting and of every mean")
@@ -314,12 +348,12 @@ class Subject:
     ceiling: np.ndarray = None  # (voxels,) the test story's noise ceiling (cc_max), if repeated
 
 
-def prepare(root, subjects, test_stories=None, val_stories=None, train_stories=None,
-            **window_kw):
+def prepare(root, subjects, test_stories=None, val_stories=None, train_stories=None, *,
+            drop_nonfinite=False, **window_kw):
     """Each subject's splits, responses, usable voxels, ROIs and noise ceiling, and the windows the
     subjects share: one per (story, row), however many subjects heard it, so each is forwarded once.
     Every subject is held out on the first subject's test and validation stories, and trained on
-    train_stories where given (splits).
+    train_stories where given (splits); drop_nonfinite: see story_responses.
     Returns (ds, shared): ds a list of Subject, shared {split: Windows} of the audio alone."""
     ds, waves, keys = [], {}, {}
     for name in subjects:
@@ -328,7 +362,8 @@ def prepare(root, subjects, test_stories=None, val_stories=None, train_stories=N
             raise ValueError(f"subject {subj} is given twice")
         stories = splits(root, subj, test_stories, val_stories, train_stories)
         test_stories, val_stories = stories["test"], stories["val"]  # the same for every subject
-        resp, good = load_responses(root, subj, [s for v in stories.values() for s in v])
+        resp, good = load_responses(root, subj, [s for v in stories.values() for s in v],
+                                    drop_nonfinite)
         waves.update(load_audio(root, [s for s in resp if s not in waves]))  # each story read once
         keys.update({s: file_key(wav_path(root, s)) for s in resp})
         windows = {k: Windows(waves, resp, v, keys=keys, **window_kw) for k, v in stories.items()}

@@ -58,9 +58,37 @@ def init(name=None, precision="auto"):
 
 
 def wait():
-    """Every process waits here until all have come (a CPU barrier: it may be long)."""
+    """Every process waits here until all have come (a CPU barrier: it may be long); a process
+    that ended instead (a refusal, said by rank 0) ends the others at the barrier, in one line."""
     if WORLD > 1:
-        torch.distributed.barrier(group=_GROUP[0])
+        try:
+            torch.distributed.barrier(group=_GROUP[0])
+        except RuntimeError:  # gloo: the connection to a process that has ended
+            raise ValueError("another process of this run has ended (see its error)") from None
+
+
+def end():
+    """The process group ended, as the run ends or is refused: a process that exits with it alive
+    may abort in gloo's threads ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _GROUP.clear()
+
+
+def agree(check):
+    """check() in every process; a refusal (ValueError) in any of them is raised in all, so that
+    every process ends and rank 0 says it once (guard.main_guard). Returns check()'s value."""
+    try:
+        value, refusal = check(), None
+    except ValueError as e:
+        value, refusal = None, str(e)
+    if WORLD > 1:
+        said = [None] * WORLD
+        torch.distributed.all_gather_object(said, refusal, group=_GROUP[0])
+        refusal = next((s for s in said if s), None)
+    if refusal:
+        raise ValueError(refusal)
+    return value
 
 
 def first_process_value(value):

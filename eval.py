@@ -20,10 +20,10 @@ and hands it to every analysis it asks for.
     python eval.py RUN --export-hf DIR      # the tuned backbone for transformers and s3prl (hf.py)
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ import data
 import dist
 import downstream
 import flatmap
+import guard
 import hf
 import lora
 import plots
@@ -149,10 +150,11 @@ def tuned_extractor(folder, args, pre):
                  args.lora_targets)
     mine = {k[len("extractor."):]: v for k, v in trainable.items()
             if k.startswith("extractor.")}
-    missing = set(mine) - set(tuned.state_dict())
-    if missing:
+    model = tuned.state_dict()
+    wrong = sorted(k for k, v in mine.items() if k not in model or model[k].shape != v.shape)
+    if wrong:
         raise ValueError(f"{folder}/adapter.pt does not fit the {args.model} model of its "
-                         f"config (e.g. {sorted(missing)[0]})")
+                         f"config.json ({wrong[0]}); it is not this run's")
     tuned.load_state_dict(mine, strict=False)
     return tuned.eval()
 
@@ -211,8 +213,7 @@ def parse_layers(text, depth, model):
 
 def export(run, path):
     """The tuned backbone merged into a plain torchaudio state dict."""
-    if os.path.exists(path):
-        raise ValueError(f"{path} already exists; choose a new file (nothing was written)")
+    guard.new_path(path, "--export")
     run = read(run)
     no_tuning(run)
     merged = lora.merged_copy(run.tuned.backbone)  # the loaded run stays as it was
@@ -249,18 +250,17 @@ def downstream_task(run, a):
 
 
 def parse_hours(text):
-    """--hours: comma-separated positive numbers of hours."""
-    try:
-        hours = [float(x) for x in text.split(",")]
-        assert hours and all(h > 0 for h in hours)
-    except (ValueError, AssertionError):
-        raise ValueError(f"--hours {text}: expected positive hours, comma-separated (e.g. "
-                         "0.5,1,2,4)") from None
+    """--hours: comma-separated positive numbers of hours (an argparse type)."""
+    hour = guard.number(float, low=0, low_open=True)
+    hours = [hour.parse(x) for x in text.split(",")]
+    if None in hours or not all(hour.holds(h) for h in hours):
+        raise ValueError(f"expected hours, each {hour}, comma-separated, e.g. 0.5,1,2,4 (got "
+                         f"{text!r})")
     return hours
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Analyses of a finished braintune run.")
+    p = guard.Parser(description="Analyses of a finished braintune run.")
     a = p.add_argument
     a("run", help="run folder written by train.py")
     a("--device", help="where features are computed: cpu, cuda, cuda:1 ...; default the device "
@@ -276,19 +276,21 @@ def parser():
                                                "pretrained and tuned")
     a("--significance", action="store_true", help="each voxel's r against zero by block "
                                                   "permutation, false discovery rate 0.05")
-    a("--block", type=int, help="TRs per block of --significance's permutations (default: the "
-                                "run's)")
+    a("--block", type=guard.number(int, low=1), help="TRs per block of --significance's "
+                                                     "permutations (default: the run's)")
     a("--against", help="another tuned run of the same subject, test story, protocol and "
                         "baseline: the paired difference of their refit r, with its interval")
     a("--efficiency", action="store_true", help="encoding r against hours of training fMRI, "
                                                 "pretrained and tuned features")
-    a("--hours", help="--efficiency's hours of training stories, comma-separated (default: "
-                      "doublings up to all)")
+    a("--hours", type=guard.argtype(parse_hours), help="--efficiency's hours of training "
+                                                       "stories, comma-separated (default: "
+                                                       "doublings up to all)")
     a("--downstream", choices=sorted(tasks.TASKS), help="a speech task's linear probes, "
                                                         "pretrained and tuned, by layer")
     a("--downstream-data", help="the task's folder, in its published layout (README)")
     a("--downstream-layers", default="all", help="layers probed: all, or 2,5,9 ...")
-    a("--downstream-limit", type=int, help="at most N clips per split, for a quick look")
+    a("--downstream-limit", type=guard.number(int, low=1), help="at most N clips per split, for "
+                                                                  "a quick look")
     a("--flatmap", action="store_true", help="flatmaps of baseline r, refit r and the change "
                                              "(pycortex)")
     a("--pycortex-db", help="the pycortex database (default: the dataset's "
@@ -300,41 +302,35 @@ def parser():
     return p
 
 
+WRITES = ("subject", "probe", "lowlevel", "layers", "significance", "seeds", "against",
+          "efficiency", "downstream", "flatmap", "plot")  # the analyses written into the run
+
+
 def check_flags(a):
     """Every flag against the run and the files it names, before any analysis runs; returns the
     Run."""
     run = load_run(a.run, a.device)  # a clear error for a missing or incomplete run
     if a.subject:
         data.find_subject(run.args.data, a.subject)
-    for flag, runs in (("--seeds", a.seeds), ("--vs", a.vs)):
-        for r in runs or []:
-            if not os.path.isfile(os.path.join(r, "results.json")):
-                raise ValueError(f"{flag} {r}: not the folder of a finished run (no results.json)")
-    if a.vs and not a.seeds:
-        raise ValueError("--vs compares with the runs of --seeds; give --seeds too")
-    if a.block is not None and a.block < 1:
-        raise ValueError(f"--block {a.block}: must be at least 1")
+    compare.check_groups(a.run, a.seeds, a.vs, a.against)
+    if a.block is not None and not a.significance:
+        raise ValueError("--block sets --significance's blocks; give --significance too")
+    if a.significance:
+        preflight.check_blocks(a.block or run.settings.block, preflight.list_subjects(
+            run.args, run.subjects[:1]), run.settings.test_skip, whole=True)
     if a.layers is not None:
         depth = len(run.pretrained.backbone.encoder.transformer.layers)
         parse_layers(a.layers, depth, run.args.model)
-    if a.embeddings and not os.path.isfile(a.embeddings):
-        raise ValueError(f"--embeddings {a.embeddings}: no such file")
+    if a.embeddings:
+        probes.load_embeddings(a.embeddings)  # each line, before any forward
     if a.export:
-        folder = os.path.dirname(os.path.abspath(a.export))
-        if os.path.exists(a.export):
-            raise ValueError(f"--export {a.export}: already exists; choose a new file")
-        if not os.path.isdir(folder):
-            raise ValueError(f"--export {a.export}: no folder {folder}")
+        guard.new_path(a.export, "--export")
     if a.export_hf:
-        if os.path.exists(a.export_hf) and (not os.path.isdir(a.export_hf) or
-                                            os.listdir(a.export_hf)):
-            raise ValueError(f"--export-hf {a.export_hf}: already exists; choose a new folder")
+        guard.new_path(a.export_hf, "--export-hf", folder=True)
         no_tuning(run)
         hf.require_transformers()
     if a.hours and not a.efficiency:
         raise ValueError("--hours sets --efficiency's subsets; give --efficiency too")
-    if a.hours:
-        parse_hours(a.hours)
     if a.against:
         compare.comparable(run, load_other(a.against, run.device))
     if a.downstream:
@@ -357,8 +353,6 @@ def check_downstream(run, a):
     if not a.downstream_data:
         raise ValueError(f"--downstream {a.downstream}: give the task's folder with "
                          "--downstream-data PATH")
-    if a.downstream_limit is not None and a.downstream_limit < 1:
-        raise ValueError(f"--downstream-limit {a.downstream_limit}: must be at least 1")
     depth = len(run.pretrained.backbone.encoder.transformer.layers)
     parse_layers(a.downstream_layers, depth, run.args.model)
     tasks.read_task(a.downstream, a.downstream_data, a.downstream_limit)
@@ -371,7 +365,17 @@ def subject_names(run):
 
 def main(argv=None):
     a = parser().parse_args(argv)
+    cache.check_root()
     run = check_flags(a)  # the run, loaded once for every analysis of the command
+    writes = any(getattr(a, k) not in (None, False) for k in WRITES)
+    if writes:  # analyses.json, p-values, figures: the run folder written, by one process
+        guard.writable_folder(run.folder, "the run folder")
+    with guard.RunLock(run.folder) if writes else contextlib.nullcontext():
+        analyses(a, run)
+
+
+def analyses(a, run):
+    """The analyses the flags ask for, each printed as it is done."""
     print(show(a.run))
     if a.subject:
         print(f"\ncross-subject transfer to {a.subject}:\n" + cross_subject(run, a.subject))
@@ -397,7 +401,7 @@ def main(argv=None):
         cache.merge_analyses(a.run, "against", out)
         print("\n" + table)
     if a.efficiency:
-        out, table = compare.efficiency(run, parse_hours(a.hours) if a.hours else None)
+        out, table = compare.efficiency(run, a.hours)
         cache.merge_analyses(a.run, "efficiency", out)
         print("\n" + table)
     if a.downstream:
@@ -415,7 +419,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    guard.main_guard(main)

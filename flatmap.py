@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import guard
 import ridge
 
 
@@ -193,8 +194,8 @@ def subject_maps(npz, subjects):
     """{subject: {key: (voxels,)}} from a run's voxel_r.npz: keys '<SUBJ>.refit_r' when the run
     has several subjects, plain 'refit_r' when it has one."""
     if len(subjects) == 1:
-        return {subjects[0]: {k: np.asarray(npz[k]) for k in npz.files}}
-    return {s: {k[len(s) + 1:]: np.asarray(npz[k]) for k in npz.files if k.startswith(s + ".")}
+        return {subjects[0]: {k: np.asarray(npz[k]) for k in npz}}
+    return {s: {k[len(s) + 1:]: np.asarray(npz[k]) for k in npz if k.startswith(s + ".")}
             for s in subjects}
 
 
@@ -205,7 +206,7 @@ def check_flatmaps(run, data_root, subjects, *, db=None):
     --significance's p-values) and the database's path (default: the dataset's
     derivative/pycortex-db)."""
     db = db or os.path.join(data_root, "derivative", "pycortex-db")
-    maps = subject_maps(np.load(os.path.join(run, "voxel_r.npz")), subjects)
+    maps = subject_maps(guard.load_array(os.path.join(run, "voxel_r.npz"), None), subjects)
     for subj, r in maps.items():
         if "refit_r" not in r:
             raise ValueError(f"{run} is a stage-1 run (--epochs 0): there is no tuned r to map")

@@ -22,7 +22,7 @@ the data (blocks, test rows, history, lambdas) checked against the listings befo
 place written checked by new_path or writable_folder first; every user's np.load a load_array;
 every allocation that grows with a flag checked by fits_in_memory; a run folder held by RunLock
 (rank 0, before config.json is written); __main__ is main_guard(main), which prints on rank 0 only
-and exits non-zero on every rank. config.given_flags's second parser must be a Parser too.
+and exits non-zero on every rank. config.given_flags's second parser is a Parser too.
 """
 import argparse
 import contextlib
@@ -282,6 +282,11 @@ class RunLock:
         self.file.flush()
         _HELD.append(self)  # held until released, even where the caller keeps no reference
         return self
+
+    def rename(self, new):
+        """The held folder renamed to `new` (os.rename), still held: its lock file goes with it."""
+        os.rename(self.folder, new)
+        self.folder, self.path = new, os.path.join(new, self.NAME)
 
     def release(self):
         if self.file is not None:

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 import data
+import guard
 import voxels
 import lora
 from cache import read_json
@@ -37,11 +38,11 @@ def save(fig, path, paths):
 def plot(run):
     """Every figure of the run (an eval.Run); returns their paths."""
     plt, folder, args = pyplot(), run.folder, run.args
-    npz = np.load(os.path.join(folder, "voxel_r.npz"))
+    npz = guard.load_array(os.path.join(folder, "voxel_r.npz"), None)
     multi = len(run.subjects) > 1  # keys "<subject>.baseline_r" ..., one scatter and histogram each
     paths = []
     for subj in (data.find_subject(args.data, s) for s in run.subjects):
-        r = {k.split(".")[-1]: npz[k] for k in npz.files if not multi or k.startswith(subj + ".")}
+        r = {k.split(".")[-1]: npz[k] for k in npz if not multi or k.startswith(subj + ".")}
         if "refit_r" not in r:
             raise ValueError(f"{folder} is a stage-1 run (--epochs 0): there is no tuned model to "
                              "plot")

@@ -11,13 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.io import wavfile
 
 import config
 import data
 import dist
+import guard
 import model
+import ridge
+import textgrid
 import voxels
+
+MIN_ROWS = 3  # test rows a score needs: a correlation of fewer is +-1 or undefined
 
 
 def check(args, names, device, *, textgrids=False):
@@ -26,6 +30,9 @@ def check(args, names, device, *, textgrids=False):
     training TextGrids)."""
     listings = list_subjects(args, names, textgrids=textgrids)
     check_sizes(args, listings, device)
+    check_blocks(args.block, listings, args.protocol.test_skip)
+    check_control(args, listings)
+    check_grid(args, listings, device)
     return listings
 
 
@@ -88,13 +95,10 @@ def story_header(root, subj, story, timing):
                              f"{os.path.relpath(path, root)}` in {root}")
     with voxels.open_hf5(data.response_path(root, subj, story)) as f:
         shape = f["data"].shape if "data" in f else ()
-    if len(shape) != 2:
+    if len(shape) != 2 or not all(shape):
         raise ValueError(f"{data.response_path(root, subj, story)}: 'data' has shape {shape}; "
-                         "expected (TRs, voxels)")
-    try:
-        sr, wave = wavfile.read(data.wav_path(root, story), mmap=True)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{data.wav_path(root, story)}: cannot read as WAV ({e})") from None
+                         "expected (TRs, voxels), neither 0")
+    sr, wave = data.open_wav(data.wav_path(root, story))
     seconds = len(wave) / sr
     if shape[0]:
         times = data.row_times(shape[0], **timing)
@@ -135,9 +139,13 @@ def check_dataset(root, subjects, *, test_stories=None, val_stories=None, folds=
                                  f"voxels; the subject's other stories have {n_voxels}")
             rows[s], seconds[s], n_voxels = h.rows, h.seconds, h.voxels
         for s in test:
-            if rows[s] <= test_skip:
+            if rows[s] - test_skip < MIN_ROWS:
                 raise ValueError(f"--test-skip {test_skip}: the test story {s!r} of {subj} has "
-                                 f"{rows[s]} rows")
+                                 f"{rows[s]} rows, leaving {max(rows[s] - test_skip, 0)} to score "
+                                 f"(a score needs {MIN_ROWS} or more)")
+        if len(test) == 1:  # its repeats (the noise ceiling's), if any, of its shape
+            with voxels.open_hf5(data.response_path(root, subj, test[0])) as f:
+                voxels.repeats(f, data.response_path(root, subj, test[0]))
         if roi.kind == "top" and roi.n > n_voxels:
             raise ValueError(f"--roi {roi.text}: {subj} has {n_voxels} voxels")
         if roi.kind == "nc":
@@ -150,6 +158,7 @@ def check_dataset(root, subjects, *, test_stories=None, val_stories=None, folds=
                                  "pretraining reads the training stories' TextGrids "
                                  "(--tiny-pretrain 0 uses random weights, --weights PATH your "
                                  "own)")
+            textgrid.read_phones(data.textgrid_path(root, s))  # read whole, in order
         out.append(Listing(subj, n_voxels, stories, rows, seconds))
     return out
 
@@ -306,3 +315,62 @@ def stage_needs(args, listings, device):
         return {"stage 1": stage1 + host, "stage 2": stage2 + host[1:] + host2}
     return {"stage 1": stage1, "stage 2": stage2,
             "the host": host + (host2 if args.epochs else [])}
+
+
+# -----------------------------------------------------------------------------
+# the ranges that depend on the data: blocks, the control's blocks, the lambda grid
+
+def check_blocks(block, listings, skip, *, flag="--block", whole=False):
+    """--block against each subject's test rows scored (from row `skip` of each test story): two
+    blocks or more, the bootstrap's (a story's last block may be short) or, whole, the permutation
+    test's (whole blocks of the scored rows, eval.py --significance)."""
+    for d in listings:
+        scored = [d.rows[s] - skip for s in d.stories["test"]]
+        n = sum(scored) // block if whole else sum(-(-r // block) for r in scored)
+        if n < 2:
+            most = sum(scored) // 2 if whole else max(scored) - 1
+            test = "permutation test" if whole else "bootstrap"
+            raise ValueError(f"{flag} {block}: the test rows of {d.name} ({sum(scored)} scored) "
+                             f"make {n} block(s); the {test} needs two or more (choose {flag} "
+                             f"{most} or less)")
+
+
+def check_control(args, listings):
+    """--control-block with --control permuted: some training or validation story has two blocks
+    of it, or nothing would be permuted and the control would be the run itself."""
+    if args.control == "none":
+        return
+    longest = max(d.rows[s] for d in listings for k in ("train", "val") for s in d.stories[k])
+    if args.control_block >= longest:
+        raise ValueError(f"--control-block {args.control_block}: no training or validation story "
+                         f"has two blocks of it (the longest has {longest} TRs), so nothing would "
+                         f"be permuted; choose at most {longest - 1}")
+
+
+def grid_bytes(n_lambdas, p, voxels):
+    """The memory ridge.fit_ridge takes per lambda at once, for p features and `voxels` solved at
+    once: 1 / (e + lambda) as it is made, and the last fold's, about four (lambdas, p) arrays;
+    the scores, covariances, variances and the score's temporaries, about five (lambdas, voxels);
+    float32. Measured (peak resident memory, 72 rows, 4 folds): 100000 lambdas with p 64, 384 and
+    1536 features and 2000, 90 and 90 voxels took 4.18, 0.80 and 2.71 GB (this: 4.10, 0.79, 2.64).
+    """
+    return n_lambdas * 4 * (4 * p + 5 * voxels)
+
+
+def check_grid(args, listings, device):
+    """--alphas: the lambda grid's share of the ridge (grid_bytes) against the free memory, for
+    each subject's ridge on the windows and under --protocol."""
+    dim = config.architecture(args.model)["encoder_embed_dim"]
+    widths = {dim if args.pool == "mean" else args.history * dim, len(args.protocol.delays) * dim}
+    need = 0
+    for d in listings:
+        n = sum(d.rows[s] for s in d.stories["train"])  # the training rows, and their folds
+        folds = args.cv_folds or min(5, len(d.stories["train"]))
+        for p in widths - {0}:
+            batch = min(d.voxels, ridge.voxels_at_once(n, p, folds))
+            need = max(need, grid_bytes(len(args.alphas), p, batch))
+    free = available_memory(device)
+    if need > free:
+        raise ValueError(f"--alphas: a grid of {len(args.alphas)} lambdas needs about "
+                         f"{guard.size(need)} at once in the ridge and {device} has "
+                         f"{guard.size(free)} free; use fewer lambdas (the default is 19)")

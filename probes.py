@@ -38,10 +38,24 @@ def load_embeddings(path):
             vectors, vocab = np.asarray(f["data"], np.float32), f["vocab"][:]
         words = [(w.decode() if isinstance(w, bytes) else str(w)).lower() for w in vocab]
         return {w: vectors[:, i] for i, w in enumerate(words)}
-    out = {}
-    for line in open(path, encoding="utf-8"):
-        w, *v = line.rstrip().split(" ")
-        out[w.lower()] = np.asarray(v, dtype=np.float32)
+    out, dim = {}, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                w, *v = line.rstrip().split(" ")
+                vector = np.asarray([float(x) for x in v], np.float32)  # ValueError: not numbers
+                if not len(v) or len(v) != (dim or len(v)) or not np.isfinite(vector).all():
+                    raise ValueError
+                out[w.lower()], dim = vector, len(v)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; expected GloVe's text format") from None
+    except ValueError:
+        raise ValueError(f"{path}: line {i} is not a word and {dim or 'its'} finite numbers, "
+                         "space-separated (GloVe's text format)") from None
+    if not out:
+        raise ValueError(f"{path}: no word vectors in it")
     return out
 
 

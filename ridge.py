@@ -159,7 +159,7 @@ def fit_ridge(X, Y, alphas, groups, voxel_batch=None):
     e, V = torch.linalg.eigh(G)
     e, V = e.clamp_min(0).to(dt), V.to(dt)
     v = Y.shape[1]
-    vb = voxel_batch or max(256, min(16384, 2 ** 26 // (n + (len(folds) + 5) * p)))  # ~256 MB
+    vb = voxel_batch or voxels_at_once(n, p, len(folds))
     W = torch.empty(p, v, dtype=dt)
     best, cv = torch.empty(v, dtype=torch.long), torch.empty(v, dtype=dt)
     for j in progress(range(0, v, vb), f"ridge, {v} voxels", total=-(-v // vb)):
@@ -176,8 +176,10 @@ def fit_ridge(X, Y, alphas, groups, voxel_batch=None):
                 Z = V_.T @ (xy - X[te].sum(0)[:, None] * Yte.mean(0))
             inv = 1 / (e_[None] + alphas[:, None])  # (alphas, p)
             cov = inv @ (A * Z)  # (alphas, vb)
-            var = torch.stack([((S @ B).square() if small else B * (S @ B)).sum(0)
-                               for B in (A * i[:, None] for i in inv)])
+            var = torch.empty_like(cov)  # filled in place: no small tensor per lambda outlives
+            for k, i in enumerate(inv):  # its (p, vb) B, which would fragment the heap
+                B = A * i[:, None]
+                var[k] = ((S @ B).square() if small else B * (S @ B)).sum(0)
             ss = (Yte - Yte.mean(0)).square().sum(0)
             scores += cov / (var.clamp_min(0) * ss).sqrt().clamp_min(1e-12)
         # argmax takes the first max: flipped, the largest lambda
@@ -186,6 +188,12 @@ def fit_ridge(X, Y, alphas, groups, voxel_batch=None):
         best[j:j + vb] = b.cpu()
         cv[j:j + vb] = scores.gather(0, b[None])[0].cpu() / len(folds)
     return RidgeCV(W, alphas.cpu()[best], cv)
+
+
+def voxels_at_once(n, p, folds):
+    """The batch of voxels fit_ridge solves at once for n rows, p features and `folds` folds: its
+    responses and each fold's X'Y, about 256 MB."""
+    return max(256, min(16384, 2 ** 26 // (n + (folds + 5) * p)))
 
 
 def story_folds(lengths, k):

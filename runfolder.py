@@ -13,35 +13,127 @@ by train.py (--resume) and eval.py alike:
 
 Every .pt file is a dict with named keys and "format": FORMAT; a folder of another format is
 refused in one sentence. Tensors are saved on the CPU, so that a run trained on a GPU is read
-anywhere.
+anywhere. One process writes a run folder (guard.RunLock, held by the first process for the whole
+run); --force replaces only a run folder, and whole: the new run is made beside it, in
+NAME.new-<pid>, and swapped in when it has finished (finish).
 """
+import contextlib
 import json
 import os
+import shutil
 import time
 
 import torch
 
 import dist
+import guard
 import ridge
 from cache import read_json, save_atomic
 from model import load_checkpoint
 
 FORMAT = 3  # of config.json and the .pt files: dicts with named keys
+_RUN = {}  # this process's run: its name, the folder it writes in, what it keeps, its locks
 
 
 def choose(args):
-    """The run folder: --resume's, --out, or runs/<subjects>_<roi>_<model>_<time>; an existing
-    one is refused without --force. The first process decides and tells the others (a new name
-    holds the time)."""
+    """The run folder: --resume's, --out, or runs/<subjects>_<roi>_<model>_<time>, checked before
+    any work: a folder this process can write in (or make), an existing one refused without
+    --resume or --force, and with --force only a run folder of this format. The first process
+    decides and tells the others (a new name holds the time), and holds an existing folder from
+    here on. Returns the folder the run writes in: --force's is made beside the old one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     default = f"{args.subject.replace(',', '+')}_{args.roi.text}_{args.model}_{stamp}"
     name = args.resume or args.out or os.path.join("runs", default)
-    name = dist.first_process_value(name)
-    taken = os.path.exists(name) and (not os.path.isdir(name) or os.listdir(name))
+    name, beside = dist.first_process_value((name, f"{name.rstrip('/')}.new-{os.getpid()}"))
+    guard.writable_folder(name, "--resume" if args.resume else "--out")
+    taken = os.path.isdir(name) and os.listdir(name)
     if not args.resume and taken and not args.force:
         raise ValueError(f"{name} already exists; use --resume {name} to continue it or "
-                         "--force to overwrite it")
+                         "--force to replace it")
+    if not args.resume and taken:
+        try:
+            read_config(name, "--force")
+        except ValueError:
+            raise ValueError(f"--force {name}: not a braintune run folder (no config.json of "
+                             f"format {FORMAT}); --force replaces only a run folder (nothing was "
+                             "written)") from None
+        guard.writable_folder(os.path.dirname(os.path.abspath(name)), "--force")
+    folder = beside if taken and not args.resume else name
+    _RUN.update(name=name, folder=folder, kept=resumed_kept(name) if args.resume else None,
+                locks=_RUN.get("locks", []))
+    if dist.RANK == 0 and taken:  # --resume's, or --force's old run: no one else writes it now
+        _RUN["locks"].append(guard.RunLock(name).acquire())
+    return folder
+
+
+def make(run):
+    """The run folder, made at the run's first write (first process) and held by this process
+    until the run ends (held): a new folder must still be empty when it is locked."""
+    os.makedirs(run, exist_ok=True)
+    if any(lock.folder == run for lock in _RUN["locks"]):
+        return
+    _RUN["locks"].append(guard.RunLock(run).acquire())
+    if set(os.listdir(run)) - {guard.RunLock.NAME}:
+        raise ValueError(f"{run}: another run began writing in it; choose another --out")
+
+
+def finish(run):
+    """The run's end (first process): --force's new run swapped in for the old, which is then
+    removed whole. A kill between the two renames leaves NAME.old-<pid> (the old run) and
+    NAME.new-<pid> (the new one, finished) and no NAME. Returns the run folder's name."""
+    name = _RUN["name"]
+    if run != name:
+        old, new = (next(lock for lock in _RUN["locks"] if lock.folder == f) for f in (name, run))
+        aside = f"{name.rstrip('/')}.old-{os.getpid()}"
+        old.rename(aside)
+        new.rename(name)
+        _RUN["locks"].remove(old)
+        old.release()
+        shutil.rmtree(aside)
+    _RUN.update(folder=name, kept="the results")
     return name
+
+
+@contextlib.contextmanager
+def held():
+    """`with held():` a run; the run folder's locks are released when it ends, however it ends."""
+    _RUN.clear()
+    _RUN["locks"] = []
+    try:
+        yield
+    finally:
+        for lock in _RUN.pop("locks"):
+            lock.release()
+
+
+def kept(resume=True):
+    """What the run folder keeps now (and, with resume, how to go on), for the one line that an
+    interruption or a stop prints."""
+    run, what, name = _RUN.get("folder"), _RUN.get("kept"), _RUN.get("name")
+    if not what:
+        return "nothing was written to a run folder"
+    if what == "the results":
+        return f"the run finished in {run}"
+    old = f" ({name} still holds the run that --force would replace)" if run != name else ""
+    how = f"; resume with: python train.py --resume {run}" if resume else ""
+    return f"{run} keeps {what}{old}{how}"
+
+
+def resumed_kept(run):
+    """What a run folder given to --resume keeps already."""
+    done = epochs_done(run)
+    if done:
+        return f"epoch {done}"
+    return "stage 1" if os.path.isfile(os.path.join(run, "stage1.pt")) else "its config"
+
+
+def epochs_done(run):
+    """The epochs a run folder's record holds (metrics.jsonl's lines)."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def cpu(x):
@@ -73,6 +165,7 @@ def write_config(run, flags, stories, extra):
     versions, ran_on: the device and precision the features were computed in)."""
     cfg = dict(format=FORMAT, args=flags, stories=stories, **extra)
     save_atomic(json.dumps(cfg, indent=1), os.path.join(run, "config.json"))
+    _RUN["kept"] = "its config (stage 1 not finished)"
 
 
 def update_config(run, **values):
@@ -120,6 +213,7 @@ def save_stage1(run, fits):
                      baseline=None if f.baseline is f.init else ridge.fit_state(f.baseline))
                 for f in fits]
     save_atomic(dict(format=FORMAT, subjects=cpu(subjects)), os.path.join(run, "stage1.pt"))
+    _RUN["kept"] = "stage 1"
 
 
 def read_stage1(run):
@@ -148,6 +242,7 @@ def save_checkpoint(run, state, opt, sched, trainable, *, scored=False):
     save_atomic(cpu(ckpt), os.path.join(run, "checkpoint.pt"))
     lines = "".join(json.dumps(m) + "\n" for m in state["metrics"])
     save_atomic(lines, os.path.join(run, "metrics.jsonl"))
+    _RUN["kept"] = f"epoch {state['epoch']}"
 
 
 def read_checkpoint(run):
@@ -182,12 +277,22 @@ def read_epoch(run, epoch):
     return read(path, "tune again in a new run folder")["trainable"]
 
 
+SHAPING = ("model", "layer", "lora_rank", "lora_targets", "bottleneck", "history", "pool",
+           "subject", "roi")  # the flags that shape adapter.pt's tensors
+
+
 def read_adapter(run):
-    """adapter.pt's trainable parameters, or None for a run that stopped after stage 1."""
+    """adapter.pt's trainable parameters, or None for a run that stopped after stage 1; one made
+    under other flags than config.json's (SHAPING) is refused in one sentence."""
     path = os.path.join(run, "adapter.pt")
     if not os.path.isfile(path):
         return None
-    return read(path, "tune again in a new run folder")["trainable"]
+    saved, flags = read(path, "tune again in a new run folder"), read_config(run, "")["args"]
+    made = saved.get("args") or {}
+    for k in (k for k in SHAPING if k in made and k in flags and made[k] != flags[k]):
+        raise ValueError(f"{path}: made under --{k.replace('_', '-')} {made[k]}, but config.json "
+                         f"says {flags[k]}; it is not this run's (tune again in a new run folder)")
+    return saved["trainable"]
 
 
 # -----------------------------------------------------------------------------

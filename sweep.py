@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import cache
 import compare
 import config
+import flags
 import data
 import plots
 import preflight
@@ -92,7 +93,7 @@ def parser():
 def parse_spec(a, train):
     """The command as a Spec, each part checked alone: the --vary flags known to train.py, taking
     a value, not the sweep's own nor given after --, their values distinct; the seeds."""
-    known = {s: x for x in config.parser()._actions for s in x.option_strings}  # train.py's
+    known = {s: x for x in flags.parser()._actions for s in x.option_strings}  # train.py's
     vary = []
     for text in a.vary:
         flag, _, values = text.partition("=")
@@ -115,7 +116,7 @@ def parse_spec(a, train):
         vary.append([option[2:], values])
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            given = config.given_flags(config.parser(), train)
+            given = config.given_flags(flags.parser(), train)
     except SystemExit:  # a value of the wrong type: refused in train.py's words (check_settings)
         given = {}
     for dest in given:

@@ -38,7 +38,20 @@ def read_textgrid(path):
             pos += step * n
     except (IndexError, TypeError, ValueError):
         raise bad from None
+    for name, intervals in tiers.items():
+        in_order(path, name, intervals)
     return tiers
+
+
+def in_order(path, name, intervals):
+    """Refuses a tier whose interval ends before it starts, or starts before the one before it."""
+    for i, (start, end, _) in enumerate(intervals):
+        if end < start:
+            raise ValueError(f"{path}: tier {name!r}, interval {i + 1} ends at {end:g} s, before "
+                             f"it starts ({start:g} s)")
+        if i and start < intervals[i - 1][0]:
+            raise ValueError(f"{path}: tier {name!r}, interval {i + 1} starts at {start:g} s, "
+                             f"before interval {i} ({intervals[i - 1][0]:g} s): out of order")
 
 
 PHONEMES = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T "

@@ -11,8 +11,8 @@ backbone's features are re-extracted and ridge refit, the field's protocol (READ
     torchrun --nproc_per_node 2 train.py ...    # data parallel, one process per device
 """
 import contextlib
+import functools
 import os
-import sys
 import time
 
 import numpy as np
@@ -24,6 +24,7 @@ import cache
 import config
 import data
 import dist
+import guard
 import preflight
 import ridge
 import runfolder
@@ -47,9 +48,10 @@ def brain_tune(args):
     """Both stages and the results, for the flags in args (config.parse); returns the run
     folder."""
     device = start(args)  # the device, the processes, the quick start's dataset
-    run = runfolder.choose(args)
-    names = args.subject.split(",")
-    listings = preflight.check(args, names, device, textgrids=pretrains_tiny(args))
+    names = args.subject.split(",")  # every check made in every process, a refusal ending all:
+    run = dist.agree(functools.partial(runfolder.choose, args))
+    listings = dist.agree(functools.partial(preflight.check, args, names, device,
+                                            textgrids=pretrains_tiny(args)))
     early = None if pretrains_tiny(args) else pretrained(args, run)  # a failed download, now
     if RANK > 0:
         dist.wait()  # the first process fills the caches (the data, tiny, stage 1)
@@ -72,6 +74,7 @@ def brain_tune(args):
             evaluate(args, model, ds, [r.at(epoch) for r in results], shared, listings)
     if RANK == 0:
         report(args, run, ds, results)
+        run = runfolder.finish(run)  # --force's new run in the old one's place
     return run
 
 
@@ -114,7 +117,7 @@ def open_run(args, run, ds, shared, extractor, device):
     them there); the log's first lines."""
     own = os.path.join(run, "tiny_pretrained.pt")
     if RANK == 0:
-        os.makedirs(run, exist_ok=True)
+        runfolder.make(run)  # and held by this process until the run ends
     if pretrains_tiny(args) and RANK == 0:
         cache.save_atomic(extractor.backbone.state_dict(), own)
     layer = "weighted" if extractor.layer_weights is not None else extractor.layer
@@ -276,8 +279,7 @@ def train_epoch(args, net, opt, sched, train, shared, epoch):
     if not torch.isfinite(losses).all():
         step = int(torch.nonzero(~torch.isfinite(losses))[0]) + 1
         raise ValueError(f"the loss became {losses[step - 1].item()} at epoch {epoch + 1}, step "
-                         f"{step}; stopped, and the checkpoint of the epoch before is kept (try "
-                         "a lower --lr)")
+                         f"{step}; stopped: {runfolder.kept(resume=False)} (try a lower --lr)")
     return dict(train_loss=float(losses.mean()), lr=rates[0], head_lr=rates[1])
 
 
@@ -343,16 +345,17 @@ def report(args, run, ds, results):
 
 def main(argv=None):
     args = config.parse(argv)
-    with cache.no_cache() if args.no_cache else contextlib.nullcontext():
-        return brain_tune(args)
+    cache.check_root()  # before --no-cache makes its folder there
+    with cache.no_cache() if args.no_cache else contextlib.nullcontext(), runfolder.held():
+        try:
+            return brain_tune(args)
+        except (torch.OutOfMemoryError, MemoryError) as e:  # a CUDA one is no MemoryError
+            why = str(e).splitlines()[0][:100]
+            raise ValueError(f"out of memory in {STEP[0]} ({why}); try a smaller --batch-size "
+                             f"or --device cpu; {runfolder.kept()}") from None
+        finally:
+            dist.end()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    except (torch.OutOfMemoryError, MemoryError) as e:
-        sys.exit(f"error: out of memory in {STEP[0]} ({str(e).splitlines()[0][:100]}); try a "
-                 "smaller --batch-size or --device cpu; what was finished is kept (the cache, "
-                 "the run folder's last checkpoint)")
+    guard.main_guard(main, kept=runfolder.kept)  # one line for a refusal, an OSError, Ctrl-C

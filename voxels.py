@@ -68,16 +68,28 @@ def parse_roi(text):
     return Voxels(text, "name")
 
 
+def repeats(f, path):
+    """The "individual_repeats" (repeats, TRs, voxels) of an open hf5 file (at `path`), or None;
+    refused in one sentence where its shape disagrees with the file's "data" (TRs, voxels)."""
+    if "individual_repeats" not in f:
+        return None
+    reps, voxels = f["individual_repeats"], f["data"].shape[-1] if "data" in f else None
+    if reps.ndim != 3 or reps.shape[0] < 2 or reps.shape[2] != voxels:
+        raise ValueError(f"{path}: 'individual_repeats' has shape {reps.shape}; expected "
+                         f"(repeats >= 2, TRs, voxels) with the {voxels} voxels of its 'data'")
+    return reps
+
+
 def story_ceiling(path, subj, block=4096):
     """The noise ceiling of every voxel from the "individual_repeats" (repeats, TRs, voxels) of
     the hf5 file `path` (the test story's), read in blocks of voxels; None if it has no repeats."""
     with open_hf5(path) as f:
-        if "individual_repeats" not in f:
+        if repeats(f, path) is None:
             return None
 
     def build():
         with open_hf5(path) as f:
-            reps = f["individual_repeats"]
+            reps = repeats(f, path)
             cc = np.empty(reps.shape[2], np.float32)
             for j in progress(range(0, len(cc), block), f"{subj} noise ceiling"):
                 cc[j:j + block] = noise_ceiling(reps[:, :, j:j + block])
@@ -87,7 +99,15 @@ def story_ceiling(path, subj, block=4096):
 
 
 def _as_indices(arr, n_voxels, what):
+    """An ROI's voxel indices, from indices or a mask: boolean, or integers of 0s and 1s with one
+    repeated (a mask: indices are listed once each), either of the voxel count."""
     arr = np.asarray(arr)
+    if arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer) and np.isin(arr, (0, 1)).all() \
+            and len(np.unique(arr)) < arr.size:
+        if arr.size != n_voxels:
+            raise ValueError(f"{what}: holds {arr.size} 0s and 1s, a mask of the wrong length "
+                             f"(the responses have {n_voxels} voxels), or indices listed twice")
+        arr = arr.astype(bool)
     if arr.dtype == bool:
         if arr.shape != (n_voxels,):
             raise ValueError(f"{what}: mask has shape {arr.shape}, the responses have {n_voxels} "
@@ -106,8 +126,10 @@ def roi_sets(path, n_voxels):
     (derivative/rois/<SUBJ>.npz; none if absent)."""
     if not os.path.exists(path):
         return {}
-    with np.load(path) as f:
-        return {k: _as_indices(f[k], n_voxels, f"{path}[{k}]") for k in f.files}
+    rois = guard.load_array(path, None)
+    if not isinstance(rois, dict):
+        raise ValueError(f"{path}: an .npy array; expected an .npz of ROIs, one key each")
+    return {k: _as_indices(v, n_voxels, f"{path}[{k}]") for k, v in rois.items()}
 
 
 def load_roi(path, subj, voxels, n_voxels):
@@ -118,7 +140,10 @@ def load_roi(path, subj, voxels, n_voxels):
     if voxels.kind == "file":
         if not os.path.exists(voxels.text):
             raise ValueError(f"{voxels.text}: no such ROI file")
-        return _as_indices(np.load(voxels.text), n_voxels, voxels.text)
+        arr = guard.load_array(voxels.text, "--roi")
+        if isinstance(arr, dict):
+            raise ValueError(f"--roi {voxels.text}: an .npz archive; expected one array (np.save)")
+        return _as_indices(arr, n_voxels, f"--roi {voxels.text}")
     rois = roi_sets(path, n_voxels)
     if voxels.text not in rois:
         names = "".join(", " + k for k in rois)

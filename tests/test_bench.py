@@ -49,7 +49,7 @@ def test_the_gpu_check_runs_every_part_and_writes_its_table(tmp_path):
     one, eval.py reads the run's caches) pass."""
     import bench_gpu
     rows = bench_gpu.main(str(tmp_path / "gpu.json"), quick=True)
-    table = (tmp_path / "bench_gpu.md").read_text()
+    table = (tmp_path / "gpu.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and "scaled down" in table
     verdict = {what.split(":")[0].strip(): ok for what, _, _, ok in rows}
     for check in ("CPU against the device, float32", "a resumed run with dropout against an "

@@ -156,18 +156,74 @@ def test_short_audio_is_an_error_and_a_small_shortfall_is_silence(tmp_path):
         data.Windows(waves, resp, ["story"])
 
 
-def test_nan_and_constant_voxels_are_excluded_with_one_warning(tmp_path):
+def test_nan_is_refused_naming_its_rows_unless_its_voxels_are_dropped(tmp_path):
     write_story(tmp_path, "a", 40.0, 12, n_vox=5)
     write_story(tmp_path, "b", 40.0, 12, n_vox=5)
     p = tmp_path / "derivative" / "preprocessed_data" / "UTS01"
     with h5py.File(p / "a.hf5", "r+") as f:
         x = f["data"][:]
-        x[3, 1], x[:, 4] = np.nan, 2.0
+        x[3, 1], x[7, 2], x[:, 4] = np.nan, np.inf, 2.0
         f["data"][:] = x
-    with pytest.warns(UserWarning, match="2 of 5 voxels"):
-        resp, good = data.load_responses(tmp_path, "UTS01", ["a", "b"])
-    assert good.tolist() == [True, False, True, True, False]
+    with pytest.raises(ValueError, match=f"^{p / 'a.hf5'}: NaN or inf in 2 of its 12 rows \\(row "
+                                         "3, 7\\); --drop-nonfinite-voxels leaves out"):
+        data.load_responses(tmp_path, "UTS01", ["a", "b"])
+    with pytest.warns(UserWarning, match="3 of 5 voxels"):  # NaN, inf, constant: left out
+        resp, good = data.load_responses(tmp_path, "UTS01", ["a", "b"], drop_nonfinite=True)
+    assert good.tolist() == [True, False, False, True, False]
     assert all(np.isfinite(r).all() for r in resp.values())
+    with pytest.raises(ValueError, match="NaN or inf in 2 of its 12 rows"):  # the cached entry too
+        data.load_responses(tmp_path, "UTS01", ["a", "b"])
+    with h5py.File(p / "b.hf5", "r+") as f:
+        f["data"][5] = np.nan  # a whole row: every voxel
+    with pytest.raises(ValueError, match="every voxel is NaN, infinite or constant in some story"):
+        data.load_responses(tmp_path, "UTS01", ["a", "b"], drop_nonfinite=True)
+
+
+def test_each_file_is_refused_in_one_sentence_naming_it(tmp_path):
+    write_story(tmp_path, "a", 40.0, 12, n_vox=5)
+    wav = tmp_path / "stimuli" / "a.wav"
+    audio = np.zeros(16000, np.float32)
+    audio[8000] = np.nan
+    wavfile.write(wav, 16000, audio)
+    with pytest.raises(ValueError, match=f"^{wav}: 1 samples are NaN or infinite, the first at "
+                                         "0.50 s$"):
+        data.read_wav(str(wav))
+    header = bytearray(wav.read_bytes())
+    header[24:28] = (0).to_bytes(4, "little")  # the sample rate
+    wav.write_bytes(bytes(header))
+    with pytest.raises(ValueError, match=f"^{wav}: its header says 0 Hz$"):
+        data.open_wav(str(wav))
+    path = tmp_path / "derivative" / "preprocessed_data" / "UTS01" / "a.hf5"
+    with h5py.File(path, "r+") as f:
+        f["individual_repeats"] = np.zeros((3, 12, 4), np.float32)  # 4 voxels, not 5
+    with pytest.raises(ValueError, match="'individual_repeats' has shape \\(3, 12, 4\\); "
+                                         "expected \\(repeats >= 2, TRs, voxels\\) with the 5"):
+        voxels.story_ceiling(str(path), "UTS01")
+    grid = tmp_path / "a.TextGrid"
+    grid.write_text(SHORT.replace("1\n2\n\"AH\"", "2\n1\n\"AH\""))
+    with pytest.raises(ValueError, match="tier 'phone', interval 2 ends at 1 s, before it starts "
+                                         "\\(2 s\\)"):
+        textgrid.read_textgrid(str(grid))
+    grid.write_text(SHORT.replace("1\n2\n\"AH\"", "0.5\n2\n\"AH\"").replace(
+        "2\n2.5\n\"sp\"\n\"IntervalTier\"", "0.2\n2.5\n\"sp\"\n\"IntervalTier\""))
+    with pytest.raises(ValueError, match="interval 3 starts at 0.2 s, before interval 2 \\(0.5 "
+                                         "s\\): out of order"):
+        textgrid.read_textgrid(str(grid))
+
+
+def test_a_0_1_roi_of_the_voxel_count_is_a_mask_and_one_of_another_length_is_refused(tmp_path):
+    mask = np.zeros(90, np.int64)
+    mask[[4, 50, 51]] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    roi = voxels.parse_roi(str(tmp_path / "mask.npy"))
+    assert voxels.load_roi("", "UTS01", roi, 90).tolist() == [4, 50, 51]  # never voxels 0 and 1
+    np.save(tmp_path / "short.npy", mask[:89])
+    with pytest.raises(ValueError, match="holds 89 0s and 1s, a mask of the wrong length \\(the "
+                                         "responses have 90 voxels\\)"):
+        voxels.load_roi("", "UTS01", voxels.parse_roi(str(tmp_path / "short.npy")), 90)
+    np.save(tmp_path / "two.npy", np.array([0, 1]))  # voxels 0 and 1, each once: indices
+    assert voxels.load_roi("", "UTS01", voxels.parse_roi(str(tmp_path / "two.npy")),
+                           90).tolist() == [0, 1]
 
 
 SHORT = '''File type = "ooTextFile"

@@ -67,7 +67,8 @@ def test_one_command_loads_the_run_once_for_all_its_analyses(run, tmp_path, monk
         calls.append(folder)
         return real(folder, device)
     monkeypatch.setattr(ev, "load_run", counted)
-    ev.main([run, "--plot", "--seeds", run, "--export", str(tmp_path / "t.pt")])
+    seed = shutil.copytree(run, tmp_path / "seed")  # a second run (the run itself is refused)
+    ev.main([run, "--plot", "--seeds", str(seed), "--export", str(tmp_path / "t.pt")])
     assert calls == [run] and "wrote" in capsys.readouterr().out
     assert os.path.isfile(tmp_path / "t.pt")
 

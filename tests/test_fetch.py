@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-import config
+import flags
 import data
 import fetch
 import probes
@@ -160,7 +160,7 @@ def test_the_shipped_manifest_has_every_story_the_recipes_and_defaults_name():
         folder = f"derivative/preprocessed_data/{s}/"
         return {p.rsplit("/", 1)[1][:-4] for p in manifest if p.startswith(folder)}
     named = {data.TEST_STORY, "stagefright"}  # the defaults
-    for recipe in config.RECIPES.values():
+    for recipe in flags.RECIPES.values():
         named |= set(recipe.get("val_stories", "").split(",")) - {""}
     for s in ("UTS01", "UTS02", "UTS03"):
         assert named <= stories(s), named - stories(s)

@@ -195,6 +195,16 @@ def test_a_run_lock_refuses_a_second_writer_and_a_killed_holder_leaves_it_free(t
     lock.release()
 
 
+def test_a_run_lock_goes_with_its_folder_when_it_is_renamed(tmp_path):
+    (tmp_path / "a").mkdir()
+    lock = guard.RunLock(str(tmp_path / "a")).acquire()
+    lock.rename(str(tmp_path / "b"))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'b'}: in use"):
+        guard.RunLock(str(tmp_path / "b")).acquire()  # still held, under its new name
+    lock.release()
+    assert os.listdir(tmp_path / "b") == []
+
+
 def main_guard_says(main, capsys, **kw):
     with pytest.raises(SystemExit) as e:
         guard.main_guard(main, **kw)

@@ -178,7 +178,8 @@ def test_bad_sweeps_are_refused_before_any_run(swept, demo, tmp_path):
     cwd, argv = swept
     flags = ["--", "--data", demo, "--model", "tiny", "--epochs", "1"]
     cases = [(["--vary", "lora-rnak=4,8", "--seeds", "0"], "train.py has no flag --lora-rnak"),
-             (["--vary", "lora-rank=4,-1", "--seeds", "0"], "--lora-rank -1: must be 0 or more"),
+             (["--vary", "lora-rank=4,-1", "--seeds", "0"],
+              "argument --lora-rank: must be an integer >= 0"),
              (["--vary", "loss=mse,foo", "--seeds", "0"], "invalid choice: 'foo'"),
              (["--vary", "roi=AC,nosuch", "--seeds", "0"], "unknown ROI 'nosuch'"),
              (["--vary", "force=1", "--seeds", "0"], "--force takes no value"),
@@ -189,7 +190,8 @@ def test_bad_sweeps_are_refused_before_any_run(swept, demo, tmp_path):
              (["--vary", "lr=1e-2", "--seeds", "1,0,1"], "--seeds 1,0,1: expected distinct"),
              (["--vary", "lr=1e-2", "--seeds", "0", "--", "--seed", "3"], "--seed after --"),
              (["--vary", "subject=S01,S02", "--seeds", "0"], "--subject cannot be varied"),
-             (["--seeds", "0", "--", "--history", "x"], "argument --history: invalid int value")]
+             (["--seeds", "0", "--", "--history", "x"],
+              "argument --history: must be an integer >= 1 (got 'x')")]
     for args, message in cases:
         given = args + (flags[1:] if "--" in args else flags)
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -1,13 +1,16 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 import eval as ev
+import guard
 import objective
 import preflight
 import train
@@ -137,6 +140,31 @@ def test_torchrun_with_a_last_batch_smaller_than_the_processes(demo, tmp_path):
     out = torchrun(quick(demo, tmp_path / "r", "--epochs", "1", "--batch-size", "5"), 29518)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())["epoch"] == 1
+
+
+def test_under_torchrun_a_refusal_ends_every_process_and_is_said_once(run, demo, tmp_path):
+    """Rank 0's refusal made in every process (the run folder held by another: dist.agree), and
+    one made by rank 0 alone while the other waits for it (a NaN in the data it reads first:
+    dist.wait); either way one line, then torchrun's own report, no process left running."""
+    held = shutil.copytree(run, tmp_path / "r")
+    broken = tmp_path / "ds"
+    shutil.copytree(demo, broken, copy_function=os.symlink)
+    hf5 = broken / "derivative" / "preprocessed_data" / "UTS01" / "alternateithicatom.hf5"
+    with h5py.File(os.path.realpath(hf5)) as f:
+        x = f["data"][:]
+    x[3] = np.nan
+    os.remove(hf5)
+    with h5py.File(hf5, "w") as f:
+        f["data"] = x
+    with guard.RunLock(str(held)):
+        locked = torchrun(["--resume", str(held), "--epochs", "3"], 29519)
+    nan = torchrun(quick(str(broken), tmp_path / "new", "--epochs", "1"), 29520)
+    for out, says in ((locked, f"error: {held}: in use by another process (pid {os.getpid()})"),
+                      (nan, f"error: {hf5}: NaN or inf in 1 of its 24 rows (row 3)")):
+        ours = out.stderr[:out.stderr.find("Traceback")]  # torchrun's report follows
+        assert out.returncode != 0 and ours.count("error:") == 1 and says in ours, out.stderr
+        assert "terminate called" not in out.stderr and "train.py\", line" not in out.stderr
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_accumulated_batches_equal_one_large_batch(demo, tmp_path):
@@ -282,7 +310,7 @@ def test_the_imports_run_one_way():
     assert not [n for n in deps if n in below(n, set())]  # no cycle
     assert deps["model"] <= {"cache", "data", "lora", "textgrid"} and deps["lora"] == set()
     assert deps["data"] <= {"cache", "voxels"} and deps["voxels"] <= {"cache", "guard", "ridge"}
-    assert deps["textgrid"] == set() and deps["dist"] == set()
+    assert deps["textgrid"] == set() and deps["dist"] == set() and deps["guard"] == set()
     assert not [n for n in deps if "train" in deps[n]]
 
 
