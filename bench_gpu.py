@@ -1,8 +1,8 @@
 """
 The prepared check of a machine with one NVIDIA GPU: `python bench.py --gpu`. Every part of the
 GPU path that a CPU cannot show, on random weights and synthetic data it makes itself (no
-internet), in about 8 minutes on one H100; one markdown table, printed and written beside --out
-(bench.json -> bench.md), each row against its target:
+internet), sized to finish within 8 minutes on one H100 (not yet run on one); one markdown
+table, printed and written beside --out (bench.json -> bench.md), each row against its target:
 
     CPU against CUDA on the same small run (float32, and bf16 where the card has it)
     a resumed CUDA run with dropout against an uninterrupted one

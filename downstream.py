@@ -1,6 +1,6 @@
 """
 Downstream speech tasks: does brain-tuning make a better speech model? Moussa et al. 2025's probe
-(REFERENCE.md section 8): the frozen backbone's hidden states mean-pooled over each clip at each
+(docs/evaluation.md): the frozen backbone's hidden states mean-pooled over each clip at each
 layer, one linear layer per layer trained on the task's training split, its weight decay and epochs
 chosen on the validation split (never the test split), then scored on the test split with bootstrap
 intervals, and the paired difference tuned - pretrained over the same resampled test clips. The

@@ -5,7 +5,7 @@ ds003020's layout (data.py reads it as it reads the real one), so that everythin
 Each story is a random sequence of consonant-vowel words; each subject's voxels respond, through a
 haemodynamic response, to the words' meaning (embedding dimensions) or to the sound (band energies).
 
-    python synthetic.py OUT [--subjects 3 --stories 10 --voxels 500 --seed 0]
+    python synthetic.py OUT [--subjects 3 --stories 15 --voxels 500 --seed 0]
     # full size
     python synthetic.py OUT --sr 44100 --channels 2 --stories 83 --seconds 650 --voxels 95556
 """
@@ -22,8 +22,9 @@ import guard
 from cache import atomic_folder, progress
 from data import (SOUND_START, TEST_STORY, TR, TRAIN_STORIES, TRIM_START, response_path,
                   row_times, textgrid_path, wav_path, zscore, zscore_)
-# the quick start's dataset, under the cache; v2: TextGrids with braces and stress
-SYNTHETIC = "synthetic-v2"
+# the quick start's dataset, under the cache; v2: TextGrids with braces and stress; v3: 15
+# stories, SNR 1 to 10 (enough signal for 7 epochs on a laptop to show the effect)
+SYNTHETIC = "synthetic-v3"
 DEMO_SR = 22050  # not 16 kHz, so that the reader's resampling is exercised
 # noise centre, Hz
 CONSONANTS = {"K": 1800, "T": 4200, "P": 700, "S": 6000, "SH": 3000, "F": 7000, "HH": 1200}
@@ -121,8 +122,8 @@ def _textgrid(path, words, seconds):
         f.write("\n".join(lines) + "\n")
 
 
-def make_demo(out, n_subjects=3, n_stories=10, n_voxels=500, seed=0, seconds=150.0, *, n_vocab=40,
-              dim=16, repeats=10, tr=TR, snr=(0.2, 2.0), sr=DEMO_SR, channels=1):
+def make_demo(out, n_subjects=3, n_stories=15, n_voxels=500, seed=0, seconds=150.0, *, n_vocab=40,
+              dim=16, repeats=10, tr=TR, snr=(1.0, 10.0), sr=DEMO_SR, channels=1):
     """Write a synthetic dataset in the ds003020 layout, stored as the real one is (float64 hf5).
     Voxels are of three kinds: 'AC' voxels respond to band energies, 'semantic' voxels to the
     meaning vectors of the words being spoken, the rest to nothing; each sees its features through
@@ -252,7 +253,7 @@ def parser():
     a = p.add_argument
     a("out", help="folder to write (must not exist yet, or be empty)")
     a("--subjects", type=guard.number(int, low=1), default=3, help="number of subjects")
-    a("--stories", type=guard.number(int, low=2), default=10,
+    a("--stories", type=guard.number(int, low=2), default=15,
       help="training stories (a test story is added)")
     a("--voxels", type=guard.number(int, low=3), default=500, help="voxels per subject")
     # 30 s: 9 rows after the TRIM_START TRs that the hf5 files drop

@@ -1,6 +1,6 @@
 """
 The downstream tasks' datasets, each read from the folder a user downloads, in its published
-layout (REFERENCE.md section 8), into a Task of labelled clips; downstream.py probes them.
+layout (docs/evaluation.md), into a Task of labelled clips; downstream.py probes them.
 
     speechcommands   word identity: Speech Commands v0.01 / v0.02 (or torchaudio's folder above it)
     timit-phones     which of TIMIT's phonemes (61 folded to Lee & Hon's 39, less sil) it holds

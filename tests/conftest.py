@@ -48,7 +48,7 @@ def run(demo, tmp_path_factory):
     import train
     out = tmp_path_factory.mktemp("runs") / "r"
     return train.main(["--data", demo, "--model", "tiny", "--out", str(out), "--batch-size", "8",
-                       "--epochs", "2", "--lr", "1e-2", "--lora-dropout", "0"])
+                       "--epochs", "2", "--lora-dropout", "0"])
 
 
 @pytest.fixture

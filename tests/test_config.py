@@ -15,8 +15,8 @@ def test_each_recipe_sets_its_flags_and_the_command_line_wins(recipe):
     assert config.parse(["--recipe", recipe, "--data", "somewhere", "--lr", "0.123"]).lr == 0.123
 
 
-# every value a recipe sets, as docs/training.md's table names it (the authors' code, REFERENCE.md
-# section 10, or braintune's own choice)
+# every value a recipe sets, as docs/training.md's table names it (the authors' code by file and
+# line, or braintune's own choice)
 NAMED = {
     "moussa2025": dict(model="hubert_base", layer="12", history=5, lora_rank=0, loss="mse", l2=0.0,
                        lr=5e-5, head_lr=1e-4, batch_size=128, epochs=21, patience=30, warmup=5,
@@ -62,7 +62,9 @@ def test_a_papers_recipe_sets_what_the_docs_table_names(recipe):
 
 
 def test_clip_0_means_none_and_a_negative_clip_is_refused(capsys):
-    assert config.parse(["--clip", "0"]).clip == 0 and config.parse([]).clip == 1.0
+    assert config.parse(["--clip", "0"]).clip == 0 and config.parse(["--clip", "2"]).clip == 2
+    assert config.parse(["--recipe", "li2024"]).clip == 1.0  # the flag's default
+    assert config.parse([]).clip == 0  # the demo recipe's: tiny's steps unclipped
     with pytest.raises(SystemExit):
         config.parse(["--clip", "-1"])
     assert capsys.readouterr().err == ("error: argument --clip: must be a finite number >= 0 (got "

@@ -180,7 +180,7 @@ def runs(run, tmp_path_factory):
         subprocess.run(["chattr", "+i", str(ro)], capture_output=True)
     other = shutil.copytree(run, base / "other")
     cfg = json.load(open(other / "config.json"))
-    cfg["args"]["lora_rank"] = 4  # the run's adapters have rank 8
+    cfg["args"]["lora_rank"] = 4  # the run's adapters have rank 64
     (other / "config.json").write_text(json.dumps(cfg))
     yield {"run": run, "stage1": stage1, "rorun": str(ro) if cannot_write(ro) else None,
            "other": str(other)}
@@ -285,7 +285,7 @@ TRAIN = [
     train_mistake(["--history", "1000"],
                   "--history 1000: longer than the shortest training story (24 TRs)"),
     train_mistake(["--bottleneck", "100000"],
-                  "--bottleneck 100000: larger than the features (384) or the voxels (90)"),
+                  "--bottleneck 100000: larger than the features (256) or the voxels (90)"),
     train_mistake(["--lora-rank", "65"],
                   "--lora-rank 65: must be at most the layer's width, 64 (tiny)"),
     train_mistake(["--lora-targets", "qxz"], "--lora-targets qxz: must be letters of qkvo"),
@@ -421,7 +421,7 @@ EVAL = [
     eval_mistake(["{rorun}", "--export-hf", "{rorun}/hf"],
                  "--export-hf {rorun}/hf: cannot write in {rorun} ("),
     eval_mistake(["{rorun}", "--export", "{rorun}/tuned.pt"], "cannot write in {rorun} ("),
-    eval_mistake(["{other}", "--layers"], "{other}/adapter.pt: made under --lora-rank 8, but "
+    eval_mistake(["{other}", "--layers"], "{other}/adapter.pt: made under --lora-rank 64, but "
                                           "config.json says 4; it is not this run's"),
     eval_mistake(["{run}"], f"{CACHE} {{notes}}: {{notes}} is a file",
                  env={"BRAINTUNE_CACHE": "{notes}"}),
@@ -632,10 +632,10 @@ def test_a_run_folder_held_by_another_process_is_refused(run, tmp_path):
 def test_the_lambda_grid_is_refused_where_it_would_not_fit(demo, monkeypatch):
     args = config.parse(["--data", demo, "--model", "tiny", "--alphas", "1e-1,1e8,100000"])
     listings = preflight.list_subjects(args, ["S01"])
-    need = preflight.grid_bytes(100000, 6 * 64, 90)  # tiny: 6 TR bins of 64 features, 90 voxels
+    need = preflight.grid_bytes(100000, 4 * 64, 90)  # tiny: 4 TR bins of 64 features, 90 voxels
     monkeypatch.setattr(preflight, "available_memory", lambda device: need - 1)
-    with pytest.raises(ValueError, match="^--alphas: a grid of 100000 lambdas needs about 794 MB "
-                                         "at once in the ridge and cpu has 794 MB free; use "
+    with pytest.raises(ValueError, match="^--alphas: a grid of 100000 lambdas needs about 590 MB "
+                                         "at once in the ridge and cpu has 590 MB free; use "
                                          "fewer lambdas"):
         preflight.check_grid(args, listings, torch.device("cpu"))
     monkeypatch.setattr(preflight, "available_memory", lambda device: need)

@@ -26,13 +26,15 @@ def test_lowlevel_removes_what_band_energies_explain(run):
     L = {s: zscored(v, L["train"]) for s, v in L.items()}
     X = r.features(r.pretrained, d)
     X = {s: zscored(v, X["train"]) for s, v in X.items()}
-    # 20 voxels built to depend only on the low-level features, plus noise
+    # 200 voxels built to depend only on the low-level features, plus noise (many: the test story
+    # has 24 TRs, so each voxel's r is noisy and their mean must not be)
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(L["train"].shape[1], 20, generator=g)
-    Y = {s: zscored(L[s] @ w, L["train"] @ w) + torch.randn(len(L[s]), 20, generator=g) for s in L}
+    w = torch.randn(L["train"].shape[1], 200, generator=g)
+    Y = {s: zscored(L[s] @ w, L["train"] @ w) + torch.randn(len(L[s]), 200, generator=g)
+         for s in L}
     groups = ridge.story_folds([len(e) for e in d.windows["train"].ends], r.settings.folds)
     full, resid = probes.lowlevel_r(X, L, Y["train"], Y["test"], groups, r.settings.alphas)
-    # measured: full r 0.57, without the low-level part -0.03 (a 24-TR test story: r is noisy)
+    # measured: full r 0.58, without the low-level part -0.003
     assert full.mean() > 0.25
     assert resid.mean().abs() < 0.08
     res, table = probes.lowlevel(r)  # the whole analysis on the run's own voxels
@@ -83,7 +85,7 @@ def test_tuning_on_semantic_voxels_carries_meaning_to_another_subject_and_to_the
     """The papers' two semantic claims on data made for them (high-SNR voxels, 8 stories): tuning
     the phone-pretrained tiny on S01's semantic voxels predicts S02's semantic voxels better, and
     word vectors are read better from its features. Measured, training seeds 0 / 1 / 2: transfer
-    gain 0.046 / 0.052 / 0.049, probe gain 0.038 / 0.022 / 0.040; thresholds about half of the
+    gain 0.075 / 0.057 / 0.076, probe gain 0.017 / 0.012 / 0.011; thresholds about half of the
     least."""
     root = synthetic.make_demo(str(tmp_path / "ds"), n_subjects=2, n_stories=8, n_voxels=500,
                                seconds=100.0, snr=(2.0, 10.0))
@@ -94,5 +96,5 @@ def test_tuning_on_semantic_voxels_carries_meaning_to_another_subject_and_to_the
     ev.cross_subject(r, "S02")
     probe, _ = probes.probe(r, "semantic")
     transfer = json.load(open(os.path.join(run, "analyses.json")))["transfer_UTS02"]["semantic"]
-    assert transfer["refit_r"] > transfer["baseline_r"] + 0.02
-    assert probe["tuned"] > probe["pretrained"] + 0.01
+    assert transfer["refit_r"] > transfer["baseline_r"] + 0.025
+    assert probe["tuned"] > probe["pretrained"] + 0.005

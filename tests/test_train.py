@@ -94,12 +94,11 @@ def test_existing_run_folder_is_never_overwritten(demo, tmp_path):
 
 
 def test_main_job_tunes_the_backbone_and_keeps_the_model_sound(demo, tmp_path):
-    # Whether tuning beats the baseline on these 96 windows is a coin toss (tuned r with its own
-    # head
-    # minus baseline r, seeds 0-3: +0.0013, +0.0026, +0.0030, -0.0009); the gain is measured on data
-    # made for it (test_eval's semantic test) and in the README. Here: stage 2 fits its training
-    # windows, moves every adapter, and leaves a model that predicts the brain as well as before.
-    run = train.main(quick(demo, tmp_path / "r", "--epochs", "3", "--lr", "1e-2"))
+    # Whether tuning beats the baseline on these few windows is a coin toss; the gain is measured
+    # on data made for it (test_probes' semantic test) and in the README. Here: stage 2 fits its
+    # training windows, moves every adapter, and leaves a model that predicts the brain about as
+    # well as before.
+    run = train.main(quick(demo, tmp_path / "r", "--epochs", "3", "--lr", "3e-3"))
     m = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     assert m[0]["train_loss"] > m[1]["train_loss"] > m[2]["train_loss"]
     trained = load_checkpoint(os.path.join(run, "adapter.pt"))["trainable"]
@@ -107,7 +106,7 @@ def test_main_job_tunes_the_backbone_and_keeps_the_model_sound(demo, tmp_path):
     r = np.load(os.path.join(run, "voxel_r.npz"))
     assert np.corrcoef(r["baseline_r"], r["refit_r"])[0, 1] > 0.9
     t = json.load(open(os.path.join(run, "results.json")))["test"]
-    assert abs(t["all"]["refit_r"] - t["all"]["baseline_r"]) < 0.02  # measured: 0.1619 and 0.1595
+    assert abs(t["all"]["refit_r"] - t["all"]["baseline_r"]) < 0.02  # measured: 0.1978, 0.2067
 
 
 def torchrun(flags, port):
@@ -263,11 +262,11 @@ def test_a_subjects_missing_story_names_subject_and_story(demo, tmp_path):
 
 def test_a_papers_protocol_scores_the_baseline_and_the_refit_while_the_windows_train(demo,
                                                                                      tmp_path):
-    flags = ["--epochs", "1", "--tiny-pretrain", "0", "--protocol", "brainwavlm", "--context",
-             "1.0", "--stride", "0.5",
-             "--test-skip", "4"]
+    flags = ["--epochs", "1", "--tiny-pretrain", "0", "--history", "6", "--protocol", "brainwavlm",
+             "--context", "1.0", "--stride", "0.5", "--test-skip", "4"]
     run = train.main(quick(demo, tmp_path / "p", *flags))
-    windows = train.main(quick(demo, tmp_path / "w", "--epochs", "1", "--tiny-pretrain", "0"))
+    windows = train.main(quick(demo, tmp_path / "w", "--epochs", "1", "--tiny-pretrain", "0",
+                               "--history", "6"))
     res, win = (json.load(open(os.path.join(r, "results.json"))) for r in (run, windows))
     assert res["protocol"] == {"name": "brainwavlm", "history": 6, "context": 1.0, "stride": 0.5,
                                "delays": [1, 2, 3, 4], "test_skip": 4, "frame": "last",
