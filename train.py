@@ -252,7 +252,10 @@ def train_epoch(args, net, opt, sched, train, shared, epoch):
     batches = torch.utils.data.DataLoader(Batches(shared["train"], order, B, train),
                                           batch_size=None, num_workers=2 if cuda else 0,
                                           pin_memory=cuda)
-    n, losses = len(batches), []
+    # each step's loss written into one tensor: a small tensor kept per step between the step's
+    # large freed ones would fragment the heap, +1.6 MB a step at a whole subject's size
+    n = len(batches)
+    losses = torch.zeros(n, device=device)
     net.train()
     for i, batch in enumerate(cache.progress(batches, f"epoch {epoch + 1}")):
         # forward: the backbone under autocast (bf16 on a GPU that has it), the heads in float32
@@ -262,7 +265,7 @@ def train_epoch(args, net, opt, sched, train, shared, epoch):
         # backward, accumulated over --accum batches (the last group may be short)
         group = min(args.accum, n - i // args.accum * args.accum)
         (loss * batch.share / group).backward()
-        losses.append(loss.detach())
+        losses[i] = loss.detach()
         if (i + 1) % args.accum and i + 1 < n:
             continue
         # clip, step, schedule
@@ -275,7 +278,7 @@ def train_epoch(args, net, opt, sched, train, shared, epoch):
         opt.zero_grad(set_to_none=True)
     # one host sync an epoch, not one a step: the losses are checked here, where a non-finite
     # one stops the run with the last epoch's checkpoint intact
-    losses = torch.stack(losses).cpu()
+    losses = losses.cpu()
     if not torch.isfinite(losses).all():
         step = int(torch.nonzero(~torch.isfinite(losses))[0]) + 1
         raise ValueError(f"the loss became {losses[step - 1].item()} at epoch {epoch + 1}, step "
