@@ -138,8 +138,7 @@ def parse_spec(a, train):
 
 def make_runs(spec, folder):
     """Every setting (the product of the --vary values, the first value of each first) with every
-    seed: settings outer, so that runs at once have other seeds and a seed's later settings find
-    its stage 1 in the cache."""
+    seed: settings outer, so that the reference's row of the table is the first to be whole."""
     runs = []
     for values in itertools.product(*[v for _, v in spec.vary]):
         pairs = [(f, v) for (f, _), v in zip(spec.vary, values)]
@@ -381,8 +380,10 @@ def main(argv=None):
     if not a.report:
         print(f"sweep {a.name}: {len(runs) - len(todo)} of {len(runs)} runs finished, {len(todo)} "
               f"to run, {a.jobs} at once; logs in {logs}", flush=True)
-    failed = launch([Job(r.name, command(r), os.path.join(logs, r.name + ".log")) for r in todo],
-                    a.jobs)
+    jobs = [Job(r.name, command(r), os.path.join(logs, r.name + ".log")) for r in todo]
+    # the first alone: it fills what the runs share (the dataset, tiny's pretraining, stage 1 where
+    # the setting leaves it alone), which runs started together would each compute at once
+    failed = launch(jobs[:1], 1) + launch(jobs[1:], a.jobs)
     evals = [Job(r.name, [sys.executable, EVAL, r.folder, *flags],
                  os.path.join(logs, r.name + ".eval.log"))
              for r in runs if state(r) == "finished" and (flags := eval_flags(r, a))]

@@ -33,12 +33,12 @@ def run_sweep(cwd, argv):
 @pytest.fixture(scope="module")
 def swept(demo, tmp_path_factory):
     """A finished sweep of two settings with two seeds each: four one-epoch runs of tiny, two at
-    once. Returns (the folder it ran from, its command)."""
+    once. Returns (the folder it ran from, its command, what it printed)."""
     cwd = str(tmp_path_factory.mktemp("sweep"))
     argv = ["two", "--vary", "lr=1e-2,3e-3", "--seeds", "0,1", "--jobs", "2", "--", "--data", demo,
             "--model", "tiny", "--epochs", "1", "--batch-size", "8", "--tiny-pretrain", "1"]
-    run_sweep(cwd, argv)
-    return cwd, argv
+    _, printed = run_sweep(cwd, argv)
+    return cwd, argv, printed
 
 
 def folder(cwd, name=""):
@@ -50,7 +50,7 @@ def refit_r(run):
 
 
 def test_a_sweep_makes_a_run_folder_per_setting_and_seed_and_skips_finished_ones(swept):
-    cwd, argv = swept
+    cwd, argv, _ = swept
     names = [f"{s},seed={seed}" for s in SETTINGS for seed in (0, 1)]
     for name in names:
         for f in ("config.json", "results.json", "voxel_r.npz", "blocks.pt", "adapter.pt"):
@@ -59,6 +59,14 @@ def test_a_sweep_makes_a_run_folder_per_setting_and_seed_and_skips_finished_ones
         assert cfg["seed"] == int(name[-1]) and cfg["lr"] == float(name[3:name.index(",")])
     for f in ("sweep.json", "report.md", "report.json", "sweep.png", "logs"):
         assert os.path.exists(folder(cwd, f)), f
+    # the first run alone (it fills the caches the others share), then two at once
+    lines = swept[2].splitlines()
+    started = {n: next(i for i, x in enumerate(lines) if x.startswith(f"started {n}:"))
+               for n in names}
+    finished = {n: next(i for i, x in enumerate(lines) if x.startswith(f"finished {n} in"))
+                for n in names}
+    assert finished[names[0]] < min(started[n] for n in names[1:])
+    assert max(started[names[1]], started[names[2]]) < min(finished[names[1]], finished[names[2]])
     times = [os.path.getmtime(os.path.join(folder(cwd, n), "results.json")) for n in names]
     _, printed = run_sweep(cwd, argv)  # again: every run finished, none run again
     assert "4 of 4 runs finished, 0 to run" in printed and "started" not in printed
@@ -92,7 +100,7 @@ def oracle(folders, sets_, resamples, seed=0):
 
 def test_the_tables_intervals_equal_a_direct_computation_and_voxel_sets_are_the_references(
         swept, demo):
-    cwd, _ = swept
+    cwd, *_ = swept
     stats = json.load(open(folder(cwd, "report.json")))
     rois = dict(np.load(os.path.join(demo, "derivative", "rois", "UTS01.npz")))
     runs = [[folder(cwd, f"{s},seed={seed}") for s in SETTINGS] for seed in (0, 1)]
@@ -122,7 +130,7 @@ def test_the_tables_intervals_equal_a_direct_computation_and_voxel_sets_are_the_
 
 
 def test_two_identical_settings_differ_by_zero_and_holm_counts_every_comparison(swept):
-    cwd, _ = swept
+    cwd, *_ = swept
     same = [compare.read_seed([folder(cwd, f"{SETTINGS[0]},seed={s}")] * 2, s) for s in (0, 1)]
     stats = compare.sweep_statistics(same, ["a", "b"])
     for rows in stats["sets"].values():
@@ -138,7 +146,7 @@ def test_two_identical_settings_differ_by_zero_and_holm_counts_every_comparison(
 
 
 def test_a_killed_run_is_resumed_and_the_slurm_task_runs_one(swept):
-    cwd, argv = swept
+    cwd, argv, _ = swept
     killed = folder(cwd, f"{SETTINGS[1]},seed=1")  # stopped after its last checkpoint
     want = refit_r(killed)
     for f in ("results.json", "voxel_r.npz", "blocks.pt", "adapter.pt"):
@@ -160,7 +168,7 @@ def test_a_killed_run_is_resumed_and_the_slurm_task_runs_one(swept):
 
 
 def test_the_eval_columns_are_read_from_analyses_json_and_run_where_missing(swept, tmp_path):
-    cwd, _ = swept
+    cwd, *_ = swept
     run = str(tmp_path / "run")
     shutil.copytree(folder(cwd, f"{SETTINGS[0]},seed=0"), run)
     a = sweep.parser().parse_args(["two", "--probe", "semantic", "--subject", "S02"])
@@ -175,7 +183,7 @@ def test_the_eval_columns_are_read_from_analyses_json_and_run_where_missing(swep
 
 
 def test_bad_sweeps_are_refused_before_any_run(swept, demo, tmp_path):
-    cwd, argv = swept
+    cwd, argv, _ = swept
     flags = ["--", "--data", demo, "--model", "tiny", "--epochs", "1"]
     cases = [(["--vary", "lora-rnak=4,8", "--seeds", "0"], "train.py has no flag --lora-rnak"),
              (["--vary", "lora-rank=4,-1", "--seeds", "0"],
