@@ -45,7 +45,8 @@ def ridge_flops(n, p, v, n_alphas=10, folds=5):
 
 
 def bench_ridge(n, p, v, reps, peer=True):
-    X, Y, alphas, groups = ridge_problem(n, p, v)
+    problem = ridge_problem(n, p, v)
+    X, Y, alphas, groups = problem.X, problem.Y, problem.alphas, problem.groups
     out = {"n": n, "p": p, "v": v,
            "seconds": timeit(lambda: ridge.fit_ridge(X, Y, alphas, groups), reps)}
     out["peak_mb"] = peak_mb(lambda: ridge.fit_ridge(X, Y, alphas, groups))

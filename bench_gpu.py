@@ -138,7 +138,8 @@ def check_ridge(device, sizes):
     and its time at a whole subject's 81,126 voxels (the per-voxel part scaled): [row], seconds
     at 81,126 voxels."""
     n, p, v = sizes["ridge"]
-    X, Y, alphas, groups = bench_runs.ridge_problem(n, p, v)
+    problem = bench_runs.ridge_problem(n, p, v)
+    X, Y, alphas, groups = problem.X, problem.Y, problem.alphas, problem.groups
     cpu = ridge.fit_ridge(X, Y, alphas, groups)
     seconds, gb = peak_gb(device, lambda: ridge.fit_ridge(X.to(device), Y, alphas, groups))
     small, _ = peak_gb(device, lambda: ridge.fit_ridge(X.to(device), Y[:, :v // 4], alphas,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,13 +68,22 @@ def peak_mb(fn):
     return peak
 
 
+@dataclass
+class RidgeProblem:
+    """A ridge of a given size with voxels of every signal-to-noise ratio."""
+    X: torch.Tensor  # (n, p) features
+    Y: torch.Tensor  # (n, v) responses
+    alphas: np.ndarray  # (10,) the lambda grid
+    groups: np.ndarray  # (n,) the fold of each row, 5 folds
+
+
 def ridge_problem(n, p, v, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, p, generator=g)
     Y = X @ (0.05 * torch.randn(p, v, generator=g)) + torch.randn(
         n, v, generator=g
     ) * torch.logspace(-1, 1.5, v)
-    return X, Y, np.logspace(0, 5, 10), np.repeat(np.arange(5), -(-n // 5))[:n]
+    return RidgeProblem(X, Y, np.logspace(0, 5, 10), np.repeat(np.arange(5), -(-n // 5))[:n])
 
 
 def run_measured(cmd, log, env=None, every=0.05):  # cmd runs in bench.py's folder

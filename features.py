@@ -49,8 +49,10 @@ def window_features(fn, windows, key, device, *, batch_size, desc="features", pr
         return [torch.cat(c).numpy() for c in zip(*out)]
     out = []
     for i in progress(range(len(windows.stories)), desc):
-        if key is None or windows.keys is None:
-            out.append(torch.from_numpy(blocks(i)[0]))
+        if key is None or windows.keys is None:  # nothing to cache under
+            if not many:  # (many: nothing returned either)
+                only, = blocks(i)  # the one (rows, p)
+                out.append(torch.from_numpy(only))
             continue
         keys = [dict(k, audio=windows.keys[i], rows=len(windows.ends[i]),
                      precision=dist.precision_name(device, precision), **windows.timing)
