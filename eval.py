@@ -48,9 +48,10 @@ from cache import save_atomic
 from features import split_features
 from model import Extractor, add_adapters, load_extractor
 
-# seconds of audio a 2-core CPU forwards per second (bench.py --only extract; docs/speed.md), to
-# say how long features take where a run's cached ones cannot be read
-CPU_AUDIO_RATE = {"tiny": 400.0, "base": 20.9, "large": 6.0}
+# seconds of audio a 2-core CPU forwards per second (bench.py --only extract; tiny's by bench.py
+# --quick --only extract, 2,039; large's not measured: base's over its 3.5x the parameters;
+# docs/speed.md), to say how long features take where a run's cached ones cannot be read
+CPU_AUDIO_RATE = {"tiny": 2000.0, "base": 20.9, "large": 6.0}
 
 
 @dataclass
