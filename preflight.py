@@ -179,16 +179,11 @@ def check_repeats(root, subj, test, roi):
 # -----------------------------------------------------------------------------
 # will it fit? the largest allocations, estimated from the flags and the listings
 
-def available_memory(device):
+def free_memory(device):
     """Bytes free for the run: the device's free memory on a GPU, MemAvailable on a CPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info["MemAvailable"]
-    except (OSError, KeyError, ValueError):
-        return float("inf")  # unknown: err towards running
+    return guard.available_memory()
 
 
 def forward_bytes(model, batch, seconds, training):
@@ -249,7 +244,7 @@ def check_sizes(args, listings, device):
                          f"voxels ({n_voxels}); choose at most {min(p, n_voxels)}")
     for stage, needs in stage_needs(args, listings, device).items():
         on = device if stage != "the host" else torch.device("cpu")
-        free, need = available_memory(on), sum(x.nbytes for x in needs)
+        free, need = free_memory(on), sum(x.nbytes for x in needs)
         if need > free:
             big = [x for x in sorted(needs, key=operator.attrgetter("nbytes"), reverse=True)
                    if x.nbytes >= need / 10][:3]  # the parts that matter
@@ -369,7 +364,7 @@ def check_grid(args, listings, device):
         for p in widths - {0}:
             batch = min(d.voxels, ridge.voxels_at_once(n, p, folds))
             need = max(need, grid_bytes(len(args.alphas), p, batch))
-    free = available_memory(device)
+    free = free_memory(device)
     if need > free:
         raise ValueError(f"--alphas: a grid of {len(args.alphas)} lambdas needs about "
                          f"{guard.size(need)} at once in the ridge and {device} has "

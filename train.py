@@ -220,7 +220,7 @@ def stage2(args, model, ds, results, shared, run):
         if state.bad_epochs >= args.patience:
             break
         t0, STEP[0] = time.time(), f"stage 2, epoch {epoch + 1}"
-        m = dict(epoch=epoch + 1, **train_epoch(args, net, opt, sched, train, shared, epoch))
+        m = dict(epoch=epoch + 1, **train_epoch(args, net, opt, sched, train, shared, epoch=epoch))
         if args.schedule == "moussa2025":  # stepped once per epoch, as their LambdaLR
             sched.step()
         m.update(validate(args, model, ds, train, val, shared))
@@ -239,7 +239,7 @@ def stage2(args, model, ds, results, shared, run):
     return model.eval()
 
 
-def train_epoch(args, net, opt, sched, train, shared, epoch):
+def train_epoch(args, net, opt, sched, train, shared, *, epoch):
     """One epoch of stage 2 over the shared training windows in a seeded order; returns its
     metrics: the mean training loss and the learning rates its last optimiser step ran at."""
     model = net.module if WORLD > 1 else net

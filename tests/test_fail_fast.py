@@ -361,7 +361,7 @@ TRAIN = [
             "--roi AC: the run in {run} has --roi all; with --resume a flag may repeat the run's "
             "own value, not change it"),
     Mistake("train.py", ["--resume", "{run}", "--lr", "1"], "--lr 1.0: the run in {run} has --lr "
-                                                            "0.01"),
+                                                            "0.003"),
     Mistake("train.py", ["--resume", "{run}", "--epochs", "1"],
             "--epochs 1: the run in {run} has finished 2 epochs; --resume extends a run "
             "(--epochs 2 or more), never shortens it"),
@@ -512,7 +512,7 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def check_mistake(row, ds, runs, read_only, tmp_path, cache, run):
+def check_mistake(row, ds, runs, read_only, tmp_path, cache, *, run):
     """Run the row's command (with run_all or run_processes) and check its refusal: non-zero exit,
     one line on stderr holding what it says, no traceback, nothing left behind or changed."""
     (tmp_path / "notes.txt").write_text("keep")
@@ -556,14 +556,14 @@ def test_the_table_holds_mistakes_of_every_command():
 def test_each_mistake_is_refused_in_one_line_leaving_everything_as_it_was(row, ds, runs,
                                                                          read_only, tmp_path,
                                                                          shared_cache):
-    check_mistake(row, ds, runs, read_only, tmp_path, shared_cache, run_all)
+    check_mistake(row, ds, runs, read_only, tmp_path, shared_cache, run=run_all)
 
 
 @pytest.mark.parametrize("script", sorted({m.script for m in MISTAKES}))
 def test_each_script_refuses_in_a_process_of_its_own(script, ds, runs, read_only, tmp_path,
                                                      shared_cache):
     check_mistake(next(m for m in MISTAKES if m.script == script), ds, runs, read_only, tmp_path,
-                  shared_cache, run_processes)
+                  shared_cache, run=run_processes)
 
 
 # -----------------------------------------------------------------------------
@@ -633,13 +633,20 @@ def test_the_lambda_grid_is_refused_where_it_would_not_fit(demo, monkeypatch):
     args = config.parse(["--data", demo, "--model", "tiny", "--alphas", "1e-1,1e8,100000"])
     listings = preflight.list_subjects(args, ["S01"])
     need = preflight.grid_bytes(100000, 4 * 64, 90)  # tiny: 4 TR bins of 64 features, 90 voxels
-    monkeypatch.setattr(preflight, "available_memory", lambda device: need - 1)
+    monkeypatch.setattr(preflight, "free_memory", lambda device: need - 1)
     with pytest.raises(ValueError, match="^--alphas: a grid of 100000 lambdas needs about 590 MB "
                                          "at once in the ridge and cpu has 590 MB free; use "
                                          "fewer lambdas"):
         preflight.check_grid(args, listings, torch.device("cpu"))
-    monkeypatch.setattr(preflight, "available_memory", lambda device: need)
+    monkeypatch.setattr(preflight, "free_memory", lambda device: need)
     preflight.check_grid(args, listings, torch.device("cpu"))
+
+
+def ctrl_c_delivered():
+    """In the child before it starts: SIGINT as a terminal delivers it, even where the suite runs
+    in the background of a shell without job control (which starts it with SIGINT ignored, and
+    Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_in_stage_2_says_what_was_kept_and_the_resume_goes_on(demo, tmp_path):
@@ -648,7 +655,7 @@ def test_ctrl_c_in_stage_2_says_what_was_kept_and_the_resume_goes_on(demo, tmp_p
            "--batch-size", "8", "--epochs", "40", "--out", str(out)]
     env = dict(os.environ, BRAINTUNE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_delivered)
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and trainer.poll() is None and \
             time.time() < deadline:
@@ -667,7 +674,8 @@ def test_ctrl_c_in_stage_2_says_what_was_kept_and_the_resume_goes_on(demo, tmp_p
 def test_ctrl_c_while_the_synthetic_dataset_is_written_leaves_nothing(tmp_path):
     out = tmp_path / "d"
     writer = subprocess.Popen([sys.executable, "synthetic.py", str(out), "--seconds", "3000"],
-                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=ctrl_c_delivered)
     deadline = time.time() + 120
     while not os.listdir(tmp_path) and writer.poll() is None and time.time() < deadline:
         time.sleep(0.05)

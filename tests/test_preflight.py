@@ -21,7 +21,7 @@ def whole_subjects(n, voxels=81_126):
 def gpu_free(monkeypatch):
     """free[0] bytes free on the GPU; the host has plenty."""
     free = [80 * GB]
-    monkeypatch.setattr(preflight, "available_memory",
+    monkeypatch.setattr(preflight, "free_memory",
                         lambda device: free[0] if device.type == "cuda" else 500 * GB)
     return free
 
@@ -56,7 +56,7 @@ def test_brainwavlm_whole_cortex_fits_a_gpu_and_fp32_is_told_to_use_bf16(gpu_fre
 
 def test_the_host_holds_the_features_and_the_heads_copies(gpu_free, monkeypatch):
     args = config.parse(["--recipe", "li2024", "--data", "ds", "--subject", "S01,S02,S03"])
-    monkeypatch.setattr(preflight, "available_memory",
+    monkeypatch.setattr(preflight, "free_memory",
                         lambda device: 500 * GB if device.type == "cuda" else 8 * GB)
     with pytest.raises(ValueError, match="the host would need about .* on cpu .*stage 1's ridge "
                                          "weights 4.2 GB"):
