@@ -185,7 +185,11 @@ def load_extractor(name, layer=None, weights=None, seed=0, dropout=None, *, pool
                      pool=pool, augment=augment)
 
 
-def pretrain_tiny(root, audio, epochs=4, seed=0, *, chunk=2.0, batch_size=16, max_steps=300):
+PRETRAIN_CHUNK = 2.0  # seconds of audio in each piece of tiny's pretraining
+
+
+def pretrain_tiny(root, audio, epochs=4, seed=0, *, chunk=PRETRAIN_CHUNK, batch_size=16,
+                  max_steps=300):
     """tiny's stand-in for self-supervised pretraining: `epochs` passes over `audio` ({story: 16 kHz
     wave}) in `chunk`-second pieces, learning to name each 40 ms frame's phone (the story's TextGrid
     phone tier under root, pauses a class of their own) from the top layer. Like a real speech
@@ -236,19 +240,19 @@ def pretrain_tiny(root, audio, epochs=4, seed=0, *, chunk=2.0, batch_size=16, ma
     return model.state_dict(), accuracy
 
 
-def tiny_weights(root, windows, epochs, seed, max_steps=300, chunk=2.0):
+def tiny_weights(root, windows, epochs, seed, max_steps=300):
     """tiny's phone-pretrained state dict for the training stories of `windows` (pretrain_tiny),
     cached under their audio and TextGrids, the epochs, the seed, the chunk and tiny's shape."""
     grids = [data.textgrid_path(root, s) for s in windows.stories]
 
     def build():
         audio = dict(zip(windows.stories, windows.waves))
-        state, accuracy = pretrain_tiny(root, audio, epochs, seed, chunk=chunk,
-                                        max_steps=max_steps)
+        state, accuracy = pretrain_tiny(root, audio, epochs, seed, max_steps=max_steps)
         return {"state": state, "accuracy": accuracy}
     t0 = time.time()
     key = dict(audio=windows.keys, textgrids=[file_key(p) for p in grids], epochs=epochs,
-               seed=seed, max_steps=max_steps, chunk=chunk, tiny=TINY, torch=torch.__version__)
+               seed=seed, max_steps=max_steps, chunk=PRETRAIN_CHUNK, tiny=TINY,
+               torch=torch.__version__)
     e = cached("tiny", key, build, "tiny")
     log(f"tiny pretrained to name phones: {epochs} epochs, frame accuracy {e['accuracy']:.2f}, "
         f"{time.time() - t0:.0f} s")
